@@ -1,0 +1,3 @@
+fn main() {
+    print!("{}", agent_env_operator::crd::to_yaml());
+}
