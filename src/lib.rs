@@ -3,3 +3,11 @@
 #![forbid(unsafe_code)]
 
 pub mod crd;
+pub mod builtin;
+pub mod resolve;
+pub mod secrets;
+pub mod section;
+pub mod shape;
+pub mod envdir;
+pub mod merge;
+pub mod time;

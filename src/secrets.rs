@@ -1,0 +1,489 @@
+//! `${SECRET:...}` placeholders: parsing, lookup behind [`SecretProvider`], and
+//! substitution into declared MCP server entries.
+//!
+//! Plaintext leaves this module only inside the entries handed to the renderer.
+//! [`SecretValue`] never prints its content, and every error names secrets,
+//! never values.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use zeroize::Zeroizing;
+
+/// Every placeholder starts with this.
+pub const PLACEHOLDER_PREFIX: &str = "${SECRET:";
+
+/// What a placeholder refers to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SecretRef {
+    /// `${SECRET:NAME}`: a data key of any labelled Secret, then the operator's store.
+    Bare(String),
+    /// `${SECRET:secret-name/key}`: one key of one labelled Secret.
+    Keyed {
+        /// Secret object name.
+        secret: String,
+        /// Data key inside it.
+        key: String,
+    },
+}
+
+impl fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretRef::Bare(n) => f.write_str(n),
+            SecretRef::Keyed { secret, key } => write!(f, "{secret}/{key}"),
+        }
+    }
+}
+
+/// A secret's plaintext. Zeroed on drop and never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretValue(Zeroizing<String>);
+
+impl SecretValue {
+    /// Wraps a plaintext.
+    pub fn new(value: String) -> Self {
+        SecretValue(Zeroizing::new(value))
+    }
+
+    /// The plaintext, for the renderer only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretValue(***)")
+    }
+}
+
+/// A `${SECRET:...}` that cannot be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed secret placeholder {placeholder:?}: {reason}")]
+pub struct PlaceholderError {
+    /// The text from `${SECRET:` up to the closing brace or the end.
+    pub placeholder: String,
+    /// What is wrong.
+    pub reason: &'static str,
+}
+
+fn is_data_key(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.'))
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// A parsed piece of a string: literal text or a placeholder.
+enum Piece<'a> {
+    Text(&'a str),
+    Secret(SecretRef),
+}
+
+fn pieces(s: &str) -> Result<Vec<Piece<'_>>, PlaceholderError> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(start) = rest.find(PLACEHOLDER_PREFIX) {
+        if start > 0 {
+            out.push(Piece::Text(&rest[..start]));
+        }
+        let after = &rest[start + PLACEHOLDER_PREFIX.len()..];
+        let Some(end) = after.find('}') else {
+            return Err(PlaceholderError {
+                placeholder: rest[start..].to_owned(),
+                reason: "no closing '}'",
+            });
+        };
+        let body = &after[..end];
+        let placeholder = || format!("{PLACEHOLDER_PREFIX}{body}}}");
+        let reference = match body.split_once('/') {
+            None if is_data_key(body) => SecretRef::Bare(body.to_owned()),
+            None => {
+                return Err(PlaceholderError {
+                    placeholder: placeholder(),
+                    reason: "a name may hold only letters, digits, '-', '_' and '.'",
+                });
+            }
+            Some((secret, key)) => {
+                if !is_dns_subdomain(secret) || !is_data_key(key) {
+                    return Err(PlaceholderError {
+                        placeholder: placeholder(),
+                        reason: "expected <secret-name>/<key> naming a Secret in the instance's own namespace",
+                    });
+                }
+                SecretRef::Keyed {
+                    secret: secret.to_owned(),
+                    key: key.to_owned(),
+                }
+            }
+        };
+        out.push(Piece::Secret(reference));
+        rest = &after[end + 1..];
+    }
+    if !rest.is_empty() {
+        out.push(Piece::Text(rest));
+    }
+    Ok(out)
+}
+
+/// The secrets a string refers to.
+pub fn references(s: &str) -> Result<Vec<SecretRef>, PlaceholderError> {
+    Ok(pieces(s)?
+        .into_iter()
+        .filter_map(|p| match p {
+            Piece::Secret(r) => Some(r),
+            Piece::Text(_) => None,
+        })
+        .collect())
+}
+
+/// Calls `f` with the path and text of every field of an `mcpServers` entry
+/// that may hold placeholders: `args[i]`, `env.K`, `url`, `headers.K`.
+pub fn for_each_secret_field(entry: &mut Value, mut f: impl FnMut(&str, &mut String)) {
+    let Some(obj) = entry.as_object_mut() else {
+        return;
+    };
+    if let Some(Value::String(url)) = obj.get_mut("url") {
+        f("url", url);
+    }
+    if let Some(Value::Array(args)) = obj.get_mut("args") {
+        for (i, a) in args.iter_mut().enumerate() {
+            if let Value::String(a) = a {
+                f(&format!("args[{i}]"), a);
+            }
+        }
+    }
+    for map in ["env", "headers"] {
+        if let Some(Value::Object(m)) = obj.get_mut(map) {
+            for (k, v) in m.iter_mut() {
+                if let Value::String(v) = v {
+                    f(&format!("{map}.{k}"), v);
+                }
+            }
+        }
+    }
+}
+
+/// Checks every placeholder of an `mcpServers` entry; returns the field and error of the first bad one.
+pub fn check_entry_placeholders(entry: &Value) -> Result<(), (String, PlaceholderError)> {
+    let mut copy = entry.clone();
+    let mut first = None;
+    for_each_secret_field(&mut copy, |path, text| {
+        if first.is_none()
+            && let Err(e) = references(text)
+        {
+            first = Some((path.to_owned(), e));
+        }
+    });
+    first.map_or(Ok(()), Err)
+}
+
+/// Result of looking one reference up.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// Found exactly once.
+    Found(SecretValue),
+    /// Not known to this provider.
+    Missing,
+    /// Defined by more than one labelled Secret (their names).
+    Conflict(Vec<String>),
+}
+
+/// A provider failed (as opposed to not knowing a secret).
+#[derive(Debug, thiserror::Error)]
+#[error("secret provider {provider} failed")]
+pub struct ProviderError {
+    /// Which provider.
+    pub provider: &'static str,
+    /// Why.
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// Where placeholder values come from. Implemented by labelled Secrets (from
+/// manifests or the cluster) and by the operator's encrypted store; chained by
+/// [`Chain`].
+#[async_trait]
+pub trait SecretProvider: Send + Sync {
+    /// Looks `reference` up for an instance in `namespace`.
+    async fn lookup(&self, namespace: &str, reference: &SecretRef) -> Result<Lookup, ProviderError>;
+}
+
+/// Asks providers in order; the first that finds (or conflicts on) a reference decides.
+pub struct Chain(pub Vec<Arc<dyn SecretProvider>>);
+
+#[async_trait]
+impl SecretProvider for Chain {
+    async fn lookup(&self, namespace: &str, reference: &SecretRef) -> Result<Lookup, ProviderError> {
+        for p in &self.0 {
+            match p.lookup(namespace, reference).await? {
+                Lookup::Missing => continue,
+                decided => return Ok(decided),
+            }
+        }
+        Ok(Lookup::Missing)
+    }
+}
+
+/// The contents of Secrets labelled `agentenv.io/secrets: "true"`, by namespace.
+/// Built from manifests here and from a reflector store in a cluster.
+#[derive(Default, Debug, Clone)]
+pub struct LabelledSecrets {
+    by_namespace: HashMap<String, BTreeMap<String, BTreeMap<String, SecretValue>>>,
+}
+
+impl LabelledSecrets {
+    /// Adds (or replaces) one labelled Secret's data.
+    pub fn insert(&mut self, namespace: &str, name: &str, data: BTreeMap<String, SecretValue>) {
+        self.by_namespace
+            .entry(namespace.to_owned())
+            .or_default()
+            .insert(name.to_owned(), data);
+    }
+
+    /// Whether no Secret is known.
+    pub fn is_empty(&self) -> bool {
+        self.by_namespace.is_empty()
+    }
+}
+
+#[async_trait]
+impl SecretProvider for LabelledSecrets {
+    async fn lookup(&self, namespace: &str, reference: &SecretRef) -> Result<Lookup, ProviderError> {
+        let Some(secrets) = self.by_namespace.get(namespace) else {
+            return Ok(Lookup::Missing);
+        };
+        Ok(match reference {
+            SecretRef::Keyed { secret, key } => secrets
+                .get(secret)
+                .and_then(|d| d.get(key))
+                .map_or(Lookup::Missing, |v| Lookup::Found(v.clone())),
+            SecretRef::Bare(name) => {
+                let mut hits = secrets
+                    .iter()
+                    .filter_map(|(secret, data)| data.get(name).map(|v| (secret, v)));
+                match (hits.next(), hits.next()) {
+                    (None, _) => Lookup::Missing,
+                    (Some((_, v)), None) => Lookup::Found(v.clone()),
+                    (Some((a, _)), Some((b, _))) => {
+                        let mut names = vec![a.clone(), b.clone()];
+                        names.extend(hits.map(|(s, _)| s.clone()));
+                        Lookup::Conflict(names)
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Why secrets could not be filled in; names secrets, never values.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// Some referenced secrets exist nowhere.
+    #[error("missing secrets: {}", .names.join(", "))]
+    Missing {
+        /// Every missing reference, sorted.
+        names: Vec<String>,
+    },
+    /// A bare name is defined by more than one labelled Secret.
+    #[error("secret {name} is defined by more than one labelled Secret: {}", .secrets.join(", "))]
+    Conflict {
+        /// The bare name.
+        name: String,
+        /// The Secrets defining it.
+        secrets: Vec<String>,
+    },
+    /// A value contains `${`, which Claude Code would expand again.
+    #[error("secret {name} has a value containing '${{', which Claude Code would expand again")]
+    Unsafe {
+        /// The reference.
+        name: String,
+    },
+    /// A provider failed.
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+}
+
+impl SecretError {
+    /// The CamelCase reason reported in status and output.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SecretError::Missing { .. } => "MissingSecret",
+            SecretError::Conflict { .. } => "SecretConflict",
+            SecretError::Unsafe { .. } => "UnsafeSecretValue",
+            SecretError::Provider(_) => "SecretProviderFailed",
+        }
+    }
+}
+
+/// The values used by one fill, kept so output can mask them.
+#[derive(Default, Debug)]
+pub struct UsedSecrets(pub Vec<(SecretRef, SecretValue)>);
+
+impl UsedSecrets {
+    /// Replaces every used secret value in `text` with its placeholder.
+    pub fn mask(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for (r, v) in &self.0 {
+            if !v.expose().is_empty() {
+                out = out.replace(v.expose(), &format!("{PLACEHOLDER_PREFIX}{r}}}"));
+            }
+        }
+        out
+    }
+}
+
+/// Fills every placeholder in `entries` (declared `mcpServers` entries). Either
+/// every placeholder is filled, or nothing is changed and the error names every
+/// missing secret. Placeholders were checked when the objects were loaded, so a
+/// malformed one left here is passed through.
+pub async fn fill<'a>(
+    namespace: &str,
+    entries: impl IntoIterator<Item = &'a mut Value>,
+    provider: &dyn SecretProvider,
+) -> Result<UsedSecrets, SecretError> {
+    let mut entries: Vec<&mut Value> = entries.into_iter().collect();
+    let mut wanted = BTreeSet::new();
+    for e in entries.iter_mut() {
+        for_each_secret_field(e, |_, text| {
+            wanted.extend(references(text).unwrap_or_default());
+        });
+    }
+    let mut found = BTreeMap::new();
+    let mut missing = Vec::new();
+    for r in wanted {
+        match provider.lookup(namespace, &r).await? {
+            Lookup::Found(v) if v.expose().contains("${") => {
+                return Err(SecretError::Unsafe {
+                    name: r.to_string(),
+                });
+            }
+            Lookup::Found(v) => {
+                found.insert(r, v);
+            }
+            Lookup::Missing => missing.push(r.to_string()),
+            Lookup::Conflict(secrets) => {
+                return Err(SecretError::Conflict {
+                    name: r.to_string(),
+                    secrets,
+                });
+            }
+        }
+    }
+    if !missing.is_empty() {
+        return Err(SecretError::Missing { names: missing });
+    }
+    for e in entries {
+        for_each_secret_field(e, |_, text| {
+            if let Ok(ps) = pieces(text)
+                && ps.iter().any(|p| matches!(p, Piece::Secret(_)))
+            {
+                let mut out = String::with_capacity(text.len());
+                for p in ps {
+                    match p {
+                        Piece::Text(t) => out.push_str(t),
+                        Piece::Secret(r) => out.push_str(found[&r].expose()),
+                    }
+                }
+                *text = out;
+            }
+        });
+    }
+    Ok(UsedSecrets(found.into_iter().collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn secrets() -> LabelledSecrets {
+        let mut s = LabelledSecrets::default();
+        let v = |x: &str| SecretValue::new(x.into());
+        s.insert(
+            "dev",
+            "forgejo",
+            BTreeMap::from([("FORGEJO_TOKEN_DEV".into(), v("tok-123"))]),
+        );
+        s.insert("dev", "a", BTreeMap::from([("DUP".into(), v("1"))]));
+        s.insert("dev", "b", BTreeMap::from([("DUP".into(), v("2"))]));
+        s.insert("dev", "bad", BTreeMap::from([("LOOP".into(), v("${HOME}"))]));
+        s.insert("prod", "p", BTreeMap::from([("ONLY_PROD".into(), v("x"))]));
+        s
+    }
+
+    #[test]
+    fn parses_both_forms_and_leaves_other_expansions() {
+        assert_eq!(
+            references("a ${SECRET:X_1} ${HOME} ${VAR:-d} ${SECRET:my-secret/key.1}").unwrap(),
+            vec![
+                SecretRef::Bare("X_1".into()),
+                SecretRef::Keyed {
+                    secret: "my-secret".into(),
+                    key: "key.1".into()
+                }
+            ]
+        );
+        for bad in [
+            "${SECRET:}",
+            "${SECRET:a b}",
+            "${SECRET:ns/s/k}",
+            "${SECRET:Upper/k}",
+            "${SECRET:X",
+        ] {
+            assert!(references(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn fills_every_field_kind() {
+        let mut e = json!({"type": "stdio", "command": "run", "args": ["--t=${SECRET:FORGEJO_TOKEN_DEV}"],
+            "env": {"T": "${SECRET:forgejo/FORGEJO_TOKEN_DEV}", "H": "${HOME}"}});
+        let used = fill("dev", [&mut e], &secrets()).await.unwrap();
+        assert_eq!(e["args"][0], "--t=tok-123");
+        assert_eq!(e["env"]["T"], "tok-123");
+        assert_eq!(e["env"]["H"], "${HOME}");
+        assert_eq!(used.mask("x tok-123"), "x ${SECRET:FORGEJO_TOKEN_DEV}");
+    }
+
+    #[tokio::test]
+    async fn names_every_missing_secret_and_changes_nothing() {
+        let mut e = json!({"url": "${SECRET:A}", "headers": {"h": "${SECRET:B} ${SECRET:FORGEJO_TOKEN_DEV}"}});
+        let before = e.clone();
+        let err = fill("dev", [&mut e], &secrets()).await.unwrap_err();
+        assert_eq!(err.to_string(), "missing secrets: A, B");
+        assert_eq!(e, before);
+    }
+
+    #[tokio::test]
+    async fn other_namespaces_are_invisible() {
+        let mut e = json!({"url": "${SECRET:ONLY_PROD}"});
+        let err = fill("dev", [&mut e], &secrets()).await.unwrap_err();
+        assert_eq!(err.reason(), "MissingSecret");
+    }
+
+    #[tokio::test]
+    async fn conflict_and_unsafe() {
+        let mut e = json!({"url": "${SECRET:DUP}"});
+        let err = fill("dev", [&mut e], &secrets()).await.unwrap_err();
+        assert_eq!(err.reason(), "SecretConflict");
+        assert!(err.to_string().contains("a, b"));
+        let mut e = json!({"url": "${SECRET:LOOP}"});
+        let err = fill("dev", [&mut e], &secrets()).await.unwrap_err();
+        assert_eq!(err.reason(), "UnsafeSecretValue");
+        assert!(!err.to_string().contains("HOME"));
+    }
+}

@@ -1,0 +1,8 @@
+//! Wall-clock time, in the timestamp type the Kubernetes types use.
+
+pub use k8s_openapi::jiff::Timestamp;
+
+/// Now.
+pub fn now() -> Timestamp {
+    Timestamp::now()
+}
