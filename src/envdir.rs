@@ -127,7 +127,8 @@ pub enum WriteOutcome {
 /// The env root.
 #[derive(Debug)]
 pub struct EnvRoot {
-    dir: Dir,
+    /// `None`: the root does not exist (a dry run over a fresh host).
+    dir: Option<Dir>,
     path: PathBuf,
     fsync: bool,
 }
@@ -135,7 +136,8 @@ pub struct EnvRoot {
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl EnvRoot {
-    /// Opens the env root, creating it when `create` is set.
+    /// Opens the env root, creating it when `create` is set. Without
+    /// `create`, a missing root is a root with nothing in it.
     pub fn open(path: &Path, create: bool) -> Result<EnvRoot, EnvDirError> {
         let root_err = |source| EnvDirError::Root {
             path: path.to_owned(),
@@ -144,7 +146,11 @@ impl EnvRoot {
         if create {
             std::fs::create_dir_all(path).map_err(root_err)?;
         }
-        let dir = Dir::open_ambient_dir(path, ambient_authority()).map_err(root_err)?;
+        let dir = match Dir::open_ambient_dir(path, ambient_authority()) {
+            Ok(dir) => Some(dir),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !create => None,
+            Err(e) => return Err(root_err(e)),
+        };
         Ok(EnvRoot {
             dir,
             path: path.to_owned(),
@@ -171,17 +177,18 @@ impl EnvRoot {
         create: bool,
         owner: Owner,
     ) -> Result<Option<InstanceDir>, EnvDirError> {
-        let dir = match self.dir.open_dir(rel) {
+        let Some(root) = &self.dir else {
+            return Ok(None);
+        };
+        let dir = match root.open_dir(rel) {
             Ok(dir) => dir,
             Err(e) if e.kind() == io::ErrorKind::NotFound && !create => return Ok(None),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let mut b = DirBuilder::new();
                 b.recursive(true).mode(0o755);
-                self.dir
-                    .create_dir_with(rel, &b)
+                root.create_dir_with(rel, &b)
                     .map_err(|e| EnvDirError::io("cannot create env dir", rel, e))?;
-                let dir = self
-                    .dir
+                let dir = root
                     .open_dir(rel)
                     .map_err(|e| EnvDirError::io("cannot open env dir", rel, e))?;
                 if owner.uid.is_some() || owner.gid.is_some() {

@@ -11,3 +11,24 @@ pub mod shape;
 pub mod envdir;
 pub mod merge;
 pub mod time;
+pub mod drift;
+pub mod ledger;
+pub mod state;
+pub mod manifest;
+pub mod snapshot;
+pub mod apply;
+pub mod engine;
+
+/// An error and its sources, joined with `: `, for one-line messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+pub mod report;
+pub mod cli;

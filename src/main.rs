@@ -1,3 +1,26 @@
-fn main() {
-    print!("{}", agent_env_operator::crd::to_yaml());
+//! `agent-env`: parses the command line, sets up logging and hands over to the library.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use agent_env_operator::cli::{self, Cli, LogFormat};
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match cli.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.init(),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts");
+    runtime.block_on(cli::run(cli))
 }

@@ -304,23 +304,31 @@ pub type Installed = PerSection<BTreeMap<String, Value>>;
 /// declared under `Revert`. A marketplace with nothing to fetch is never
 /// rendered from the installed set.
 pub fn desired(declared: &Declared, installed: &Installed, mode: RuntimeInstalls) -> PerSection<Entries> {
-    let mut out = declared.sections.clone();
+    PerSection::from_fn(|s| desired_section(s, &declared.sections[s], &installed[s], mode))
+}
+
+/// [`desired`] for one owned key.
+pub fn desired_section(
+    section: Section,
+    declared: &Entries,
+    installed: &BTreeMap<String, Value>,
+    mode: RuntimeInstalls,
+) -> Entries {
+    let mut out = declared.clone();
     if mode == RuntimeInstalls::Revert {
         return out;
     }
-    for section in Section::ALL {
-        for (name, value) in &installed[section] {
-            if section == Section::Marketplaces && shape::marketplace_source_is_empty(value) {
-                continue;
-            }
-            out[section].insert(
-                name.clone(),
-                Entry {
-                    value: value.clone(),
-                    origin: Origin::Installed,
-                },
-            );
+    for (name, value) in installed {
+        if section == Section::Marketplaces && shape::marketplace_source_is_empty(value) {
+            continue;
         }
+        out.insert(
+            name.clone(),
+            Entry {
+                value: value.clone(),
+                origin: Origin::Installed,
+            },
+        );
     }
     out
 }

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::ops::{Index, IndexMut};
 
+use serde::{Deserialize, Serialize};
+
 /// The file an owned key lives in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EnvFile {
@@ -92,13 +94,17 @@ impl fmt::Display for Section {
 }
 
 /// One `T` per owned key, so the three keys are handled by one piece of code.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Serializes with the owned keys' own names.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PerSection<T> {
     /// `enabledPlugins`
+    #[serde(rename = "enabledPlugins", default)]
     pub plugins: T,
     /// `extraKnownMarketplaces`
+    #[serde(rename = "extraKnownMarketplaces", default)]
     pub marketplaces: T,
     /// `mcpServers`
+    #[serde(rename = "mcpServers", default)]
     pub mcp_servers: T,
 }
 

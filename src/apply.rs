@@ -1,0 +1,304 @@
+//! Apply, the IO step: read an env dir's two files, learn from them
+//! (runtime installs, drift), merge the desired owned keys in and write what
+//! changed. Synchronous on purpose: it runs on a blocking thread.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value};
+
+use crate::crd::RuntimeInstalls;
+use crate::drift::{self, Findings};
+use crate::envdir::{EnvDirError, EnvRoot, InstanceDir, Owner, Stamp, WriteOutcome};
+use crate::ledger::{Hasher, Ledger, LedgerEntry};
+use crate::merge::Document;
+use crate::resolve::{self, Entries, Installed, Origin};
+use crate::section::{EnvFile, PerSection, Section};
+use crate::state::InstanceState;
+
+/// How often a file is read, merged and written again when someone else
+/// keeps writing it between our read and our rename.
+pub const MAX_ATTEMPTS: u32 = 8;
+
+/// Everything the IO step needs for one instance.
+pub struct ApplyInput<'a> {
+    /// Env dir relative to the root.
+    pub rel: &'a str,
+    /// Owner of written files.
+    pub owner: Owner,
+    /// `spec.runtimeInstalls`.
+    pub mode: RuntimeInstalls,
+    /// Compute only; create, move and write nothing.
+    pub dry_run: bool,
+    /// Declared entries with secrets filled in.
+    pub declared: &'a PerSection<Entries>,
+    /// Stored state before this pass.
+    pub state: &'a InstanceState,
+    /// Ledger hasher.
+    pub hasher: &'a Hasher,
+}
+
+/// How one entry changes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    /// The owned key.
+    pub section: Section,
+    /// Entry name.
+    pub name: String,
+    /// Value on disk before, if any.
+    pub old: Option<Value>,
+    /// Value after, if any.
+    pub new: Option<Value>,
+}
+
+impl Change {
+    /// `settings.json:enabledPlugins.p@m`.
+    pub fn label(&self) -> String {
+        format!("{}:{}.{}", self.section.file(), self.section, self.name)
+    }
+}
+
+/// What the IO step did (or, in a dry run, would do).
+#[derive(Debug)]
+pub struct Applied {
+    /// The installed set after learning from disk.
+    pub installed: Installed,
+    /// What is now on disk, as hashes.
+    pub ledger: Ledger,
+    /// The owned keys as rendered.
+    pub rendered: PerSection<Entries>,
+    /// What disk said, per owned key.
+    pub findings: PerSection<Findings>,
+    /// Entry changes, per file.
+    pub changes: Vec<Change>,
+    /// Files written.
+    pub written: Vec<EnvFile>,
+    /// Files moved or copied aside, with why.
+    pub corrupt: Vec<String>,
+}
+
+/// One file as read and understood.
+struct Observed {
+    doc: Document,
+    stamp: Option<Stamp>,
+    mode: Option<u32>,
+    /// Owned keys as present in the file (`None`: key absent).
+    present: BTreeMap<Section, Map<String, Value>>,
+    /// What classification may learn from (`None`: nothing, file missing or damaged).
+    learn: BTreeMap<Section, Option<Map<String, Value>>>,
+}
+
+/// Runs the IO step.
+pub fn apply(root: &EnvRoot, input: &ApplyInput<'_>) -> Result<Applied, EnvDirError> {
+    let dir = root.instance(input.rel, !input.dry_run, input.owner)?;
+    let mut out = Applied {
+        installed: input.state.installed.clone(),
+        ledger: Ledger {
+            entries: PerSection::default(),
+            content_hash: String::new(),
+            written_at: crate::time::now(),
+        },
+        rendered: PerSection::default(),
+        findings: PerSection::default(),
+        changes: Vec::new(),
+        written: Vec::new(),
+        corrupt: Vec::new(),
+    };
+    let empty_ledger = PerSection::default();
+    let ledger = input
+        .state
+        .ledger
+        .as_ref()
+        .map_or(&empty_ledger, |l| &l.entries);
+
+    for file in EnvFile::ALL {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let observed = observe(dir.as_ref(), file, input.dry_run, &mut out.corrupt)?;
+            let mut sections = Vec::new();
+            for &section in file.sections() {
+                let mut installed = out.installed[section].clone();
+                let findings = drift::classify(
+                    section,
+                    observed.learn[&section].as_ref(),
+                    &ledger[section],
+                    &input.declared[section],
+                    &mut installed,
+                    input.mode,
+                    input.hasher,
+                );
+                let desired = resolve::desired_section(
+                    section,
+                    &input.declared[section],
+                    &installed,
+                    input.mode,
+                );
+                sections.push((section, installed, findings, desired));
+            }
+            let new_maps: Vec<(Section, Map<String, Value>)> = sections
+                .iter()
+                .map(|(s, _, _, d)| (*s, to_map(d)))
+                .collect();
+            let unchanged = observed.stamp.is_some()
+                && new_maps
+                    .iter()
+                    .all(|(s, m)| observed.present.get(s) == Some(m));
+            let mut changes = Vec::new();
+            if !unchanged {
+                for (s, m) in &new_maps {
+                    changes.extend(entry_changes(*s, observed.present.get(s), m));
+                }
+            }
+            let done = match (&dir, unchanged || input.dry_run) {
+                (_, true) => true,
+                (None, false) => unreachable!("apply creates the env dir unless dry-running"),
+                (Some(dir), false) => {
+                    let owned: Vec<(&'static str, &Map<String, Value>)> =
+                        new_maps.iter().map(|(s, m)| (s.key(), m)).collect();
+                    let bytes = observed.doc.render(&owned);
+                    let mode = match file {
+                        EnvFile::ClaudeJson => file.mode(),
+                        EnvFile::Settings => observed.mode.unwrap_or(file.mode()),
+                    };
+                    match dir.write(file, &bytes, observed.stamp, mode, input.owner)? {
+                        WriteOutcome::Written => {
+                            out.written.push(file);
+                            true
+                        }
+                        WriteOutcome::Raced => false,
+                    }
+                }
+            };
+            if done {
+                for (section, installed, findings, desired) in sections {
+                    out.installed[section] = installed;
+                    out.findings[section] = findings;
+                    out.rendered[section] = desired;
+                }
+                out.changes.extend(changes);
+                break;
+            }
+            if attempt >= MAX_ATTEMPTS {
+                return Err(EnvDirError::Contended {
+                    path: dir.as_ref().map_or_else(String::new, |d| d.display(file.file_name())),
+                    attempts: attempt,
+                });
+            }
+        }
+    }
+
+    out.ledger.entries = out.rendered.map(|_, entries| {
+        entries
+            .iter()
+            .map(|(name, e)| {
+                (
+                    name.clone(),
+                    LedgerEntry {
+                        installed: e.origin == Origin::Installed,
+                        hash: input.hasher.entry(&e.value),
+                    },
+                )
+            })
+            .collect()
+    });
+    let maps = out.rendered.map(|_, e| Value::Object(to_map(e)));
+    out.ledger.content_hash = input.hasher.content(maps.iter());
+    Ok(out)
+}
+
+fn to_map(entries: &Entries) -> Map<String, Value> {
+    entries
+        .iter()
+        .map(|(k, e)| (k.clone(), e.value.clone()))
+        .collect()
+}
+
+fn observe(
+    dir: Option<&InstanceDir>,
+    file: EnvFile,
+    dry_run: bool,
+    corrupt: &mut Vec<String>,
+) -> Result<Observed, EnvDirError> {
+    let mut o = Observed {
+        doc: Document::empty(),
+        stamp: None,
+        mode: None,
+        present: BTreeMap::new(),
+        learn: file.sections().iter().map(|s| (*s, None)).collect(),
+    };
+    let Some(read) = dir.map(|d| d.read(file)).transpose()?.flatten() else {
+        return Ok(o);
+    };
+    let dir = dir.expect("a file was read from it");
+    let doc = match Document::parse(&read.bytes) {
+        Ok(doc) => doc,
+        Err(reason) => {
+            let note = if dry_run {
+                format!("{} is corrupt ({reason}) and would be moved aside", dir.display(file.file_name()))
+            } else {
+                let aside = dir.move_aside(file)?;
+                format!("{} was corrupt ({reason}); moved aside to {aside}", dir.display(file.file_name()))
+            };
+            corrupt.push(note);
+            return Ok(o);
+        }
+    };
+    o.stamp = Some(read.stamp);
+    o.mode = Some(read.mode);
+    let mut copied = false;
+    for &section in file.sections() {
+        match doc.owned(section.key()) {
+            Ok(Some(m)) => {
+                o.present.insert(section, m.clone());
+                o.learn.insert(section, Some(m));
+            }
+            // The file exists without the key: the user removed every entry.
+            Ok(None) => {
+                o.learn.insert(section, Some(Map::new()));
+            }
+            Err(wrong) => {
+                let note = if dry_run {
+                    format!("{}: {wrong}; it would be replaced", dir.display(file.file_name()))
+                } else {
+                    let aside = if copied {
+                        String::from("the copy above")
+                    } else {
+                        copied = true;
+                        dir.copy_aside(file, &read.bytes)?
+                    };
+                    format!("{}: {wrong}; replaced, old file kept as {aside}", dir.display(file.file_name()))
+                };
+                corrupt.push(note);
+            }
+        }
+    }
+    o.doc = doc;
+    Ok(o)
+}
+
+fn entry_changes(section: Section, old: Option<&Map<String, Value>>, new: &Map<String, Value>) -> Vec<Change> {
+    let empty = Map::new();
+    let old = old.unwrap_or(&empty);
+    let mut out = Vec::new();
+    for (name, v) in new {
+        if old.get(name) != Some(v) {
+            out.push(Change {
+                section,
+                name: name.clone(),
+                old: old.get(name).cloned(),
+                new: Some(v.clone()),
+            });
+        }
+    }
+    for (name, v) in old {
+        if !new.contains_key(name) {
+            out.push(Change {
+                section,
+                name: name.clone(),
+                old: Some(v.clone()),
+                new: None,
+            });
+        }
+    }
+    out
+}

@@ -1,0 +1,195 @@
+//! Command line: argument definitions and the commands they run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::builtin::Builtin;
+use crate::engine::{Engine, Mode, Outcome};
+use crate::envdir::{EnvRoot, STATE_DIR};
+use crate::secrets::SecretProvider;
+use crate::{error_chain, manifest, report, state};
+
+/// Renders Claude Code plugins, marketplaces and MCP servers into agent env dirs.
+#[derive(Parser, Debug)]
+#[command(name = "agent-env", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `agent_env_operator=debug`.
+    #[arg(long, env = "AGENT_ENV_LOG", default_value = "info", global = true)]
+    pub log: String,
+    /// Log line format.
+    #[arg(long, env = "AGENT_ENV_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    pub log_format: LogFormat,
+}
+
+/// Log line formats.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum LogFormat {
+    /// Human-readable.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Render every AgentInstance of the manifests into its env dir.
+    Reconcile(ReconcileArgs),
+    /// Show what `reconcile` would change, secrets masked; changes nothing.
+    /// Exit 0: no changes, 1: changes, 2: error or an instance not ready.
+    Diff(InputArgs),
+    /// Print the CustomResourceDefinitions as YAML.
+    Crd,
+}
+
+/// Where objects, builtins, env dirs and state are.
+#[derive(Args, Debug)]
+pub struct InputArgs {
+    /// Manifest files or directories (multi-document YAML; directories are read recursively).
+    #[arg(short = 'f', long = "filename", env = "AGENT_ENV_MANIFESTS", value_delimiter = ',', required = true)]
+    pub files: Vec<PathBuf>,
+    /// Config dir with the builtin layer (agents.json, marketplaces-builtin.json, mcp-builtin.json).
+    #[arg(long, env = "AGENT_ENV_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Env root: instance env dirs live under it.
+    #[arg(long, env = "AGENT_ENV_ROOT", default_value = "./agent-env")]
+    pub env_root: PathBuf,
+    /// State database URL (`sqlite:<path>`); default `<env-root>/.agent-env/state.db`.
+    #[arg(long, env = "AGENT_ENV_STATE")]
+    pub state: Option<String>,
+    /// Instances worked on at once.
+    #[arg(long, env = "AGENT_ENV_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: usize,
+    /// Skip fsync of written files (faster, not crash-safe; for throwaway env roots).
+    #[arg(long, env = "AGENT_ENV_NO_FSYNC")]
+    pub no_fsync: bool,
+}
+
+/// `reconcile` arguments.
+#[derive(Args, Debug)]
+pub struct ReconcileArgs {
+    /// Where everything is.
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// One full pass, then exit. Exit 0: every instance ready, 1: any not
+    /// ready, 2: the input could not be read.
+    #[arg(long, env = "AGENT_ENV_ONCE")]
+    pub once: bool,
+    /// Output format.
+    #[arg(short = 'o', long, env = "AGENT_ENV_OUTPUT", value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+/// Output formats.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Aligned columns.
+    Table,
+    /// A JSON array, one object per instance.
+    Json,
+}
+
+/// Exit code for input that could not be read at all.
+pub const EXIT_INPUT: u8 = 2;
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Crd => {
+            print!("{}", crate::crd::to_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::Reconcile(args) => reconcile(args).await,
+        Command::Diff(args) => diff(args).await,
+    }
+}
+
+fn fail(e: &dyn std::error::Error) -> ExitCode {
+    eprintln!("error: {}", error_chain(e));
+    ExitCode::from(EXIT_INPUT)
+}
+
+/// Everything loaded for a pass.
+struct Loaded {
+    engine: Engine,
+    snapshot: crate::snapshot::Snapshot,
+    secrets: Arc<dyn SecretProvider>,
+}
+
+async fn load(input: &InputArgs, mode: Mode) -> Result<Loaded, ExitCode> {
+    let builtin = match &input.config {
+        Some(dir) => Builtin::load_dir(dir).map_err(|e| fail(&e))?,
+        None => Builtin::default(),
+    };
+    let snapshot = manifest::load_paths(&input.files).map_err(|e| fail(&e))?;
+    let url = input.state.clone().unwrap_or_else(|| {
+        format!("sqlite:{}", input.env_root.join(STATE_DIR).join("state.db").display())
+    });
+    let store = match mode {
+        Mode::Apply => state::open(&url).await,
+        Mode::DryRun => state::open_existing(&url).await,
+    }
+    .map_err(|e| fail(&e))?;
+    let root = EnvRoot::open(&input.env_root, mode == Mode::Apply)
+        .map_err(|e| fail(&e))?
+        .with_fsync(!input.no_fsync);
+    let engine = Engine::new(root, store, builtin).with_concurrency(input.concurrency);
+    let secrets: Arc<dyn SecretProvider> = Arc::new(snapshot.secrets.clone());
+    Ok(Loaded {
+        engine,
+        snapshot,
+        secrets,
+    })
+}
+
+async fn pass(input: &InputArgs, mode: Mode) -> Result<Vec<Outcome>, ExitCode> {
+    let loaded = load(input, mode).await?;
+    loaded
+        .engine
+        .pass(&loaded.snapshot, loaded.secrets.as_ref(), mode)
+        .await
+        .map_err(|e| fail(&e))
+}
+
+async fn reconcile(args: ReconcileArgs) -> ExitCode {
+    if !args.once {
+        eprintln!(
+            "error: reconcile needs --once: this build runs single passes only (run it from a timer or a file watcher)"
+        );
+        return ExitCode::from(EXIT_INPUT);
+    }
+    let outcomes = match pass(&args.input, Mode::Apply).await {
+        Ok(o) => o,
+        Err(code) => return code,
+    };
+    match args.output {
+        Output::Table => print!("{}", report::table(&outcomes)),
+        Output::Json => println!("{}", report::json(&outcomes)),
+    }
+    if outcomes.iter().all(|o| o.ready) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+async fn diff(args: InputArgs) -> ExitCode {
+    let outcomes = match pass(&args, Mode::DryRun).await {
+        Ok(o) => o,
+        Err(code) => return code,
+    };
+    print!("{}", report::diff(&outcomes));
+    if outcomes.iter().any(|o| !o.ready) {
+        ExitCode::from(EXIT_INPUT)
+    } else if outcomes.iter().any(|o| !o.changes.is_empty()) {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,384 @@
+//! One pass over a snapshot: collect → resolve → fill secrets → apply →
+//! report, per instance, with bounded concurrency. Used by `reconcile` and
+//! `diff` alike.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use tracing::{info, instrument, warn};
+
+use crate::apply::{self, Applied, ApplyInput, Change};
+use crate::builtin::Builtin;
+use crate::crd::{AgentInstance, Scope};
+use crate::envdir::{EnvRoot, Owner};
+use crate::resolve::{self, Declared};
+use crate::secrets::{self, SecretProvider, UsedSecrets};
+use crate::section::PerSection;
+use crate::snapshot::{self, ObjectKey, ScopeIndex, Snapshot};
+use crate::state::{AuditRecord, InstanceState, StateStore, StoreError};
+
+/// Whether a pass writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Write files and state.
+    Apply,
+    /// Change nothing; report what would change.
+    DryRun,
+}
+
+/// Reasons an instance reports.
+pub mod reason {
+    /// Files written.
+    pub const RENDERED: &str = "Rendered";
+    /// Nothing needed writing.
+    pub const UP_TO_DATE: &str = "UpToDate";
+    /// `spec.suspend` is set.
+    pub const SUSPENDED: &str = "Suspended";
+    /// An object it depends on (or the instance itself) is invalid.
+    pub const INVALID_OBJECT: &str = "InvalidObject";
+    /// Writing the env dir failed.
+    pub const WRITE_FAILED: &str = "WriteFailed";
+    /// The env dir leads outside the env root.
+    pub const UNSAFE_PATH: &str = "UnsafePath";
+    /// The state database failed for this instance.
+    pub const STATE_FAILED: &str = "StateFailed";
+}
+
+/// The result of one instance in one pass.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The instance.
+    pub key: ObjectKey,
+    /// `spec.agentType` (empty for an invalid instance).
+    pub agent_type: String,
+    /// Env dir relative to the env root.
+    pub env_dir: String,
+    /// Ready condition.
+    pub ready: bool,
+    /// CamelCase reason.
+    pub reason: &'static str,
+    /// What a human should know.
+    pub message: String,
+    /// Keys rendered per owned key (plugins include `false` ones).
+    pub rendered: PerSection<Vec<String>>,
+    /// Entry changes written (or, dry-running, that would be).
+    pub changes: Vec<Change>,
+    /// Declared entries put back.
+    pub drift: Vec<String>,
+    /// Runtime installs adopted.
+    pub adopted: Vec<String>,
+    /// Conflicts and damaged files.
+    pub warnings: Vec<String>,
+    /// Secret values used, to mask them in output.
+    pub used_secrets: UsedSecrets,
+}
+
+impl Outcome {
+    fn new(key: &ObjectKey, agent_type: &str, env_dir: String) -> Outcome {
+        Outcome {
+            key: key.clone(),
+            agent_type: agent_type.to_owned(),
+            env_dir,
+            ready: false,
+            reason: reason::INVALID_OBJECT,
+            message: String::new(),
+            rendered: PerSection::default(),
+            changes: Vec::new(),
+            drift: Vec::new(),
+            adopted: Vec::new(),
+            warnings: Vec::new(),
+            used_secrets: UsedSecrets::default(),
+        }
+    }
+
+    fn fail(mut self, reason: &'static str, message: String) -> Outcome {
+        self.ready = false;
+        self.reason = reason;
+        self.message = message;
+        self
+    }
+}
+
+/// A pass could not run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The state store failed before anything was written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The engine: env root, state and builtin layer.
+pub struct Engine {
+    root: Arc<EnvRoot>,
+    store: Arc<dyn StateStore>,
+    builtin: Arc<Builtin>,
+    concurrency: usize,
+}
+
+impl Engine {
+    /// Builds an engine.
+    pub fn new(root: EnvRoot, store: Arc<dyn StateStore>, builtin: Builtin) -> Engine {
+        Engine {
+            root: Arc::new(root),
+            store,
+            builtin: Arc::new(builtin),
+            concurrency: 16,
+        }
+    }
+
+    /// How many instances are worked on at once.
+    pub fn with_concurrency(mut self, n: usize) -> Engine {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// One pass over every instance of the snapshot, in key order.
+    #[instrument(skip_all, fields(instances = snapshot.instances.len(), mode = ?mode))]
+    pub async fn pass(
+        &self,
+        snapshot: &Snapshot,
+        secrets: &dyn SecretProvider,
+        mode: Mode,
+    ) -> Result<Vec<Outcome>, EngineError> {
+        let mut states = self.store.load_all().await?;
+        let index = snapshot.index();
+        let collisions = env_dir_collisions(snapshot);
+
+        let work = snapshot.instances.iter().map(|(key, inst)| {
+            let state = states.remove(key).unwrap_or_default();
+            let collision = collisions.get(key).cloned();
+            self.instance(key, inst, &index, secrets, state, mode, collision)
+        });
+        let mut outcomes: Vec<Outcome> = futures::stream::iter(work)
+            .buffer_unordered(self.concurrency)
+            .collect()
+            .await;
+        for inv in snapshot.invalid.iter().filter(|i| i.kind == "AgentInstance") {
+            let mut o = Outcome::new(&inv.key, "", String::new());
+            o.message = format!("invalid AgentInstance ({}): {}", inv.source, inv.message);
+            outcomes.push(o);
+        }
+        outcomes.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(outcomes)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[instrument(skip_all, fields(instance = %key))]
+    async fn instance(
+        &self,
+        key: &ObjectKey,
+        inst: &AgentInstance,
+        index: &ScopeIndex<'_>,
+        secrets: &dyn SecretProvider,
+        state: InstanceState,
+        mode: Mode,
+        collision: Option<String>,
+    ) -> Outcome {
+        let spec = &inst.spec;
+        let rel = snapshot::env_path(key, inst);
+        let out = Outcome::new(key, &spec.agent_type, rel.clone());
+        if spec.suspend {
+            return Outcome {
+                ready: true,
+                reason: reason::SUSPENDED,
+                message: "spec.suspend is set; the env dir is left as it is".into(),
+                ..out
+            };
+        }
+        if let Some(other) = collision {
+            return out.fail(
+                reason::INVALID_OBJECT,
+                format!("field spec.envDir.path: env dir {rel} is also used by AgentInstance {other}"),
+            );
+        }
+        let blockers = index.blockers(&key.namespace, &spec.agent_type, &key.name);
+        if !blockers.is_empty() {
+            let lines: Vec<String> = blockers.iter().map(ToString::to_string).collect();
+            let o = out.fail(
+                reason::INVALID_OBJECT,
+                format!("held back by invalid objects; last good render kept: {}", lines.join("; ")),
+            );
+            return self.record_failure(o, mode).await;
+        }
+
+        let declared = resolve::resolve_declared(
+            &self.builtin,
+            &spec.agent_type,
+            index.layer(&key.namespace, &Scope::Type(spec.agent_type.clone())),
+            index.layer(&key.namespace, &Scope::Instance(key.name.clone())),
+        );
+        let mut out = out;
+        out.warnings
+            .extend(declared.conflicts.iter().map(|c| format!("Conflict: {c}")));
+        let Declared { mut sections, .. } = declared;
+        let used = match secrets::fill(
+            &key.namespace,
+            sections.mcp_servers.values_mut().map(|e| &mut e.value),
+            secrets,
+        )
+        .await
+        {
+            Ok(used) => used,
+            Err(e) => {
+                warn!(reason = e.reason(), error = %e, "secrets not resolved; nothing written");
+                let message = format!("{e}; nothing written, last good render kept");
+                return self.record_failure(out.fail(e.reason(), message), mode).await;
+            }
+        };
+        out.used_secrets = used;
+
+        let owner = spec.env_dir.as_ref().map_or(Owner::default(), |e| Owner {
+            uid: e.uid,
+            gid: e.gid,
+        });
+        let root = self.root.clone();
+        let store = self.store.clone();
+        let runtime_installs = spec.runtime_installs;
+        let rel_for_io = rel.clone();
+        let old_state = state.clone();
+        let io = tokio::task::spawn_blocking(move || {
+            apply::apply(
+                &root,
+                &ApplyInput {
+                    rel: &rel_for_io,
+                    owner,
+                    mode: runtime_installs,
+                    dry_run: mode == Mode::DryRun,
+                    declared: &sections,
+                    state: &state,
+                    hasher: store.hasher(),
+                },
+            )
+        })
+        .await
+        .expect("the apply step does not panic");
+        let applied = match io {
+            Ok(a) => a,
+            Err(e) => {
+                let reason = if e.is_escape() {
+                    reason::UNSAFE_PATH
+                } else {
+                    reason::WRITE_FAILED
+                };
+                warn!(reason, error = %crate::error_chain(&e), "env dir not written");
+                let o = out.fail(reason, crate::error_chain(&e));
+                return self.record_failure(o, mode).await;
+            }
+        };
+        self.report(out, applied, old_state, mode).await
+    }
+
+    async fn report(&self, mut out: Outcome, applied: Applied, old: InstanceState, mode: Mode) -> Outcome {
+        out.rendered = applied.rendered.map(|_, e| e.keys().cloned().collect());
+        out.changes = applied.changes;
+        for (section, f) in applied.findings.iter() {
+            out.drift.extend(f.drift.iter().map(|n| format!("{section}.{n}")));
+            out.adopted.extend(f.adopted.iter().map(|n| format!("{section}.{n}")));
+        }
+        out.warnings
+            .extend(applied.corrupt.iter().map(|c| format!("CorruptFile: {c}")));
+        out.ready = true;
+        let counts = format!(
+            "{} plugins, {} marketplaces, {} MCP servers",
+            out.rendered.plugins.len(),
+            out.rendered.marketplaces.len(),
+            out.rendered.mcp_servers.len()
+        );
+        let verb = if mode == Mode::DryRun { "would write" } else { "wrote" };
+        let mut message = if out.changes.is_empty() && applied.written.is_empty() {
+            out.reason = reason::UP_TO_DATE;
+            format!("up to date ({counts})")
+        } else {
+            out.reason = reason::RENDERED;
+            let files: Vec<&str> = {
+                let mut f: Vec<&str> = out.changes.iter().map(|c| c.section.file().file_name()).collect();
+                f.extend(applied.written.iter().map(|f| f.file_name()));
+                f.sort();
+                f.dedup();
+                f
+            };
+            format!("{verb} {} ({counts})", files.join(", "))
+        };
+        if !out.drift.is_empty() {
+            message.push_str(&format!("; drift put back: {}", out.drift.join(", ")));
+        }
+        if !out.adopted.is_empty() {
+            message.push_str(&format!("; runtime installs adopted: {}", out.adopted.join(", ")));
+        }
+        if !out.warnings.is_empty() {
+            message.push_str(&format!("; {} warning(s)", out.warnings.len()));
+        }
+        out.message = message;
+
+        if mode == Mode::DryRun {
+            return out;
+        }
+        let mut ledger = applied.ledger;
+        let unchanged_ledger = old
+            .ledger
+            .as_ref()
+            .is_some_and(|l| l.entries == ledger.entries && l.content_hash == ledger.content_hash);
+        if unchanged_ledger && let Some(l) = &old.ledger {
+            ledger.written_at = l.written_at;
+        }
+        let new = InstanceState {
+            ledger: Some(ledger),
+            installed: applied.installed,
+        };
+        if new == old && out.changes.is_empty() && applied.written.is_empty() {
+            return out;
+        }
+        let audit = audit_record(&out, new.ledger.as_ref().map(|l| l.content_hash.clone()));
+        if let Err(e) = self.store.save(&out.key, &new, &audit).await {
+            // The files are written; the next pass sees them as ours or adopts them.
+            return out.fail(reason::STATE_FAILED, crate::error_chain(&e));
+        }
+        for w in &out.warnings {
+            warn!(warning = %w, "rendered with a warning");
+        }
+        info!(reason = out.reason, changes = out.changes.len(), drift = out.drift.len(), adopted = out.adopted.len(), "instance reconciled");
+        out
+    }
+
+    async fn record_failure(&self, out: Outcome, mode: Mode) -> Outcome {
+        if mode == Mode::Apply {
+            let audit = audit_record(&out, None);
+            if let Err(e) = self.store.audit(&out.key, &audit).await {
+                warn!(error = %crate::error_chain(&e), "cannot append to the audit trail");
+            }
+        }
+        out
+    }
+}
+
+fn audit_record(out: &Outcome, content_hash: Option<String>) -> AuditRecord {
+    AuditRecord {
+        at: crate::time::now(),
+        outcome: out.reason.to_owned(),
+        content_hash,
+        changed: out.changes.iter().map(Change::label).collect(),
+        drift: out.drift.clone(),
+        adopted: out.adopted.clone(),
+        message: out.used_secrets.mask(&out.message),
+    }
+}
+
+/// Instances whose env dirs would be the same directory, each mapped to one other user of it.
+fn env_dir_collisions(snapshot: &Snapshot) -> HashMap<ObjectKey, String> {
+    let mut by_path: HashMap<String, Vec<&ObjectKey>> = HashMap::new();
+    for (key, inst) in &snapshot.instances {
+        by_path
+            .entry(snapshot::env_path(key, inst).trim_end_matches('/').to_owned())
+            .or_default()
+            .push(key);
+    }
+    let mut out = HashMap::new();
+    for keys in by_path.values().filter(|k| k.len() > 1) {
+        for k in keys {
+            let other = keys.iter().find(|o| *o != k).expect("more than one");
+            out.insert((*k).clone(), other.to_string());
+        }
+    }
+    out
+}

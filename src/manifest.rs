@@ -1,0 +1,391 @@
+//! Collect, local half: multi-document YAML manifests from files and
+//! directories into a [`Snapshot`].
+//!
+//! A document that cannot be understood at all (bad YAML, unknown kind, no
+//! name) fails the whole load: rendering from a partial view could remove
+//! what the unread part declares. A well-formed object that breaks its
+//! schema or CEL rules is kept as [`InvalidObject`], so only the instances it
+//! targets are held back.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
+
+use base64::Engine as _;
+use serde_json::Value;
+
+use crate::crd::{self, AgentInstance, McpServer, PluginBinding, PluginMarketplace, Scope};
+use crate::secrets::{self, SecretValue};
+use crate::shape;
+use crate::snapshot::{InvalidObject, ObjectKey, Snapshot};
+
+/// Namespace of an object whose manifest names none, as with `kubectl apply`.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Where a document came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    /// File path.
+    pub file: PathBuf,
+    /// 1-based document index in the file.
+    pub document: usize,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (document {})", self.file.display(), self.document)
+    }
+}
+
+/// The manifests cannot be used; nothing is rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// A path cannot be read.
+    #[error("cannot read {}", .path.display())]
+    Read {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file is not valid YAML.
+    #[error("{}: invalid YAML: {message}", .file.display())]
+    Yaml {
+        /// The file.
+        file: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A document cannot be taken as any object.
+    #[error("{source_doc}: {message}")]
+    Document {
+        /// Where.
+        source_doc: Source,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+    /// The same object appears twice.
+    #[error("{kind} {key} is defined twice: in {first} and in {second}")]
+    Duplicate {
+        /// Kind.
+        kind: String,
+        /// namespace/name.
+        key: String,
+        /// First definition.
+        first: Source,
+        /// Second definition.
+        second: Source,
+    },
+}
+
+/// Kinds accepted in manifests.
+pub const KINDS: &str = "AgentInstance, PluginBinding, PluginMarketplace, McpServer (agentenv.io/v1alpha1) and Secret (v1)";
+
+/// Loads every `.yaml`, `.yml` and `.json` file under the given paths (files
+/// or directories, recursively, in name order).
+pub fn load_paths(paths: &[PathBuf]) -> Result<Snapshot, ManifestError> {
+    let mut files = Vec::new();
+    for p in paths {
+        collect_files(p, &mut files)?;
+    }
+    let mut loader = Loader::default();
+    for file in files {
+        let text = std::fs::read_to_string(&file).map_err(|source| ManifestError::Read {
+            path: file.clone(),
+            source,
+        })?;
+        loader.add_file(&file, &text)?;
+    }
+    Ok(loader.finish())
+}
+
+fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), ManifestError> {
+    let read_err = |source| ManifestError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if !meta.is_dir() {
+        out.push(path.to_owned());
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(read_err)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(read_err)?;
+    entries.sort();
+    for e in entries {
+        let hidden = e
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if hidden {
+            continue;
+        }
+        if e.is_dir() {
+            collect_files(&e, out)?;
+        } else if e
+            .extension()
+            .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
+        {
+            out.push(e);
+        }
+    }
+    Ok(())
+}
+
+/// Builds a snapshot document by document.
+#[derive(Default)]
+pub struct Loader {
+    snapshot: Snapshot,
+    seen: BTreeMap<(String, ObjectKey), Source>,
+}
+
+impl Loader {
+    /// Adds every document of one YAML file.
+    pub fn add_file(&mut self, file: &Path, text: &str) -> Result<(), ManifestError> {
+        let docs: Vec<Value> =
+            serde_saphyr::from_multiple(text).map_err(|e| ManifestError::Yaml {
+                file: file.to_owned(),
+                message: e.to_string(),
+            })?;
+        for (i, doc) in docs.into_iter().enumerate() {
+            if doc.is_null() {
+                continue;
+            }
+            let source = Source {
+                file: file.to_owned(),
+                document: i + 1,
+            };
+            self.add_document(doc, source)?;
+        }
+        Ok(())
+    }
+
+    /// Adds one parsed document.
+    pub fn add_document(&mut self, doc: Value, source: Source) -> Result<(), ManifestError> {
+        let fail = |message: String| ManifestError::Document {
+            source_doc: source.clone(),
+            message,
+        };
+        let Some(obj) = doc.as_object() else {
+            return Err(fail("a manifest document must be a mapping".into()));
+        };
+        let text = |k: &str| obj.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+        let (api_version, kind) = (text("apiVersion"), text("kind"));
+        let meta = obj.get("metadata").and_then(Value::as_object);
+        let name = meta
+            .and_then(|m| m.get("name"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        if name.is_empty() {
+            return Err(fail(format!(
+                "{} has no metadata.name",
+                if kind.is_empty() { "document" } else { &kind }
+            )));
+        }
+        let namespace = meta
+            .and_then(|m| m.get("namespace"))
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .unwrap_or(DEFAULT_NAMESPACE)
+            .to_owned();
+        let key = ObjectKey::new(&namespace, &name);
+        let ours = api_version == format!("{}/{}", crd::GROUP, crd::VERSION);
+        match (ours, kind.as_str(), api_version.as_str()) {
+            (true, "AgentInstance" | "PluginBinding" | "PluginMarketplace" | "McpServer", _)
+            | (false, "Secret", "v1") => {}
+            _ => {
+                return Err(fail(format!(
+                    "unknown kind {kind:?} (apiVersion {api_version:?}); expected one of {KINDS}"
+                )));
+            }
+        }
+        if let Some(first) = self.seen.insert((kind.clone(), key.clone()), source.clone()) {
+            return Err(ManifestError::Duplicate {
+                kind,
+                key: key.to_string(),
+                first,
+                second: source,
+            });
+        }
+        let mut doc = doc;
+        // Objects read from files carry the namespace they will be applied to.
+        doc["metadata"]["namespace"] = Value::String(namespace.clone());
+        match kind.as_str() {
+            "Secret" => self.add_secret(&doc, &key, &source)?,
+            "AgentInstance" => match typed::<AgentInstance>(&doc, &CEL.instance) {
+                Ok(o) => {
+                    self.snapshot.instances.insert(key, o);
+                }
+                Err(e) => self.invalid(&kind, key, &doc, source, e),
+            },
+            "PluginBinding" => match typed::<PluginBinding>(&doc, &CEL.binding)
+                .and_then(|o| check_binding(&o).map(|()| o))
+            {
+                Ok(o) => {
+                    self.snapshot.bindings.insert(key, o);
+                }
+                Err(e) => self.invalid(&kind, key, &doc, source, e),
+            },
+            "PluginMarketplace" => match typed::<PluginMarketplace>(&doc, &CEL.marketplace) {
+                Ok(o) => {
+                    self.snapshot.marketplaces.insert(key, o);
+                }
+                Err(e) => self.invalid(&kind, key, &doc, source, e),
+            },
+            _ => match typed::<McpServer>(&doc, &CEL.mcp).and_then(|o| check_mcp(&o).map(|()| o)) {
+                Ok(o) => {
+                    self.snapshot.mcp_servers.insert(key, o);
+                }
+                Err(e) => self.invalid(&kind, key, &doc, source, e),
+            },
+        }
+        Ok(())
+    }
+
+    fn invalid(&mut self, kind: &str, key: ObjectKey, doc: &Value, source: Source, message: String) {
+        self.snapshot.invalid.push(InvalidObject {
+            kind: kind.to_owned(),
+            key,
+            source: source.to_string(),
+            message,
+            scope: scope_hint(kind, doc),
+        });
+    }
+
+    fn add_secret(&mut self, doc: &Value, key: &ObjectKey, source: &Source) -> Result<(), ManifestError> {
+        let labelled = doc["metadata"]["labels"][crd::SECRETS_LABEL].as_str() == Some("true");
+        if !labelled {
+            return Ok(());
+        }
+        let fail = |message: String| ManifestError::Document {
+            source_doc: source.clone(),
+            message: format!("Secret {key}: {message}"),
+        };
+        let mut data = BTreeMap::new();
+        if let Some(d) = doc.get("data").filter(|d| !d.is_null()) {
+            let d = d.as_object().ok_or_else(|| fail("data must be a mapping".into()))?;
+            for (k, v) in d {
+                let bytes = v
+                    .as_str()
+                    .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s.trim()).ok())
+                    .ok_or_else(|| fail(format!("data.{k} is not valid base64")))?;
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| fail(format!("data.{k} is not UTF-8 text")))?;
+                data.insert(k.clone(), SecretValue::new(text));
+            }
+        }
+        if let Some(d) = doc.get("stringData").filter(|d| !d.is_null()) {
+            let d = d
+                .as_object()
+                .ok_or_else(|| fail("stringData must be a mapping".into()))?;
+            for (k, v) in d {
+                let text = v
+                    .as_str()
+                    .ok_or_else(|| fail(format!("stringData.{k} must be a string")))?;
+                // As on the API server, stringData wins over data for one key.
+                data.insert(k.clone(), SecretValue::new(text.to_owned()));
+            }
+        }
+        self.snapshot
+            .secrets
+            .insert(&key.namespace, &key.name, data);
+        Ok(())
+    }
+
+    /// The snapshot.
+    pub fn finish(self) -> Snapshot {
+        self.snapshot
+    }
+}
+
+/// The scope an invalid object would have applied at, as far as it can be read.
+fn scope_hint(kind: &str, doc: &Value) -> Vec<Scope> {
+    if kind == "AgentInstance" {
+        return doc["metadata"]["name"]
+            .as_str()
+            .map(|n| vec![Scope::Instance(n.to_owned())])
+            .unwrap_or_default();
+    }
+    let t = &doc["spec"]["target"];
+    let mut out = Vec::new();
+    if let Some(a) = t["agentType"].as_str() {
+        out.push(Scope::Type(a.to_owned()));
+    }
+    if let Some(i) = t["instance"].as_str() {
+        out.push(Scope::Instance(i.to_owned()));
+    }
+    out
+}
+
+struct CompiledCel {
+    instance: kube::core::cel::CompiledSchema,
+    binding: kube::core::cel::CompiledSchema,
+    marketplace: kube::core::cel::CompiledSchema,
+    mcp: kube::core::cel::CompiledSchema,
+}
+
+fn compile<K: kube::CustomResourceExt>() -> kube::core::cel::CompiledSchema {
+    let crd = K::crd();
+    let schema = crd.spec.versions[0]
+        .schema
+        .as_ref()
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+        .expect("derived CRDs have a schema");
+    kube::core::cel::compile_schema(&serde_json::to_value(schema).expect("schemas serialize"))
+}
+
+// CEL rules are compiled once; they are the same rules the API server runs.
+static CEL: LazyLock<CompiledCel> = LazyLock::new(|| CompiledCel {
+    instance: compile::<AgentInstance>(),
+    binding: compile::<PluginBinding>(),
+    marketplace: compile::<PluginMarketplace>(),
+    mcp: compile::<McpServer>(),
+});
+
+fn typed<K: serde::de::DeserializeOwned>(
+    doc: &Value,
+    cel: &kube::core::cel::CompiledSchema,
+) -> Result<K, String> {
+    let obj: K = serde_path_to_error::deserialize(doc).map_err(|e| {
+        let path = e.path().to_string();
+        format!("field {path}: {}", e.into_inner())
+    })?;
+    if let Err(errors) = kube::core::cel::Validator::new().validate_compiled(cel, doc, None) {
+        let lines: Vec<String> = errors
+            .iter()
+            .map(|e| format!("field {}: {}", e.field_path, e.message))
+            .collect();
+        return Err(lines.join("; "));
+    }
+    Ok(obj)
+}
+
+/// `x-kubernetes-list-type: map` makes the API server refuse a plugin listed
+/// twice; CEL cannot say it, so it is checked here.
+fn check_binding(o: &PluginBinding) -> Result<(), String> {
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, p) in o.spec.plugins.iter().enumerate() {
+        if !seen.insert(&p.name) {
+            return Err(format!("field spec.plugins[{i}].name: {:?} is listed twice", p.name));
+        }
+    }
+    Ok(())
+}
+
+fn check_mcp(o: &McpServer) -> Result<(), String> {
+    let entry = shape::mcp_entry(&o.spec);
+    secrets::check_entry_placeholders(&entry).map_err(|(field, e)| {
+        let kind = if o.spec.stdio.is_some() {
+            "stdio"
+        } else if o.spec.http.is_some() {
+            "http"
+        } else {
+            "sse"
+        };
+        format!("field spec.{kind}.{field}: {e}")
+    })
+}

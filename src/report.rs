@@ -1,0 +1,194 @@
+//! Report, local half: per-instance rows as a table or JSON, and `diff`
+//! output. Every value shown passes through masking first.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::apply::Change;
+use crate::engine::Outcome;
+use crate::secrets::UsedSecrets;
+use crate::section::Section;
+
+/// One output row (`reconcile --output json` prints an array of these).
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Row {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `spec.agentType`.
+    pub agent_type: String,
+    /// Env dir relative to the env root.
+    pub env_dir: String,
+    /// Ready condition.
+    pub ready: bool,
+    /// CamelCase reason.
+    pub reason: String,
+    /// Human message.
+    pub message: String,
+    /// `enabledPlugins` keys written, sorted (including `false` ones).
+    pub plugins: Vec<String>,
+    /// `extraKnownMarketplaces` keys written, sorted.
+    pub marketplaces: Vec<String>,
+    /// `mcpServers` keys written, sorted.
+    pub mcp_servers: Vec<String>,
+    /// Entries changed by this pass, `<file>:<key>.<name>`.
+    pub changed: Vec<String>,
+    /// Declared entries put back.
+    pub drift: Vec<String>,
+    /// Runtime installs adopted.
+    pub adopted: Vec<String>,
+    /// Conflicts and damaged files.
+    pub warnings: Vec<String>,
+}
+
+impl From<&Outcome> for Row {
+    fn from(o: &Outcome) -> Row {
+        let mask = |s: &String| o.used_secrets.mask(s);
+        Row {
+            namespace: o.key.namespace.clone(),
+            name: o.key.name.clone(),
+            agent_type: o.agent_type.clone(),
+            env_dir: o.env_dir.clone(),
+            ready: o.ready,
+            reason: o.reason.to_owned(),
+            message: mask(&o.message),
+            plugins: o.rendered.plugins.clone(),
+            marketplaces: o.rendered.marketplaces.clone(),
+            mcp_servers: o.rendered.mcp_servers.clone(),
+            changed: o.changes.iter().map(Change::label).collect(),
+            drift: o.drift.clone(),
+            adopted: o.adopted.clone(),
+            warnings: o.warnings.iter().map(mask).collect(),
+        }
+    }
+}
+
+/// The rows as a JSON array.
+pub fn json(outcomes: &[Outcome]) -> String {
+    let rows: Vec<Row> = outcomes.iter().map(Row::from).collect();
+    serde_json::to_string_pretty(&rows).expect("rows serialize")
+}
+
+/// The rows as an aligned table, with warnings under their instance.
+pub fn table(outcomes: &[Outcome]) -> String {
+    let header = ["NAMESPACE", "NAME", "TYPE", "READY", "REASON", "PLUGINS", "MARKETPLACES", "MCP", "MESSAGE"];
+    let rows: Vec<(Vec<String>, Vec<String>)> = outcomes
+        .iter()
+        .map(|o| {
+            let r = Row::from(o);
+            (
+                vec![
+                    r.namespace,
+                    r.name,
+                    r.agent_type,
+                    r.ready.to_string(),
+                    r.reason,
+                    r.plugins.len().to_string(),
+                    r.marketplaces.len().to_string(),
+                    r.mcp_servers.len().to_string(),
+                    r.message,
+                ],
+                r.warnings,
+            )
+        })
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for (cells, _) in &rows {
+        for (w, c) in widths.iter_mut().zip(cells) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        s.trim_end().to_owned() + "\n"
+    };
+    let mut out = line(&header.map(String::from));
+    for (cells, warnings) in &rows {
+        out.push_str(&line(cells));
+        for w in warnings {
+            out.push_str(&format!("  warning: {w}\n"));
+        }
+    }
+    out
+}
+
+/// Shows a value with secrets hidden: every `env` and `headers` value of an
+/// MCP server is masked (runtime installs may carry tokens there too), and
+/// any used secret elsewhere is replaced by its placeholder.
+fn show(section: Section, v: &Value, used: &UsedSecrets) -> String {
+    let mut v = v.clone();
+    if section == Section::McpServers
+        && let Some(obj) = v.as_object_mut()
+    {
+        for map in ["env", "headers"] {
+            if let Some(Value::Object(m)) = obj.get_mut(map) {
+                for val in m.values_mut() {
+                    *val = Value::String("***".into());
+                }
+            }
+        }
+    }
+    if section == Section::Marketplaces
+        && let Some(Value::Object(h)) = v.pointer_mut("/source/headers")
+    {
+        for val in h.values_mut() {
+            *val = Value::String("***".into());
+        }
+    }
+    used.mask(&serde_json::to_string(&v).expect("values serialize"))
+}
+
+/// `diff` output: per instance, per file and key, what a pass would change.
+pub fn diff(outcomes: &[Outcome]) -> String {
+    let mut out = String::new();
+    for o in outcomes {
+        if !o.ready {
+            out.push_str(&format!(
+                "{}: not ready ({}): {}\n",
+                o.key,
+                o.reason,
+                o.used_secrets.mask(&o.message)
+            ));
+            continue;
+        }
+        if o.changes.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("{} ({}):\n", o.key, o.env_dir));
+        for file in crate::section::EnvFile::ALL {
+            let changes: Vec<&Change> = o.changes.iter().filter(|c| c.section.file() == file).collect();
+            if changes.is_empty() {
+                continue;
+            }
+            out.push_str(&format!("  {file}:\n"));
+            for c in changes {
+                let at = format!("{}.{}", c.section, c.name);
+                let line = match (&c.old, &c.new) {
+                    (None, Some(n)) => format!("    + {at}: {}", show(c.section, n, &o.used_secrets)),
+                    (Some(_), None) => format!("    - {at}"),
+                    (Some(old), Some(n)) => format!(
+                        "    ~ {at}: {} -> {}",
+                        show(c.section, old, &o.used_secrets),
+                        show(c.section, n, &o.used_secrets)
+                    ),
+                    (None, None) => continue,
+                };
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }
+        for w in &o.warnings {
+            out.push_str(&format!("  warning: {}\n", o.used_secrets.mask(w)));
+        }
+    }
+    out
+}
