@@ -94,6 +94,8 @@ pub fn classify(
             f.drift.push(name.clone());
         }
     }
+    // Both loops feed `drift`; sorted, reports are the same for the same inputs.
+    f.drift.sort();
     f
 }
 

@@ -1,0 +1,210 @@
+//! Fixture builders for tests that run the real `agent-env` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// A scratch host: manifests, config dir, env root.
+pub struct Host {
+    pub dir: TempDir,
+}
+
+/// One run of the binary.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(out: Output) -> Run {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// The JSON rows of `reconcile -o json`.
+    pub fn rows(&self) -> Vec<Value> {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON rows ({e}): {}\nstderr: {}", self.stdout, self.stderr))
+    }
+
+    /// The row of one instance.
+    pub fn row(&self, ns: &str, name: &str) -> Value {
+        self.rows()
+            .into_iter()
+            .find(|r| r["namespace"] == ns && r["name"] == name)
+            .unwrap_or_else(|| panic!("no row for {ns}/{name}: {}", self.stdout))
+    }
+}
+
+impl Host {
+    pub fn new() -> Host {
+        let h = Host {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        std::fs::create_dir_all(h.manifests()).unwrap();
+        h
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn manifests(&self) -> PathBuf {
+        self.path("manifests")
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.path("root")
+    }
+
+    /// Writes (or replaces) one manifest file.
+    pub fn manifest(&self, name: &str, yaml: &str) {
+        std::fs::write(self.manifests().join(format!("{name}.yaml")), yaml).unwrap();
+    }
+
+    pub fn remove_manifest(&self, name: &str) {
+        std::fs::remove_file(self.manifests().join(format!("{name}.yaml"))).unwrap();
+    }
+
+    /// Writes one builtin config file.
+    pub fn config(&self, file: &str, json: &str) {
+        std::fs::create_dir_all(self.path("config")).unwrap();
+        std::fs::write(self.path("config").join(file), json).unwrap();
+    }
+
+    /// A file under the env root.
+    pub fn env_file(&self, rel: &str) -> PathBuf {
+        self.root().join(rel)
+    }
+
+    pub fn read_json(&self, rel: &str) -> Value {
+        let p = self.env_file(rel);
+        let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        serde_json::from_str(&text).unwrap()
+    }
+
+    pub fn write_json(&self, rel: &str, v: &Value) {
+        std::fs::write(self.env_file(rel), serde_json::to_string_pretty(v).unwrap()).unwrap();
+    }
+
+    fn base_args(&self, cmd: &mut Command) {
+        cmd.arg("-f").arg(self.manifests());
+        cmd.arg("--env-root").arg(self.root());
+        if self.path("config").exists() {
+            cmd.arg("--config").arg(self.path("config"));
+        }
+        cmd.arg("--no-fsync");
+    }
+
+    /// `reconcile --once -o json`.
+    pub fn reconcile(&self) -> Run {
+        self.reconcile_with(&[])
+    }
+
+    pub fn reconcile_with(&self, extra: &[&str]) -> Run {
+        let mut cmd = agent_env();
+        cmd.args(["reconcile", "--once", "-o", "json"]);
+        self.base_args(&mut cmd);
+        cmd.args(extra);
+        Run::from(cmd.output().unwrap())
+    }
+
+    /// `diff`.
+    pub fn diff(&self) -> Run {
+        let mut cmd = agent_env();
+        cmd.arg("diff");
+        self.base_args(&mut cmd);
+        Run::from(cmd.output().unwrap())
+    }
+}
+
+/// The binary under test, with logs on and no ambient configuration.
+pub fn agent_env() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent-env"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AGENT_ENV_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+pub fn instance(ns: &str, name: &str, agent_type: &str) -> String {
+    format!(
+        "apiVersion: agentenv.io/v1alpha1\nkind: AgentInstance\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  agentType: {agent_type}\n"
+    )
+}
+
+pub fn instance_with(ns: &str, name: &str, agent_type: &str, extra_spec: &str) -> String {
+    format!("{}{}", instance(ns, name, agent_type), indent(extra_spec, 2))
+}
+
+fn indent(s: &str, n: usize) -> String {
+    s.lines()
+        .map(|l| format!("{}{l}\n", " ".repeat(n)))
+        .collect()
+}
+
+/// `target` is `agentType: x` or `instance: y`.
+pub fn binding(ns: &str, name: &str, target: &str, plugins: &[(&str, bool)]) -> String {
+    let mut s = format!(
+        "apiVersion: agentenv.io/v1alpha1\nkind: PluginBinding\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  target:\n    {target}\n  plugins:\n"
+    );
+    for (p, enabled) in plugins {
+        s.push_str(&format!("    - name: {p}\n      enabled: {enabled}\n"));
+    }
+    s
+}
+
+pub fn marketplace(ns: &str, name: &str, target: &str, source: &str) -> String {
+    format!(
+        "apiVersion: agentenv.io/v1alpha1\nkind: PluginMarketplace\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  target:\n    {target}\n  source:\n{}",
+        indent(source, 4)
+    )
+}
+
+/// `server` is the YAML of `stdio:`/`http:`/`sse:` and any other spec fields.
+pub fn mcp(ns: &str, name: &str, target: &str, server: &str) -> String {
+    format!(
+        "apiVersion: agentenv.io/v1alpha1\nkind: McpServer\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  target:\n    {target}\n{}",
+        indent(server, 2)
+    )
+}
+
+pub fn secret(ns: &str, name: &str, data: &[(&str, &str)]) -> String {
+    let mut s = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n    agentenv.io/secrets: \"true\"\nstringData:\n"
+    );
+    for (k, v) in data {
+        s.push_str(&format!("  {k}: \"{v}\"\n"));
+    }
+    s
+}
+
+pub fn docs(parts: &[String]) -> String {
+    parts.join("---\n")
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
