@@ -180,7 +180,9 @@ pub fn apply(root: &EnvRoot, input: &ApplyInput<'_>) -> Result<Applied, EnvDirEr
             }
             if attempt >= MAX_ATTEMPTS {
                 return Err(EnvDirError::Contended {
-                    path: dir.as_ref().map_or_else(String::new, |d| d.display(file.file_name())),
+                    path: dir
+                        .as_ref()
+                        .map_or_else(String::new, |d| d.display(file.file_name())),
                     attempts: attempt,
                 });
             }
@@ -234,10 +236,16 @@ fn observe(
         Ok(doc) => doc,
         Err(reason) => {
             let note = if dry_run {
-                format!("{} is corrupt ({reason}) and would be moved aside", dir.display(file.file_name()))
+                format!(
+                    "{} is corrupt ({reason}) and would be moved aside",
+                    dir.display(file.file_name())
+                )
             } else {
                 let aside = dir.move_aside(file)?;
-                format!("{} was corrupt ({reason}); moved aside to {aside}", dir.display(file.file_name()))
+                format!(
+                    "{} was corrupt ({reason}); moved aside to {aside}",
+                    dir.display(file.file_name())
+                )
             };
             corrupt.push(note);
             return Ok(o);
@@ -258,7 +266,10 @@ fn observe(
             }
             Err(wrong) => {
                 let note = if dry_run {
-                    format!("{}: {wrong}; it would be replaced", dir.display(file.file_name()))
+                    format!(
+                        "{}: {wrong}; it would be replaced",
+                        dir.display(file.file_name())
+                    )
                 } else {
                     let aside = if copied {
                         String::from("the copy above")
@@ -266,7 +277,10 @@ fn observe(
                         copied = true;
                         dir.copy_aside(file, &read.bytes)?
                     };
-                    format!("{}: {wrong}; replaced, old file kept as {aside}", dir.display(file.file_name()))
+                    format!(
+                        "{}: {wrong}; replaced, old file kept as {aside}",
+                        dir.display(file.file_name())
+                    )
                 };
                 corrupt.push(note);
             }
@@ -276,7 +290,11 @@ fn observe(
     Ok(o)
 }
 
-fn entry_changes(section: Section, old: Option<&Map<String, Value>>, new: &Map<String, Value>) -> Vec<Change> {
+fn entry_changes(
+    section: Section,
+    old: Option<&Map<String, Value>>,
+    new: &Map<String, Value>,
+) -> Vec<Change> {
     let empty = Map::new();
     let old = old.unwrap_or(&empty);
     let mut out = Vec::new();

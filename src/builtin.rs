@@ -89,7 +89,11 @@ fn parse<T: for<'de> Deserialize<'de>>(file: &str, bytes: &[u8]) -> Result<T, Bu
         let field = e.path().to_string();
         BuiltinError::Invalid {
             file: file.to_owned(),
-            field: if field == "." { "(document)".into() } else { field },
+            field: if field == "." {
+                "(document)".into()
+            } else {
+                field
+            },
             message: e.into_inner().to_string(),
         }
     })
@@ -148,7 +152,11 @@ fn load_agents(bytes: &[u8]) -> Result<BTreeMap<String, Vec<String>>, BuiltinErr
     let mut types = BTreeMap::new();
     for (i, t) in file.types.into_iter().enumerate() {
         if t.name.is_empty() {
-            return Err(invalid(AGENTS_FILE, format!("types[{i}].name"), "must not be empty"));
+            return Err(invalid(
+                AGENTS_FILE,
+                format!("types[{i}].name"),
+                "must not be empty",
+            ));
         }
         for (j, p) in t.plugins.iter().enumerate() {
             if !shape::is_plugin_id(p) {
@@ -175,7 +183,11 @@ fn load_marketplaces(bytes: &[u8]) -> Result<BTreeMap<String, Value>, BuiltinErr
     for (name, entry) in &file.marketplaces {
         let at = |f: &str| {
             let base = format!("extraKnownMarketplaces.{name}");
-            if f.is_empty() { base } else { format!("{base}.{f}") }
+            if f.is_empty() {
+                base
+            } else {
+                format!("{base}.{f}")
+            }
         };
         if !shape::is_marketplace_name(name) {
             return Err(invalid(
@@ -195,7 +207,11 @@ fn load_mcp(bytes: &[u8]) -> Result<BTreeMap<String, Value>, BuiltinError> {
     for (name, entry) in &file.servers {
         let at = |f: &str| {
             let base = format!("mcpServers.{name}");
-            if f.is_empty() { base } else { format!("{base}.{f}") }
+            if f.is_empty() {
+                base
+            } else {
+                format!("{base}.{f}")
+            }
         };
         if name == shape::RESERVED_MCP_NAME {
             return Err(invalid(
@@ -241,7 +257,10 @@ mod tests {
     #[test]
     fn errors_name_file_and_field() {
         assert_eq!(
-            err(AGENTS_FILE, r#"{"types":[{"name":"c","plugins":["nope"]}]}"#),
+            err(
+                AGENTS_FILE,
+                r#"{"types":[{"name":"c","plugins":["nope"]}]}"#
+            ),
             r#"agents.json: field types[0].plugins[0]: "nope" is not a plugin id <plugin>@<marketplace>"#
         );
         assert!(
@@ -260,11 +279,19 @@ mod tests {
             "mcp-builtin.json: field mcpServers.s.url: must be a non-empty string"
         );
         assert!(
-            err(MCP_FILE, r#"{"mcpServers":{"s":{"command":"x","args":["${SECRET:a b}"]}}}"#)
-                .starts_with("mcp-builtin.json: field mcpServers.s.args[0]: malformed secret placeholder")
+            err(
+                MCP_FILE,
+                r#"{"mcpServers":{"s":{"command":"x","args":["${SECRET:a b}"]}}}"#
+            )
+            .starts_with(
+                "mcp-builtin.json: field mcpServers.s.args[0]: malformed secret placeholder"
+            )
         );
         assert_eq!(
-            err(MARKETPLACES_FILE, r#"{"extraKnownMarketplaces":{"m":{"source":"github"}}}"#),
+            err(
+                MARKETPLACES_FILE,
+                r#"{"extraKnownMarketplaces":{"m":{"source":"github"}}}"#
+            ),
             "marketplaces-builtin.json: field extraKnownMarketplaces.m.source: must be an object"
         );
     }

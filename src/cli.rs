@@ -23,7 +23,13 @@ pub struct Cli {
     #[arg(long, env = "AGENT_ENV_LOG", default_value = "info", global = true)]
     pub log: String,
     /// Log line format.
-    #[arg(long, env = "AGENT_ENV_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "AGENT_ENV_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     pub log_format: LogFormat,
 }
 
@@ -52,7 +58,13 @@ pub enum Command {
 #[derive(Args, Debug)]
 pub struct InputArgs {
     /// Manifest files or directories (multi-document YAML; directories are read recursively).
-    #[arg(short = 'f', long = "filename", env = "AGENT_ENV_MANIFESTS", value_delimiter = ',', required = true)]
+    #[arg(
+        short = 'f',
+        long = "filename",
+        env = "AGENT_ENV_MANIFESTS",
+        value_delimiter = ',',
+        required = true
+    )]
     pub files: Vec<PathBuf>,
     /// Config dir with the builtin layer (agents.json, marketplaces-builtin.json, mcp-builtin.json).
     #[arg(long, env = "AGENT_ENV_CONFIG")]
@@ -82,7 +94,13 @@ pub struct ReconcileArgs {
     #[arg(long, env = "AGENT_ENV_ONCE")]
     pub once: bool,
     /// Output format.
-    #[arg(short = 'o', long, env = "AGENT_ENV_OUTPUT", value_enum, default_value = "table")]
+    #[arg(
+        short = 'o',
+        long,
+        env = "AGENT_ENV_OUTPUT",
+        value_enum,
+        default_value = "table"
+    )]
     pub output: Output,
 }
 
@@ -129,7 +147,10 @@ async fn load(input: &InputArgs, mode: Mode) -> Result<Loaded, ExitCode> {
     };
     let snapshot = manifest::load_paths(&input.files).map_err(|e| fail(&e))?;
     let url = input.state.clone().unwrap_or_else(|| {
-        format!("sqlite:{}", input.env_root.join(STATE_DIR).join("state.db").display())
+        format!(
+            "sqlite:{}",
+            input.env_root.join(STATE_DIR).join("state.db").display()
+        )
     });
     let store = match mode {
         Mode::Apply => state::open(&url).await,

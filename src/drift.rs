@@ -148,12 +148,28 @@ mod tests {
         let d = disk(json!({"mine@m": true, "user@m": true}));
         let l = ledger(&[("mine@m", false, json!(true))]);
         let mut installed = BTreeMap::new();
-        let f = classify(Section::Plugins, Some(&d), &l, &declared(&["mine@m"]), &mut installed, RuntimeInstalls::Preserve, &hasher());
+        let f = classify(
+            Section::Plugins,
+            Some(&d),
+            &l,
+            &declared(&["mine@m"]),
+            &mut installed,
+            RuntimeInstalls::Preserve,
+            &hasher(),
+        );
         assert_eq!(f.adopted, ["user@m"]);
         assert_eq!(installed["user@m"], json!(true));
 
         let mut installed = BTreeMap::new();
-        let f = classify(Section::Plugins, Some(&d), &l, &declared(&["mine@m"]), &mut installed, RuntimeInstalls::Revert, &hasher());
+        let f = classify(
+            Section::Plugins,
+            Some(&d),
+            &l,
+            &declared(&["mine@m"]),
+            &mut installed,
+            RuntimeInstalls::Revert,
+            &hasher(),
+        );
         assert_eq!(f.reverted, ["user@m"]);
         assert!(installed.is_empty());
     }
@@ -163,7 +179,15 @@ mod tests {
         let l = ledger(&[("a@m", false, json!(true)), ("b@m", false, json!(true))]);
         let d = disk(json!({"a@m": false}));
         let mut installed = BTreeMap::new();
-        let f = classify(Section::Plugins, Some(&d), &l, &declared(&["a@m", "b@m"]), &mut installed, RuntimeInstalls::Preserve, &hasher());
+        let f = classify(
+            Section::Plugins,
+            Some(&d),
+            &l,
+            &declared(&["a@m", "b@m"]),
+            &mut installed,
+            RuntimeInstalls::Preserve,
+            &hasher(),
+        );
         assert_eq!(f.drift, ["a@m", "b@m"]);
         assert!(f.adopted.is_empty());
     }
@@ -171,25 +195,55 @@ mod tests {
     #[test]
     fn user_changes_and_removes_own_installs() {
         let l = ledger(&[("x@m", true, json!(true)), ("y@m", true, json!(true))]);
-        let mut installed = BTreeMap::from([("x@m".to_string(), json!(true)), ("y@m".to_string(), json!(true))]);
+        let mut installed = BTreeMap::from([
+            ("x@m".to_string(), json!(true)),
+            ("y@m".to_string(), json!(true)),
+        ]);
         let d = disk(json!({"x@m": false}));
-        let f = classify(Section::Plugins, Some(&d), &l, &declared(&[]), &mut installed, RuntimeInstalls::Preserve, &hasher());
+        let f = classify(
+            Section::Plugins,
+            Some(&d),
+            &l,
+            &declared(&[]),
+            &mut installed,
+            RuntimeInstalls::Preserve,
+            &hasher(),
+        );
         assert_eq!(f.user_changed, ["x@m"]);
         assert_eq!(f.user_removed, ["y@m"]);
-        assert_eq!(installed, BTreeMap::from([("x@m".to_string(), json!(false))]));
+        assert_eq!(
+            installed,
+            BTreeMap::from([("x@m".to_string(), json!(false))])
+        );
     }
 
     #[test]
     fn missing_file_teaches_nothing_and_empty_sources_are_not_adopted() {
         let l = ledger(&[("x@m", true, json!(true))]);
         let mut installed = BTreeMap::from([("x@m".to_string(), json!(true))]);
-        let f = classify(Section::Plugins, None, &l, &declared(&[]), &mut installed, RuntimeInstalls::Preserve, &hasher());
+        let f = classify(
+            Section::Plugins,
+            None,
+            &l,
+            &declared(&[]),
+            &mut installed,
+            RuntimeInstalls::Preserve,
+            &hasher(),
+        );
         assert_eq!(f, Findings::default());
         assert_eq!(installed.len(), 1);
 
         let d = disk(json!({"empty": {"source": {}}, "none": {}}));
         let mut installed = BTreeMap::new();
-        let f = classify(Section::Marketplaces, Some(&d), &BTreeMap::new(), &declared(&[]), &mut installed, RuntimeInstalls::Preserve, &hasher());
+        let f = classify(
+            Section::Marketplaces,
+            Some(&d),
+            &BTreeMap::new(),
+            &declared(&[]),
+            &mut installed,
+            RuntimeInstalls::Preserve,
+            &hasher(),
+        );
         assert_eq!(f.reverted, ["empty", "none"]);
         assert!(installed.is_empty());
     }

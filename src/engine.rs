@@ -154,7 +154,11 @@ impl Engine {
             .buffer_unordered(self.concurrency)
             .collect()
             .await;
-        for inv in snapshot.invalid.iter().filter(|i| i.kind == "AgentInstance") {
+        for inv in snapshot
+            .invalid
+            .iter()
+            .filter(|i| i.kind == "AgentInstance")
+        {
             let mut o = Outcome::new(&inv.key, "", String::new());
             o.message = format!("invalid AgentInstance ({}): {}", inv.source, inv.message);
             outcomes.push(o);
@@ -189,7 +193,9 @@ impl Engine {
         if let Some(other) = collision {
             return out.fail(
                 reason::INVALID_OBJECT,
-                format!("field spec.envDir.path: env dir {rel} is also used by AgentInstance {other}"),
+                format!(
+                    "field spec.envDir.path: env dir {rel} is also used by AgentInstance {other}"
+                ),
             );
         }
         let blockers = index.blockers(&key.namespace, &spec.agent_type, &key.name);
@@ -197,7 +203,10 @@ impl Engine {
             let lines: Vec<String> = blockers.iter().map(ToString::to_string).collect();
             let o = out.fail(
                 reason::INVALID_OBJECT,
-                format!("held back by invalid objects; last good render kept: {}", lines.join("; ")),
+                format!(
+                    "held back by invalid objects; last good render kept: {}",
+                    lines.join("; ")
+                ),
             );
             return self.record_failure(o, mode).await;
         }
@@ -223,7 +232,9 @@ impl Engine {
             Err(e) => {
                 warn!(reason = e.reason(), error = %e, "secrets not resolved; nothing written");
                 let message = format!("{e}; nothing written, last good render kept");
-                return self.record_failure(out.fail(e.reason(), message), mode).await;
+                return self
+                    .record_failure(out.fail(e.reason(), message), mode)
+                    .await;
             }
         };
         out.used_secrets = used;
@@ -269,12 +280,20 @@ impl Engine {
         self.report(out, applied, old_state, mode).await
     }
 
-    async fn report(&self, mut out: Outcome, applied: Applied, old: InstanceState, mode: Mode) -> Outcome {
+    async fn report(
+        &self,
+        mut out: Outcome,
+        applied: Applied,
+        old: InstanceState,
+        mode: Mode,
+    ) -> Outcome {
         out.rendered = applied.rendered.map(|_, e| e.keys().cloned().collect());
         out.changes = applied.changes;
         for (section, f) in applied.findings.iter() {
-            out.drift.extend(f.drift.iter().map(|n| format!("{section}.{n}")));
-            out.adopted.extend(f.adopted.iter().map(|n| format!("{section}.{n}")));
+            out.drift
+                .extend(f.drift.iter().map(|n| format!("{section}.{n}")));
+            out.adopted
+                .extend(f.adopted.iter().map(|n| format!("{section}.{n}")));
         }
         out.warnings
             .extend(applied.corrupt.iter().map(|c| format!("CorruptFile: {c}")));
@@ -285,14 +304,22 @@ impl Engine {
             out.rendered.marketplaces.len(),
             out.rendered.mcp_servers.len()
         );
-        let verb = if mode == Mode::DryRun { "would write" } else { "wrote" };
+        let verb = if mode == Mode::DryRun {
+            "would write"
+        } else {
+            "wrote"
+        };
         let mut message = if out.changes.is_empty() && applied.written.is_empty() {
             out.reason = reason::UP_TO_DATE;
             format!("up to date ({counts})")
         } else {
             out.reason = reason::RENDERED;
             let files: Vec<&str> = {
-                let mut f: Vec<&str> = out.changes.iter().map(|c| c.section.file().file_name()).collect();
+                let mut f: Vec<&str> = out
+                    .changes
+                    .iter()
+                    .map(|c| c.section.file().file_name())
+                    .collect();
                 f.extend(applied.written.iter().map(|f| f.file_name()));
                 f.sort();
                 f.dedup();
@@ -304,7 +331,10 @@ impl Engine {
             message.push_str(&format!("; drift put back: {}", out.drift.join(", ")));
         }
         if !out.adopted.is_empty() {
-            message.push_str(&format!("; runtime installs adopted: {}", out.adopted.join(", ")));
+            message.push_str(&format!(
+                "; runtime installs adopted: {}",
+                out.adopted.join(", ")
+            ));
         }
         if !out.warnings.is_empty() {
             message.push_str(&format!("; {} warning(s)", out.warnings.len()));
@@ -337,7 +367,13 @@ impl Engine {
         for w in &out.warnings {
             warn!(warning = %w, "rendered with a warning");
         }
-        info!(reason = out.reason, changes = out.changes.len(), drift = out.drift.len(), adopted = out.adopted.len(), "instance reconciled");
+        info!(
+            reason = out.reason,
+            changes = out.changes.len(),
+            drift = out.drift.len(),
+            adopted = out.adopted.len(),
+            "instance reconciled"
+        );
         out
     }
 
@@ -369,7 +405,11 @@ fn env_dir_collisions(snapshot: &Snapshot) -> HashMap<ObjectKey, String> {
     let mut by_path: HashMap<String, Vec<&ObjectKey>> = HashMap::new();
     for (key, inst) in &snapshot.instances {
         by_path
-            .entry(snapshot::env_path(key, inst).trim_end_matches('/').to_owned())
+            .entry(
+                snapshot::env_path(key, inst)
+                    .trim_end_matches('/')
+                    .to_owned(),
+            )
             .or_default()
             .push(key);
     }

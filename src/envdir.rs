@@ -386,7 +386,10 @@ mod tests {
     fn write_read_and_race() {
         let tmp = tempfile::tempdir().unwrap();
         let root = EnvRoot::open(tmp.path(), true).unwrap();
-        let d = root.instance("ns/a", true, Owner::default()).unwrap().unwrap();
+        let d = root
+            .instance("ns/a", true, Owner::default())
+            .unwrap()
+            .unwrap();
         assert!(d.read(EnvFile::ClaudeJson).unwrap().is_none());
         let w = d.write(EnvFile::ClaudeJson, b"{}\n", None, 0o600, Owner::default());
         assert_eq!(w.unwrap(), WriteOutcome::Written);
@@ -395,10 +398,21 @@ mod tests {
         assert_eq!(r.mode, 0o600);
         // Someone else writes between our read and our rename.
         std::fs::write(tmp.path().join("ns/a/.claude.json"), b"{\"x\":1}").unwrap();
-        let w = d.write(EnvFile::ClaudeJson, b"{}\n", Some(r.stamp), 0o600, Owner::default());
+        let w = d.write(
+            EnvFile::ClaudeJson,
+            b"{}\n",
+            Some(r.stamp),
+            0o600,
+            Owner::default(),
+        );
         assert_eq!(w.unwrap(), WriteOutcome::Raced);
-        assert_eq!(std::fs::read(tmp.path().join("ns/a/.claude.json")).unwrap(), b"{\"x\":1}");
-        let leftovers: Vec<_> = std::fs::read_dir(tmp.path().join("ns/a")).unwrap().collect();
+        assert_eq!(
+            std::fs::read(tmp.path().join("ns/a/.claude.json")).unwrap(),
+            b"{\"x\":1}"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(tmp.path().join("ns/a"))
+            .unwrap()
+            .collect();
         assert_eq!(leftovers.len(), 1, "no temp file is left behind");
     }
 
@@ -409,7 +423,9 @@ mod tests {
         std::fs::create_dir_all(tmp.path().join("root/ns")).unwrap();
         std::os::unix::fs::symlink(outside.path(), tmp.path().join("root/ns/evil")).unwrap();
         let root = EnvRoot::open(&tmp.path().join("root"), false).unwrap();
-        let err = root.instance("ns/evil", true, Owner::default()).unwrap_err();
+        let err = root
+            .instance("ns/evil", true, Owner::default())
+            .unwrap_err();
         assert!(err.is_escape(), "{err:?}");
         std::fs::create_dir_all(tmp.path().join("root/ns/ok")).unwrap();
         std::os::unix::fs::symlink(
@@ -417,7 +433,10 @@ mod tests {
             tmp.path().join("root/ns/ok/settings.json"),
         )
         .unwrap();
-        let d = root.instance("ns/ok", false, Owner::default()).unwrap().unwrap();
+        let d = root
+            .instance("ns/ok", false, Owner::default())
+            .unwrap()
+            .unwrap();
         assert!(d.read(EnvFile::Settings).is_err());
     }
 }

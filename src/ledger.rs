@@ -109,8 +109,10 @@ mod tests {
     #[test]
     fn key_order_does_not_change_the_hash_but_the_salt_does() {
         let h = Hasher::new(b"salt".to_vec());
-        let a: Value = serde_json::from_str(r#"{"a":1,"b":{"c":2,"d":[1,{"x":1,"y":2}]}}"#).unwrap();
-        let b: Value = serde_json::from_str(r#"{"b":{"d":[1,{"y":2,"x":1}],"c":2},"a":1}"#).unwrap();
+        let a: Value =
+            serde_json::from_str(r#"{"a":1,"b":{"c":2,"d":[1,{"x":1,"y":2}]}}"#).unwrap();
+        let b: Value =
+            serde_json::from_str(r#"{"b":{"d":[1,{"y":2,"x":1}],"c":2},"a":1}"#).unwrap();
         assert_eq!(h.entry(&a), h.entry(&b));
         assert_ne!(h.entry(&a), Hasher::new(b"other".to_vec()).entry(&a));
         assert_ne!(h.entry(&json!(true)), h.entry(&json!(false)));

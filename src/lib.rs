@@ -2,22 +2,22 @@
 //! of Claude Code agents into their env dirs, from layered declarations.
 #![forbid(unsafe_code)]
 
-pub mod crd;
+pub mod apply;
 pub mod builtin;
+pub mod crd;
+pub mod drift;
+pub mod engine;
+pub mod envdir;
+pub mod ledger;
+pub mod manifest;
+pub mod merge;
 pub mod resolve;
 pub mod secrets;
 pub mod section;
 pub mod shape;
-pub mod envdir;
-pub mod merge;
-pub mod time;
-pub mod drift;
-pub mod ledger;
-pub mod state;
-pub mod manifest;
 pub mod snapshot;
-pub mod apply;
-pub mod engine;
+pub mod state;
+pub mod time;
 
 /// An error and its sources, joined with `: `, for one-line messages.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
@@ -30,5 +30,5 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     out
 }
-pub mod report;
 pub mod cli;
+pub mod report;

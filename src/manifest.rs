@@ -172,7 +172,12 @@ impl Loader {
         let Some(obj) = doc.as_object() else {
             return Err(fail("a manifest document must be a mapping".into()));
         };
-        let text = |k: &str| obj.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+        let text = |k: &str| {
+            obj.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
         let (api_version, kind) = (text("apiVersion"), text("kind"));
         let meta = obj.get("metadata").and_then(Value::as_object);
         let name = meta
@@ -203,7 +208,10 @@ impl Loader {
                 )));
             }
         }
-        if let Some(first) = self.seen.insert((kind.clone(), key.clone()), source.clone()) {
+        if let Some(first) = self
+            .seen
+            .insert((kind.clone(), key.clone()), source.clone())
+        {
             return Err(ManifestError::Duplicate {
                 kind,
                 key: key.to_string(),
@@ -246,7 +254,14 @@ impl Loader {
         Ok(())
     }
 
-    fn invalid(&mut self, kind: &str, key: ObjectKey, doc: &Value, source: Source, message: String) {
+    fn invalid(
+        &mut self,
+        kind: &str,
+        key: ObjectKey,
+        doc: &Value,
+        source: Source,
+        message: String,
+    ) {
         self.snapshot.invalid.push(InvalidObject {
             kind: kind.to_owned(),
             key,
@@ -256,7 +271,12 @@ impl Loader {
         });
     }
 
-    fn add_secret(&mut self, doc: &Value, key: &ObjectKey, source: &Source) -> Result<(), ManifestError> {
+    fn add_secret(
+        &mut self,
+        doc: &Value,
+        key: &ObjectKey,
+        source: &Source,
+    ) -> Result<(), ManifestError> {
         let labelled = doc["metadata"]["labels"][crd::SECRETS_LABEL].as_str() == Some("true");
         if !labelled {
             return Ok(());
@@ -267,11 +287,17 @@ impl Loader {
         };
         let mut data = BTreeMap::new();
         if let Some(d) = doc.get("data").filter(|d| !d.is_null()) {
-            let d = d.as_object().ok_or_else(|| fail("data must be a mapping".into()))?;
+            let d = d
+                .as_object()
+                .ok_or_else(|| fail("data must be a mapping".into()))?;
             for (k, v) in d {
                 let bytes = v
                     .as_str()
-                    .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s.trim()).ok())
+                    .and_then(|s| {
+                        base64::engine::general_purpose::STANDARD
+                            .decode(s.trim())
+                            .ok()
+                    })
                     .ok_or_else(|| fail(format!("data.{k} is not valid base64")))?;
                 let text = String::from_utf8(bytes)
                     .map_err(|_| fail(format!("data.{k} is not UTF-8 text")))?;
@@ -370,7 +396,10 @@ fn check_binding(o: &PluginBinding) -> Result<(), String> {
     let mut seen = std::collections::BTreeSet::new();
     for (i, p) in o.spec.plugins.iter().enumerate() {
         if !seen.insert(&p.name) {
-            return Err(format!("field spec.plugins[{i}].name: {:?} is listed twice", p.name));
+            return Err(format!(
+                "field spec.plugins[{i}].name: {:?} is listed twice",
+                p.name
+            ));
         }
     }
     Ok(())

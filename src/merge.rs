@@ -118,7 +118,10 @@ mod tests {
         let src = br#"{"numStartups": 3, "projects": {"/a":{"x":[1,2]}},
  "mcpServers": {"old": {"command": "x"}}, "zz": "last"}"#;
         let doc = Document::parse(src).unwrap();
-        let out = doc.render(&[("mcpServers", &map(json!({"new": {"type": "stdio", "command": "y"}})))]);
+        let out = doc.render(&[(
+            "mcpServers",
+            &map(json!({"new": {"type": "stdio", "command": "y"}})),
+        )]);
         let out = String::from_utf8(out).unwrap();
         assert_eq!(
             out,
@@ -131,7 +134,10 @@ mod tests {
     #[test]
     fn appends_missing_keys_and_renders_empty_maps() {
         let doc = Document::parse(b"").unwrap();
-        let out = doc.render(&[("enabledPlugins", &Map::new()), ("extraKnownMarketplaces", &Map::new())]);
+        let out = doc.render(&[
+            ("enabledPlugins", &Map::new()),
+            ("extraKnownMarketplaces", &Map::new()),
+        ]);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "{\n  \"enabledPlugins\": {},\n  \"extraKnownMarketplaces\": {}\n}\n"
@@ -143,14 +149,22 @@ mod tests {
         let doc = Document::parse(br#"{"a": 1, "enabledPlugins": {"p@m": true}}"#).unwrap();
         let owned = map(json!({"p@m": false, "q@m": ["1.0"]}));
         let once = doc.render(&[("enabledPlugins", &owned)]);
-        let twice = Document::parse(&once).unwrap().render(&[("enabledPlugins", &owned)]);
+        let twice = Document::parse(&once)
+            .unwrap()
+            .render(&[("enabledPlugins", &owned)]);
         assert_eq!(once, twice);
     }
 
     #[test]
     fn corrupt_and_wrong_types() {
-        assert!(matches!(Document::parse(b"{\"a\": "), Err(CorruptReason::Syntax(_))));
-        assert!(matches!(Document::parse(b"[1]"), Err(CorruptReason::NotAnObject)));
+        assert!(matches!(
+            Document::parse(b"{\"a\": "),
+            Err(CorruptReason::Syntax(_))
+        ));
+        assert!(matches!(
+            Document::parse(b"[1]"),
+            Err(CorruptReason::NotAnObject)
+        ));
         let doc = Document::parse(br#"{"enabledPlugins": []}"#).unwrap();
         assert!(doc.owned("enabledPlugins").is_err());
         assert!(doc.owned("mcpServers").unwrap().is_none());

@@ -73,7 +73,17 @@ pub fn json(outcomes: &[Outcome]) -> String {
 
 /// The rows as an aligned table, with warnings under their instance.
 pub fn table(outcomes: &[Outcome]) -> String {
-    let header = ["NAMESPACE", "NAME", "TYPE", "READY", "REASON", "PLUGINS", "MARKETPLACES", "MCP", "MESSAGE"];
+    let header = [
+        "NAMESPACE",
+        "NAME",
+        "TYPE",
+        "READY",
+        "REASON",
+        "PLUGINS",
+        "MARKETPLACES",
+        "MCP",
+        "MESSAGE",
+    ];
     let rows: Vec<(Vec<String>, Vec<String>)> = outcomes
         .iter()
         .map(|o| {
@@ -165,7 +175,11 @@ pub fn diff(outcomes: &[Outcome]) -> String {
         }
         out.push_str(&format!("{} ({}):\n", o.key, o.env_dir));
         for file in crate::section::EnvFile::ALL {
-            let changes: Vec<&Change> = o.changes.iter().filter(|c| c.section.file() == file).collect();
+            let changes: Vec<&Change> = o
+                .changes
+                .iter()
+                .filter(|c| c.section.file() == file)
+                .collect();
             if changes.is_empty() {
                 continue;
             }
@@ -173,7 +187,9 @@ pub fn diff(outcomes: &[Outcome]) -> String {
             for c in changes {
                 let at = format!("{}.{}", c.section, c.name);
                 let line = match (&c.old, &c.new) {
-                    (None, Some(n)) => format!("    + {at}: {}", show(c.section, n, &o.used_secrets)),
+                    (None, Some(n)) => {
+                        format!("    + {at}: {}", show(c.section, n, &o.used_secrets))
+                    }
                     (Some(_), None) => format!("    - {at}"),
                     (Some(old), Some(n)) => format!(
                         "    ~ {at}: {} -> {}",

@@ -197,7 +197,11 @@ fn candidates(layer: &Layer<'_>, section: Section) -> BTreeMap<String, Vec<Candi
             for b in &layer.bindings {
                 for p in &b.spec.plugins {
                     // A plugin's deciding value is always rendered, `false` included.
-                    push(p.name.clone(), object_id("PluginBinding", &b.metadata), Some(Value::Bool(p.enabled)));
+                    push(
+                        p.name.clone(),
+                        object_id("PluginBinding", &b.metadata),
+                        Some(Value::Bool(p.enabled)),
+                    );
                 }
             }
         }
@@ -207,7 +211,11 @@ fn candidates(layer: &Layer<'_>, section: Section) -> BTreeMap<String, Vec<Candi
                     .spec
                     .enabled
                     .then(|| shape::marketplace_entry(&m.spec.source));
-                push(marketplace_name(m), object_id("PluginMarketplace", &m.metadata), value);
+                push(
+                    marketplace_name(m),
+                    object_id("PluginMarketplace", &m.metadata),
+                    value,
+                );
             }
         }
         Section::McpServers => {
@@ -303,7 +311,11 @@ pub type Installed = PerSection<BTreeMap<String, Value>>;
 /// desired = declared ∪ installed (installed wins on a collision), or just
 /// declared under `Revert`. A marketplace with nothing to fetch is never
 /// rendered from the installed set.
-pub fn desired(declared: &Declared, installed: &Installed, mode: RuntimeInstalls) -> PerSection<Entries> {
+pub fn desired(
+    declared: &Declared,
+    installed: &Installed,
+    mode: RuntimeInstalls,
+) -> PerSection<Entries> {
     PerSection::from_fn(|s| desired_section(s, &declared.sections[s], &installed[s], mode))
 }
 
@@ -487,10 +499,13 @@ mod tests {
             },
         );
         let mut installed = Installed::default();
+        installed.marketplaces.insert(
+            "m".into(),
+            json!({"source": {"source": "github", "repo": "o/pinned"}}),
+        );
         installed
             .marketplaces
-            .insert("m".into(), json!({"source": {"source": "github", "repo": "o/pinned"}}));
-        installed.marketplaces.insert("n".into(), json!({"source": {}}));
+            .insert("n".into(), json!({"source": {}}));
         installed.marketplaces.insert("e".into(), json!({}));
         installed.plugins.insert("u@m".into(), json!(true));
 

@@ -219,7 +219,8 @@ pub struct ProviderError {
 #[async_trait]
 pub trait SecretProvider: Send + Sync {
     /// Looks `reference` up for an instance in `namespace`.
-    async fn lookup(&self, namespace: &str, reference: &SecretRef) -> Result<Lookup, ProviderError>;
+    async fn lookup(&self, namespace: &str, reference: &SecretRef)
+    -> Result<Lookup, ProviderError>;
 }
 
 /// Asks providers in order; the first that finds (or conflicts on) a reference decides.
@@ -227,7 +228,11 @@ pub struct Chain(pub Vec<Arc<dyn SecretProvider>>);
 
 #[async_trait]
 impl SecretProvider for Chain {
-    async fn lookup(&self, namespace: &str, reference: &SecretRef) -> Result<Lookup, ProviderError> {
+    async fn lookup(
+        &self,
+        namespace: &str,
+        reference: &SecretRef,
+    ) -> Result<Lookup, ProviderError> {
         for p in &self.0 {
             match p.lookup(namespace, reference).await? {
                 Lookup::Missing => continue,
@@ -262,7 +267,11 @@ impl LabelledSecrets {
 
 #[async_trait]
 impl SecretProvider for LabelledSecrets {
-    async fn lookup(&self, namespace: &str, reference: &SecretRef) -> Result<Lookup, ProviderError> {
+    async fn lookup(
+        &self,
+        namespace: &str,
+        reference: &SecretRef,
+    ) -> Result<Lookup, ProviderError> {
         let Some(secrets) = self.by_namespace.get(namespace) else {
             return Ok(Lookup::Missing);
         };
@@ -420,7 +429,11 @@ mod tests {
         );
         s.insert("dev", "a", BTreeMap::from([("DUP".into(), v("1"))]));
         s.insert("dev", "b", BTreeMap::from([("DUP".into(), v("2"))]));
-        s.insert("dev", "bad", BTreeMap::from([("LOOP".into(), v("${HOME}"))]));
+        s.insert(
+            "dev",
+            "bad",
+            BTreeMap::from([("LOOP".into(), v("${HOME}"))]),
+        );
         s.insert("prod", "p", BTreeMap::from([("ONLY_PROD".into(), v("x"))]));
         s
     }

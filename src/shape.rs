@@ -140,7 +140,7 @@ pub fn check_mcp_entry(entry: &Value) -> Result<(), (String, String)> {
         ));
     }
     if let Some(t) = obj.get("timeout")
-        && !t.as_u64().is_some_and(|t| t > 0)
+        && t.as_u64().is_none_or(|t| t == 0)
     {
         return Err((
             "timeout".into(),

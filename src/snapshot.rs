@@ -53,7 +53,11 @@ pub struct InvalidObject {
 
 impl fmt::Display for InvalidObject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {} ({}): {}", self.kind, self.key, self.source, self.message)
+        write!(
+            f,
+            "{} {} ({}): {}",
+            self.kind, self.key, self.source, self.message
+        )
     }
 }
 
@@ -137,10 +141,18 @@ impl<'a> ScopeIndex<'a> {
     }
 
     /// Invalid objects that hold an instance back.
-    pub fn blockers(&self, namespace: &str, agent_type: &str, name: &str) -> Vec<&'a InvalidObject> {
+    pub fn blockers(
+        &self,
+        namespace: &str,
+        agent_type: &str,
+        name: &str,
+    ) -> Vec<&'a InvalidObject> {
         let mut out: Vec<&InvalidObject> = Vec::new();
         if let Some(by_scope) = self.invalid.get(namespace) {
-            for scope in [Scope::Type(agent_type.to_owned()), Scope::Instance(name.to_owned())] {
+            for scope in [
+                Scope::Type(agent_type.to_owned()),
+                Scope::Instance(name.to_owned()),
+            ] {
                 out.extend(by_scope.get(&scope).into_iter().flatten());
             }
         }

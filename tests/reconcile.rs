@@ -30,7 +30,12 @@ fn instance_binding_adds_a_plugin_the_type_lacks() {
     coder_fleet(&h);
     h.manifest(
         "alice",
-        &binding("dev", "alice-extra", "instance: alice", &[("profiler@tools", true)]),
+        &binding(
+            "dev",
+            "alice-extra",
+            "instance: alice",
+            &[("profiler@tools", true)],
+        ),
     );
     let run = h.reconcile();
     assert_eq!(run.code, 0, "{}", run.stderr);
@@ -54,7 +59,12 @@ fn instance_binding_disables_a_plugin_the_type_enables() {
     coder_fleet(&h);
     h.manifest(
         "alice",
-        &binding("dev", "alice-off", "instance: alice", &[("lint@tools", false), ("fmt@tools", false)]),
+        &binding(
+            "dev",
+            "alice-off",
+            "instance: alice",
+            &[("lint@tools", false), ("fmt@tools", false)],
+        ),
     );
     let run = h.reconcile();
     assert_eq!(run.code, 0, "{}", run.stderr);
@@ -90,7 +100,10 @@ fn forgejo(h: &Host) {
 fn secret_reaches_claude_json_and_nowhere_else() {
     let h = Host::new();
     forgejo(&h);
-    h.manifest("secret", &secret("dev", "forgejo", &[("FORGEJO_TOKEN_DEV", TOKEN)]));
+    h.manifest(
+        "secret",
+        &secret("dev", "forgejo", &[("FORGEJO_TOKEN_DEV", TOKEN)]),
+    );
     let run = h.reconcile_with(&["--log", "trace"]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let claude = h.read_json("dev/alice/.claude.json");
@@ -99,7 +112,10 @@ fn secret_reaches_claude_json_and_nowhere_else() {
         json!({"type": "stdio", "command": "forgejo-mcp", "env": {"FORGEJO_TOKEN": TOKEN}})
     );
     let mode = std::fs::metadata(h.env_file("dev/alice/.claude.json")).unwrap();
-    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777, 0o600);
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
 
     let diff = h.diff();
     let table = agent_env()
@@ -134,25 +150,46 @@ fn secret_reaches_claude_json_and_nowhere_else() {
 fn missing_secret_renders_nothing_and_keeps_the_last_good_files() {
     let h = Host::new();
     forgejo(&h);
-    h.manifest("secret", &secret("dev", "forgejo", &[("FORGEJO_TOKEN_DEV", TOKEN)]));
+    h.manifest(
+        "secret",
+        &secret("dev", "forgejo", &[("FORGEJO_TOKEN_DEV", TOKEN)]),
+    );
     assert_eq!(h.reconcile().code, 0);
     let before_settings = std::fs::read(h.env_file("dev/alice/settings.json")).unwrap();
     let before_claude = std::fs::read(h.env_file("dev/alice/.claude.json")).unwrap();
 
     // The Secret is gone and a new binding arrives: neither may reach the files.
     h.remove_manifest("secret");
-    h.manifest("more", &binding("dev", "more", "agentType: coder", &[("new@tools", true)]));
+    h.manifest(
+        "more",
+        &binding("dev", "more", "agentType: coder", &[("new@tools", true)]),
+    );
     let run = h.reconcile();
     assert_eq!(run.code, 1);
     let row = run.row("dev", "alice");
     assert_eq!(row["ready"], false);
     assert_eq!(row["reason"], "MissingSecret");
-    assert!(row["message"].as_str().unwrap().contains("FORGEJO_TOKEN_DEV"), "{row}");
-    assert_eq!(std::fs::read(h.env_file("dev/alice/settings.json")).unwrap(), before_settings);
-    assert_eq!(std::fs::read(h.env_file("dev/alice/.claude.json")).unwrap(), before_claude);
+    assert!(
+        row["message"]
+            .as_str()
+            .unwrap()
+            .contains("FORGEJO_TOKEN_DEV"),
+        "{row}"
+    );
+    assert_eq!(
+        std::fs::read(h.env_file("dev/alice/settings.json")).unwrap(),
+        before_settings
+    );
+    assert_eq!(
+        std::fs::read(h.env_file("dev/alice/.claude.json")).unwrap(),
+        before_claude
+    );
 
     // It renders by itself once the secret is back.
-    h.manifest("secret", &secret("dev", "forgejo", &[("FORGEJO_TOKEN_DEV", TOKEN)]));
+    h.manifest(
+        "secret",
+        &secret("dev", "forgejo", &[("FORGEJO_TOKEN_DEV", TOKEN)]),
+    );
     let run = h.reconcile();
     assert_eq!(run.code, 0);
     assert_eq!(plugins(&h, "dev/alice"), json!({"new@tools": true}));
@@ -174,7 +211,10 @@ fn missing_secret_names_every_missing_name() {
         ]),
     );
     let run = h.reconcile();
-    let msg = run.row("dev", "alice")["message"].as_str().unwrap().to_owned();
+    let msg = run.row("dev", "alice")["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(msg.contains("URL_PART") && msg.contains("api/key"), "{msg}");
     assert!(!h.env_file("dev/alice/.claude.json").exists());
 }
@@ -190,7 +230,10 @@ fn runtime_install_survives_passes_and_a_wipe() {
     s["enabledPlugins"]["user@tools"] = json!(true);
     h.write_json("dev/alice/settings.json", &s);
     let run = h.reconcile();
-    assert_eq!(run.row("dev", "alice")["adopted"], json!(["enabledPlugins.user@tools"]));
+    assert_eq!(
+        run.row("dev", "alice")["adopted"],
+        json!(["enabledPlugins.user@tools"])
+    );
     assert_eq!(plugins(&h, "dev/alice")["user@tools"], json!(true));
 
     let run = h.reconcile();
@@ -243,7 +286,10 @@ fn user_uninstall_of_an_adopted_plugin_is_respected() {
     h.write_json("dev/alice/settings.json", &s);
     h.reconcile();
     let mut s = h.read_json("dev/alice/settings.json");
-    s["enabledPlugins"].as_object_mut().unwrap().remove("user@tools");
+    s["enabledPlugins"]
+        .as_object_mut()
+        .unwrap()
+        .remove("user@tools");
     h.write_json("dev/alice/settings.json", &s);
     h.reconcile();
     std::fs::remove_dir_all(h.env_file("dev/alice")).unwrap();
@@ -257,21 +303,33 @@ fn installed_marketplace_wins_a_collision_and_empty_sources_are_skipped() {
     h.manifest("fleet", &instance("dev", "alice", "coder"));
     h.reconcile();
     let mut s = h.read_json("dev/alice/settings.json");
-    s["extraKnownMarketplaces"]["tools"] = json!({"source": {"source": "github", "repo": "me/pinned"}});
+    s["extraKnownMarketplaces"]["tools"] =
+        json!({"source": {"source": "github", "repo": "me/pinned"}});
     s["extraKnownMarketplaces"]["nothing"] = json!({"source": {}});
     h.write_json("dev/alice/settings.json", &s);
     let run = h.reconcile();
-    assert_eq!(run.row("dev", "alice")["adopted"], json!(["extraKnownMarketplaces.tools"]));
+    assert_eq!(
+        run.row("dev", "alice")["adopted"],
+        json!(["extraKnownMarketplaces.tools"])
+    );
 
     // A declared marketplace of the same name arrives later: the installed one wins.
     h.manifest(
         "mk",
-        &marketplace("dev", "tools", "agentType: coder", "github:\n  repo: org/tools\n"),
+        &marketplace(
+            "dev",
+            "tools",
+            "agentType: coder",
+            "github:\n  repo: org/tools\n",
+        ),
     );
     let run = h.reconcile();
     assert_eq!(run.code, 0);
     let mk = h.read_json("dev/alice/settings.json")["extraKnownMarketplaces"].clone();
-    assert_eq!(mk, json!({"tools": {"source": {"source": "github", "repo": "me/pinned"}}}));
+    assert_eq!(
+        mk,
+        json!({"tools": {"source": {"source": "github", "repo": "me/pinned"}}})
+    );
 }
 
 #[test]
@@ -280,12 +338,20 @@ fn drift_on_a_declared_entry_is_put_back() {
     coder_fleet(&h);
     h.manifest(
         "mcp",
-        &mcp("dev", "git", "agentType: coder", "stdio:\n  command: git-mcp\n"),
+        &mcp(
+            "dev",
+            "git",
+            "agentType: coder",
+            "stdio:\n  command: git-mcp\n",
+        ),
     );
     h.reconcile();
     let mut s = h.read_json("dev/alice/settings.json");
     s["enabledPlugins"]["lint@tools"] = json!(false);
-    s["enabledPlugins"].as_object_mut().unwrap().remove("fmt@tools");
+    s["enabledPlugins"]
+        .as_object_mut()
+        .unwrap()
+        .remove("fmt@tools");
     h.write_json("dev/alice/settings.json", &s);
     let mut c = h.read_json("dev/alice/.claude.json");
     c["mcpServers"]["git"]["command"] = json!("evil");
@@ -296,7 +362,11 @@ fn drift_on_a_declared_entry_is_put_back() {
     let row = run.row("dev", "alice");
     assert_eq!(
         row["drift"],
-        json!(["enabledPlugins.fmt@tools", "enabledPlugins.lint@tools", "mcpServers.git"])
+        json!([
+            "enabledPlugins.fmt@tools",
+            "enabledPlugins.lint@tools",
+            "mcpServers.git"
+        ])
     );
     assert_eq!(
         plugins(&h, "dev/alice"),
@@ -314,12 +384,18 @@ fn keys_the_operator_does_not_own_survive_in_order() {
     coder_fleet(&h);
     std::fs::create_dir_all(h.env_file("dev/alice")).unwrap();
     let claude = "{\n  \"numStartups\": 7,\n  \"mcpServers\": {},\n  \"projects\": {\"/w\": {\"allowedTools\": [\"Bash\"], \"history\": [1, 2]}},\n  \"oauthAccount\": {\"x\": \"y\"}\n}\n";
-    let settings = "{\"theme\":\"dark\",\"permissions\":{\"allow\":[\"Read\"]},\"enabledPlugins\":{}}";
+    let settings =
+        "{\"theme\":\"dark\",\"permissions\":{\"allow\":[\"Read\"]},\"enabledPlugins\":{}}";
     std::fs::write(h.env_file("dev/alice/.claude.json"), claude).unwrap();
     std::fs::write(h.env_file("dev/alice/settings.json"), settings).unwrap();
     h.manifest(
         "mcp",
-        &mcp("dev", "git", "agentType: coder", "stdio:\n  command: git-mcp\n"),
+        &mcp(
+            "dev",
+            "git",
+            "agentType: coder",
+            "stdio:\n  command: git-mcp\n",
+        ),
     );
     for _ in 0..3 {
         assert_eq!(h.reconcile().code, 0);
@@ -329,14 +405,27 @@ fn keys_the_operator_does_not_own_survive_in_order() {
             .keys()
             .cloned()
             .collect();
-        assert_eq!(keys, ["numStartups", "mcpServers", "projects", "oauthAccount"]);
+        assert_eq!(
+            keys,
+            ["numStartups", "mcpServers", "projects", "oauthAccount"]
+        );
         // Untouched values keep their exact bytes.
-        assert!(c.contains("\"projects\": {\"/w\": {\"allowedTools\": [\"Bash\"], \"history\": [1, 2]}}"));
+        assert!(c.contains(
+            "\"projects\": {\"/w\": {\"allowedTools\": [\"Bash\"], \"history\": [1, 2]}}"
+        ));
         let s: Value = h.read_json("dev/alice/settings.json");
         assert_eq!(s["theme"], "dark");
         assert_eq!(s["permissions"], json!({"allow": ["Read"]}));
         let keys: Vec<&String> = s.as_object().unwrap().keys().collect();
-        assert_eq!(keys, ["theme", "permissions", "enabledPlugins", "extraKnownMarketplaces"]);
+        assert_eq!(
+            keys,
+            [
+                "theme",
+                "permissions",
+                "enabledPlugins",
+                "extraKnownMarketplaces"
+            ]
+        );
     }
 }
 
@@ -347,12 +436,19 @@ fn second_pass_with_the_same_inputs_writes_nothing() {
     assert_eq!(h.reconcile().code, 0);
     let stamp = |f: &str| {
         let m = std::fs::metadata(h.env_file(f)).unwrap();
-        (m.modified().unwrap(), std::os::unix::fs::MetadataExt::ino(&m))
+        (
+            m.modified().unwrap(),
+            std::os::unix::fs::MetadataExt::ino(&m),
+        )
     };
-    let before: Vec<_> = ["dev/alice/settings.json", "dev/alice/.claude.json", "dev/bob/settings.json"]
-        .iter()
-        .map(|f| stamp(f))
-        .collect();
+    let before: Vec<_> = [
+        "dev/alice/settings.json",
+        "dev/alice/.claude.json",
+        "dev/bob/settings.json",
+    ]
+    .iter()
+    .map(|f| stamp(f))
+    .collect();
     let bytes = std::fs::read(h.env_file("dev/alice/settings.json")).unwrap();
     let run = h.reconcile();
     assert_eq!(run.code, 0);
@@ -360,12 +456,19 @@ fn second_pass_with_the_same_inputs_writes_nothing() {
         assert_eq!(r["reason"], "UpToDate", "{r}");
         assert_eq!(r["changed"], json!([]));
     }
-    let after: Vec<_> = ["dev/alice/settings.json", "dev/alice/.claude.json", "dev/bob/settings.json"]
-        .iter()
-        .map(|f| stamp(f))
-        .collect();
+    let after: Vec<_> = [
+        "dev/alice/settings.json",
+        "dev/alice/.claude.json",
+        "dev/bob/settings.json",
+    ]
+    .iter()
+    .map(|f| stamp(f))
+    .collect();
     assert_eq!(before, after);
-    assert_eq!(std::fs::read(h.env_file("dev/alice/settings.json")).unwrap(), bytes);
+    assert_eq!(
+        std::fs::read(h.env_file("dev/alice/settings.json")).unwrap(),
+        bytes
+    );
 }
 
 #[test]
@@ -384,7 +487,10 @@ fn same_layer_conflict_renders_and_warns_with_both_names() {
     let row = run.row("dev", "alice");
     assert_eq!(row["ready"], true);
     let w = row["warnings"][0].as_str().unwrap();
-    assert!(w.contains("PluginBinding/b-off") && w.contains("PluginBinding/a-on"), "{w}");
+    assert!(
+        w.contains("PluginBinding/b-off") && w.contains("PluginBinding/a-on"),
+        "{w}"
+    );
     assert_eq!(plugins(&h, "dev/alice"), json!({"p@tools": false}));
 }
 
@@ -398,7 +504,12 @@ fn bindings_never_cross_namespaces() {
             instance("prod", "alice", "coder"),
             binding("dev", "b", "instance: alice", &[("dev-only@tools", true)]),
             secret("prod", "s", &[("T", "prod-value")]),
-            mcp("dev", "m", "instance: alice", "http:\n  url: \"https://x/${SECRET:T}\"\n"),
+            mcp(
+                "dev",
+                "m",
+                "instance: alice",
+                "http:\n  url: \"https://x/${SECRET:T}\"\n",
+            ),
         ]),
     );
     let run = h.reconcile();
@@ -410,11 +521,22 @@ fn bindings_never_cross_namespaces() {
 fn diff_shows_changes_masked_and_changes_nothing() {
     let h = Host::new();
     forgejo(&h);
-    h.manifest("secret", &secret("dev", "forgejo", &[("FORGEJO_TOKEN_DEV", TOKEN)]));
+    h.manifest(
+        "secret",
+        &secret("dev", "forgejo", &[("FORGEJO_TOKEN_DEV", TOKEN)]),
+    );
     let run = h.diff();
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
-    assert!(run.stdout.contains("+ mcpServers.forgejo"), "{}", run.stdout);
-    assert!(run.stdout.contains("\"FORGEJO_TOKEN\":\"***\""), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("+ mcpServers.forgejo"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("\"FORGEJO_TOKEN\":\"***\""),
+        "{}",
+        run.stdout
+    );
     assert!(!run.stdout.contains(TOKEN));
     assert!(!h.root().exists(), "diff created the env root");
 
@@ -423,10 +545,18 @@ fn diff_shows_changes_masked_and_changes_nothing() {
     assert_eq!(run.code, 0, "{}", run.stdout);
     assert_eq!(run.stdout, "");
 
-    h.manifest("b", &binding("dev", "b", "instance: alice", &[("x@tools", true)]));
+    h.manifest(
+        "b",
+        &binding("dev", "b", "instance: alice", &[("x@tools", true)]),
+    );
     let run = h.diff();
     assert_eq!(run.code, 1);
-    assert!(run.stdout.contains("settings.json:\n    + enabledPlugins.x@tools: true"), "{}", run.stdout);
+    assert!(
+        run.stdout
+            .contains("settings.json:\n    + enabledPlugins.x@tools: true"),
+        "{}",
+        run.stdout
+    );
     assert!(plugins(&h, "dev/alice").get("x@tools").is_none());
 }
 
@@ -442,11 +572,19 @@ fn the_example_fleet_renders() {
         .arg(h.root())
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rows.len(), 4);
     let alice = h.read_json("dev/alice/.claude.json");
-    assert_eq!(alice["mcpServers"]["forgejo"]["env"]["FORGEJO_TOKEN"], "example-forgejo-token");
+    assert_eq!(
+        alice["mcpServers"]["forgejo"]["env"]["FORGEJO_TOKEN"],
+        "example-forgejo-token"
+    );
     let carol = h.read_json("dev/research/carol/.claude.json");
     assert_eq!(
         carol["mcpServers"]["search"]["headers"]["Authorization"],

@@ -19,10 +19,22 @@ use super::common::{ObjectStatus, Target};
     derive = "PartialEq",
     doc = "Enables or disables Claude Code plugins for an agent type or one instance.",
     printcolumn(name = "Type", type_ = "string", json_path = ".spec.target.agentType"),
-    printcolumn(name = "Instance", type_ = "string", json_path = ".spec.target.instance"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(
+        name = "Instance",
+        type_ = "string",
+        json_path = ".spec.target.instance"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
     printcolumn(name = "Instances", type_ = "integer", json_path = ".status.instances"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PluginBindingSpec {

@@ -18,10 +18,26 @@ use serde::{Deserialize, Serialize};
     derive = "PartialEq",
     doc = "One Claude Code agent whose env dir the operator renders.",
     printcolumn(name = "Type", type_ = "string", json_path = ".spec.agentType"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Plugins", type_ = "integer", json_path = ".status.rendered.plugins"),
-    printcolumn(name = "MCP Servers", type_ = "integer", json_path = ".status.rendered.mcpServers"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Plugins",
+        type_ = "integer",
+        json_path = ".status.rendered.plugins"
+    ),
+    printcolumn(
+        name = "MCP Servers",
+        type_ = "integer",
+        json_path = ".status.rendered.mcpServers"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AgentInstanceSpec {

@@ -1,5 +1,9 @@
 //! The custom resources: Rust types are the source of truth for the CRD YAML in `crds/`.
 
+// Each `printcolumn(...)` repeats `type_ = "string"` and the like; clippy takes
+// these derive arguments for duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 mod binding;
 mod common;
 mod instance;
@@ -9,9 +13,9 @@ mod mcp;
 pub use binding::{PluginBinding, PluginBindingSpec, PluginRef};
 pub use common::{CATEGORY, GROUP, ObjectStatus, SECRETS_LABEL, Scope, Target, VERSION};
 pub use instance::{
-    AgentInstance, AgentInstanceSpec, AgentInstanceStatus, DeletionPolicy, DriftRecord, EntrySource,
-    EnvDir, RenderSummary, RestartPolicy, RestartRecord, RestartStrategy, RuntimeInstalls,
-    WorkloadKind, WorkloadRef,
+    AgentInstance, AgentInstanceSpec, AgentInstanceStatus, DeletionPolicy, DriftRecord,
+    EntrySource, EnvDir, RenderSummary, RestartPolicy, RestartRecord, RestartStrategy,
+    RuntimeInstalls, WorkloadKind, WorkloadRef,
 };
 pub use marketplace::{
     GitSource, GithubSource, MarketplaceSource, PathSource, PluginMarketplace,

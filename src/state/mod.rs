@@ -10,7 +10,6 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-
 use crate::ledger::{Hasher, Ledger};
 use crate::resolve::Installed;
 use crate::time::Timestamp;

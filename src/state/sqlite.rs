@@ -81,11 +81,13 @@ impl SqliteStore {
 
 async fn salt(pool: &SqlitePool) -> Result<Vec<u8>, StoreError> {
     let fresh = hex::encode(rand_bytes());
-    sqlx::query("INSERT INTO meta (key, value) VALUES ('ledger_salt', ?) ON CONFLICT (key) DO NOTHING")
-        .bind(&fresh)
-        .execute(pool)
-        .await
-        .map_err(|e| StoreError::Query("creating the ledger salt", e))?;
+    sqlx::query(
+        "INSERT INTO meta (key, value) VALUES ('ledger_salt', ?) ON CONFLICT (key) DO NOTHING",
+    )
+    .bind(&fresh)
+    .execute(pool)
+    .await
+    .map_err(|e| StoreError::Query("creating the ledger salt", e))?;
     let row = sqlx::query("SELECT value FROM meta WHERE key = 'ledger_salt'")
         .fetch_one(pool)
         .await
@@ -174,7 +176,10 @@ impl StateStore for SqliteStore {
             .await
             .map_err(|e| StoreError::Query("loading ledgers", e))?;
         for row in &rows {
-            let key = InstanceKey::new(row.get::<String, _>("namespace"), row.get::<String, _>("name"));
+            let key = InstanceKey::new(
+                row.get::<String, _>("namespace"),
+                row.get::<String, _>("name"),
+            );
             let ledger = parse_ledger(&key, row)?;
             out.entry(key).or_default().ledger = Some(ledger);
         }
@@ -183,7 +188,10 @@ impl StateStore for SqliteStore {
             .await
             .map_err(|e| StoreError::Query("loading installed entries", e))?;
         for row in &rows {
-            let key = InstanceKey::new(row.get::<String, _>("namespace"), row.get::<String, _>("name"));
+            let key = InstanceKey::new(
+                row.get::<String, _>("namespace"),
+                row.get::<String, _>("name"),
+            );
             let state = out.entry(key.clone()).or_default();
             put_installed(state, &key, row)?;
         }
@@ -197,7 +205,11 @@ impl StateStore for SqliteStore {
         audit: &AuditRecord,
     ) -> Result<(), StoreError> {
         let q = |what| move |e| StoreError::Query(what, e);
-        let mut tx = self.pool.begin().await.map_err(q("starting a transaction"))?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(q("starting a transaction"))?;
         match &state.ledger {
             Some(l) => {
                 let entries = serde_json::to_string(&StoredEntries(l.entries.clone()))
@@ -225,12 +237,14 @@ impl StateStore for SqliteStore {
                     .map_err(q("deleting a ledger"))?;
             }
         }
-        let existing = sqlx::query("SELECT section, entry, value FROM installed WHERE namespace = ? AND name = ?")
-            .bind(&key.namespace)
-            .bind(&key.name)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(q("loading installed entries"))?;
+        let existing = sqlx::query(
+            "SELECT section, entry, value FROM installed WHERE namespace = ? AND name = ?",
+        )
+        .bind(&key.namespace)
+        .bind(&key.name)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(q("loading installed entries"))?;
         let mut stale: Vec<(String, String)> = Vec::new();
         let mut same: Vec<(String, String, String)> = Vec::new();
         for row in &existing {
@@ -257,7 +271,10 @@ impl StateStore for SqliteStore {
         let now = audit.at.to_string();
         for (section, entries) in state.installed.iter() {
             for (entry, value) in entries {
-                if same.iter().any(|(s, e, _)| s == section.key() && e == entry) {
+                if same
+                    .iter()
+                    .any(|(s, e, _)| s == section.key() && e == entry)
+                {
                     continue;
                 }
                 sqlx::query(
@@ -293,12 +310,13 @@ impl StateStore for SqliteStore {
     }
 
     async fn history(&self, key: &InstanceKey) -> Result<Vec<AuditRecord>, StoreError> {
-        let rows = sqlx::query("SELECT details FROM audit WHERE namespace = ? AND name = ? ORDER BY id")
-            .bind(&key.namespace)
-            .bind(&key.name)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| StoreError::Query("reading the audit trail", e))?;
+        let rows =
+            sqlx::query("SELECT details FROM audit WHERE namespace = ? AND name = ? ORDER BY id")
+                .bind(&key.namespace)
+                .bind(&key.name)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| StoreError::Query("reading the audit trail", e))?;
         rows.iter()
             .map(|r| {
                 serde_json::from_str(&r.get::<String, _>(0)).map_err(corrupt("audit record", key))

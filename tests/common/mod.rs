@@ -30,8 +30,12 @@ impl Run {
 
     /// The JSON rows of `reconcile -o json`.
     pub fn rows(&self) -> Vec<Value> {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("not JSON rows ({e}): {}\nstderr: {}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "not JSON rows ({e}): {}\nstderr: {}",
+                self.stdout, self.stderr
+            )
+        })
     }
 
     /// The row of one instance.
@@ -143,7 +147,11 @@ pub fn instance(ns: &str, name: &str, agent_type: &str) -> String {
 }
 
 pub fn instance_with(ns: &str, name: &str, agent_type: &str, extra_spec: &str) -> String {
-    format!("{}{}", instance(ns, name, agent_type), indent(extra_spec, 2))
+    format!(
+        "{}{}",
+        instance(ns, name, agent_type),
+        indent(extra_spec, 2)
+    )
 }
 
 fn indent(s: &str, n: usize) -> String {
