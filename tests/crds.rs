@@ -41,3 +41,25 @@ fn crds_parse_and_carry_the_cel_rules() {
         assert!(d["spec"]["versions"][0]["subresources"]["status"].is_object());
     }
 }
+
+/// Every kustomization's resources exist and every manifest parses.
+#[test]
+fn kustomizations_reference_existing_parseable_files() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for dir in ["crds", "deploy"] {
+        let k: serde_json::Value = serde_saphyr::from_str(
+            &std::fs::read_to_string(root.join(dir).join("kustomization.yaml")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(k["kind"], "Kustomization");
+        for r in k["resources"].as_array().unwrap() {
+            let p = root.join(dir).join(r.as_str().unwrap());
+            assert!(p.exists(), "{dir}: {} is missing", p.display());
+            if p.is_file() {
+                let docs: Vec<serde_json::Value> =
+                    serde_saphyr::from_multiple(&std::fs::read_to_string(&p).unwrap()).unwrap();
+                assert!(docs.iter().all(|d| d["kind"].is_string()), "{}", p.display());
+            }
+        }
+    }
+}
