@@ -58,7 +58,11 @@ fn kustomizations_reference_existing_parseable_files() {
             if p.is_file() {
                 let docs: Vec<serde_json::Value> =
                     serde_saphyr::from_multiple(&std::fs::read_to_string(&p).unwrap()).unwrap();
-                assert!(docs.iter().all(|d| d["kind"].is_string()), "{}", p.display());
+                assert!(
+                    docs.iter().all(|d| d["kind"].is_string()),
+                    "{}",
+                    p.display()
+                );
             }
         }
     }
