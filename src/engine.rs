@@ -10,7 +10,7 @@ use tracing::{info, instrument, warn};
 
 use crate::apply::{self, Applied, ApplyInput, Change};
 use crate::builtin::Builtin;
-use crate::crd::{AgentInstance, Scope};
+use crate::crd::{AgentInstance, EntrySource, Scope};
 use crate::envdir::{EnvRoot, Owner};
 use crate::resolve::{self, Declared};
 use crate::secrets::{self, SecretProvider, UsedSecrets};
@@ -62,6 +62,8 @@ pub struct Outcome {
     pub message: String,
     /// Keys rendered per owned key (plugins include `false` ones).
     pub rendered: PerSection<Vec<String>>,
+    /// Which scope (and object) each rendered entry came from.
+    pub sources: Vec<EntrySource>,
     /// Entry changes written (or, dry-running, that would be).
     pub changes: Vec<Change>,
     /// Declared entries put back.
@@ -84,6 +86,7 @@ impl Outcome {
             reason: reason::INVALID_OBJECT,
             message: String::new(),
             rendered: PerSection::default(),
+            sources: Vec::new(),
             changes: Vec::new(),
             drift: Vec::new(),
             adopted: Vec::new(),
@@ -288,6 +291,18 @@ impl Engine {
         mode: Mode,
     ) -> Outcome {
         out.rendered = applied.rendered.map(|_, e| e.keys().cloned().collect());
+        out.sources = applied
+            .rendered
+            .iter()
+            .flat_map(|(section, entries)| {
+                entries.iter().map(move |(name, e)| EntrySource {
+                    key: section.key().to_owned(),
+                    name: name.clone(),
+                    scope: e.origin.scope().to_owned(),
+                    object: e.origin.object().map(ToString::to_string),
+                })
+            })
+            .collect();
         out.changes = applied.changes;
         for (section, f) in applied.findings.iter() {
             out.drift

@@ -5,6 +5,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::apply::Change;
+use crate::crd::EntrySource;
 use crate::engine::Outcome;
 use crate::secrets::UsedSecrets;
 use crate::section::Section;
@@ -33,6 +34,8 @@ pub struct Row {
     pub marketplaces: Vec<String>,
     /// `mcpServers` keys written, sorted.
     pub mcp_servers: Vec<String>,
+    /// Where each rendered entry came from: key, name, scope, object.
+    pub sources: Vec<EntrySource>,
     /// Entries changed by this pass, `<file>:<key>.<name>`.
     pub changed: Vec<String>,
     /// Declared entries put back.
@@ -57,6 +60,7 @@ impl From<&Outcome> for Row {
             plugins: o.rendered.plugins.clone(),
             marketplaces: o.rendered.marketplaces.clone(),
             mcp_servers: o.rendered.mcp_servers.clone(),
+            sources: o.sources.clone(),
             changed: o.changes.iter().map(Change::label).collect(),
             drift: o.drift.clone(),
             adopted: o.adopted.clone(),

@@ -47,9 +47,25 @@ fn instance_binding_adds_a_plugin_the_type_lacks() {
         plugins(&h, "dev/bob"),
         json!({"base@tools": true, "fmt@tools": true, "lint@tools": true})
     );
+    let row = run.row("dev", "alice");
     assert_eq!(
-        run.row("dev", "alice")["plugins"],
+        row["plugins"],
         json!(["base@tools", "fmt@tools", "lint@tools", "profiler@tools"])
+    );
+    let source = |name: &str| {
+        row["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(source("base@tools")["scope"], "builtin");
+    assert_eq!(source("lint@tools")["object"], "PluginBinding/coders");
+    assert_eq!(
+        source("profiler@tools"),
+        json!({"key": "enabledPlugins", "name": "profiler@tools", "scope": "instance", "object": "PluginBinding/alice-extra"})
     );
 }
 
