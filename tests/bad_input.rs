@@ -379,3 +379,28 @@ fn missing_manifest_path_is_an_input_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/manifests"));
 }
+
+#[test]
+fn relative_marketplace_directory_is_refused() {
+    let (h, before) = rendered();
+    h.manifest(
+        "mk",
+        &marketplace(
+            "dev",
+            "local",
+            "agentType: coder",
+            "directory:\n  path: plugins/local\n",
+        ),
+    );
+    let run = h.reconcile();
+    assert_eq!(run.code, 1);
+    let msg = run.row("dev", "alice")["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        msg.contains("field spec.source.directory.path: must be an absolute path"),
+        "{msg}"
+    );
+    unchanged(&h, &before);
+}

@@ -42,7 +42,9 @@ use super::common::{ObjectStatus, Target};
 pub struct PluginMarketplaceSpec {
     /// The instances this marketplace applies to.
     pub target: Target,
-    /// Marketplace name as plugins refer to it (`<plugin>@<name>`). Defaults to `metadata.name`.
+    /// Marketplace name as plugins refer to it (`<plugin>@<name>`). Defaults to
+    /// `metadata.name`. Must equal the `name` in the marketplace's own
+    /// `marketplace.json`: Claude Code registers it under that name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new(r"self.matches('^[^@\\s/]+$')").message("must not be empty or contain @, / or whitespace"))]
     pub name: Option<String>,
@@ -121,7 +123,8 @@ pub struct UrlSource {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PathSource {
-    /// Path as the agent sees it.
-    #[schemars(length(min = 1))]
+    /// Absolute path as the agent sees it (Claude Code would resolve a
+    /// relative one against whatever directory the agent runs in).
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("must be an absolute path as the agent sees it"))]
     pub path: String,
 }
