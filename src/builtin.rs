@@ -147,6 +147,15 @@ impl Builtin {
     }
 }
 
+/// `<key>.<name>` or `<key>.<name>.<field>`.
+fn field_path(key: &str, name: &str, field: &str) -> String {
+    if field.is_empty() {
+        format!("{key}.{name}")
+    } else {
+        format!("{key}.{name}.{field}")
+    }
+}
+
 fn load_agents(bytes: &[u8]) -> Result<BTreeMap<String, Vec<String>>, BuiltinError> {
     let file: AgentsFile = parse(AGENTS_FILE, bytes)?;
     let mut types = BTreeMap::new();
@@ -181,14 +190,7 @@ fn load_agents(bytes: &[u8]) -> Result<BTreeMap<String, Vec<String>>, BuiltinErr
 fn load_marketplaces(bytes: &[u8]) -> Result<BTreeMap<String, Value>, BuiltinError> {
     let file: MarketplacesFile = parse(MARKETPLACES_FILE, bytes)?;
     for (name, entry) in &file.marketplaces {
-        let at = |f: &str| {
-            let base = format!("extraKnownMarketplaces.{name}");
-            if f.is_empty() {
-                base
-            } else {
-                format!("{base}.{f}")
-            }
-        };
+        let at = |f: &str| field_path("extraKnownMarketplaces", name, f);
         if !shape::is_marketplace_name(name) {
             return Err(invalid(
                 MARKETPLACES_FILE,
@@ -205,14 +207,7 @@ fn load_marketplaces(bytes: &[u8]) -> Result<BTreeMap<String, Value>, BuiltinErr
 fn load_mcp(bytes: &[u8]) -> Result<BTreeMap<String, Value>, BuiltinError> {
     let file: McpFile = parse(MCP_FILE, bytes)?;
     for (name, entry) in &file.servers {
-        let at = |f: &str| {
-            let base = format!("mcpServers.{name}");
-            if f.is_empty() {
-                base
-            } else {
-                format!("{base}.{f}")
-            }
-        };
+        let at = |f: &str| field_path("mcpServers", name, f);
         if name == shape::RESERVED_MCP_NAME {
             return Err(invalid(
                 MCP_FILE,

@@ -113,10 +113,7 @@ fn bad_plugin_id_names_the_field() {
     );
     let run = h.reconcile();
     assert_eq!(run.code, 1);
-    let msg = run.row("dev", "alice")["message"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let msg = run.message("dev", "alice");
     assert!(msg.contains("field spec.plugins[0].name"), "{msg}");
     assert!(msg.contains("<plugin>@<marketplace>"), "{msg}");
     unchanged(&h, &before);
@@ -166,7 +163,7 @@ fn two_instances_cannot_share_an_env_dir() {
     let run = h.reconcile();
     assert_eq!(run.code, 1);
     for name in ["alice", "mallory"] {
-        let msg = run.row("dev", name)["message"].as_str().unwrap().to_owned();
+        let msg = run.message("dev", name);
         assert!(
             msg.contains("field spec.envDir.path") && msg.contains("also used by"),
             "{msg}"
@@ -299,10 +296,7 @@ fn schema_errors_name_the_field() {
         ),
     );
     let run = h.reconcile();
-    let msg = run.row("dev", "alice")["message"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let msg = run.message("dev", "alice");
     assert!(
         msg.contains("McpServer dev/m") && msg.contains("field spec.stdio.args"),
         "{msg}"
@@ -331,10 +325,7 @@ fn secret_placeholder_in_command_and_reserved_names_are_refused() {
         ]),
     );
     let run = h.reconcile();
-    let msg = run.row("dev", "alice")["message"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let msg = run.message("dev", "alice");
     assert!(
         msg.contains("field spec.stdio.command: secret placeholders are not allowed"),
         "{msg}"
@@ -394,10 +385,7 @@ fn relative_marketplace_directory_is_refused() {
     );
     let run = h.reconcile();
     assert_eq!(run.code, 1);
-    let msg = run.row("dev", "alice")["message"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let msg = run.message("dev", "alice");
     assert!(
         msg.contains("field spec.source.directory.path: must be an absolute path"),
         "{msg}"

@@ -227,10 +227,7 @@ fn missing_secret_names_every_missing_name() {
         ]),
     );
     let run = h.reconcile();
-    let msg = run.row("dev", "alice")["message"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let msg = run.message("dev", "alice");
     assert!(msg.contains("URL_PART") && msg.contains("api/key"), "{msg}");
     assert!(!h.env_file("dev/alice/.claude.json").exists());
 }

@@ -38,6 +38,11 @@ impl Run {
         })
     }
 
+    /// The message of one instance's row.
+    pub fn message(&self, ns: &str, name: &str) -> String {
+        self.row(ns, name)["message"].as_str().unwrap().to_owned()
+    }
+
     /// The row of one instance.
     pub fn row(&self, ns: &str, name: &str) -> Value {
         self.rows()
