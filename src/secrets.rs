@@ -489,6 +489,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn chain_asks_the_next_provider_only_for_what_is_missing() {
+        let mut second = LabelledSecrets::default();
+        second.insert(
+            "dev",
+            "store",
+            BTreeMap::from([
+                (
+                    "FORGEJO_TOKEN_DEV".into(),
+                    SecretValue::new("shadowed".into()),
+                ),
+                ("FROM_STORE".into(), SecretValue::new("stored".into())),
+            ]),
+        );
+        let chain = Chain(vec![Arc::new(secrets()), Arc::new(second)]);
+        let mut e = json!({"args": ["${SECRET:FORGEJO_TOKEN_DEV}", "${SECRET:FROM_STORE}"]});
+        fill("dev", [&mut e], &chain).await.unwrap();
+        assert_eq!(e["args"], json!(["tok-123", "stored"]));
+        // A conflict in the first provider is final, not passed on.
+        let mut e = json!({"url": "${SECRET:DUP}"});
+        assert_eq!(
+            fill("dev", [&mut e], &chain).await.unwrap_err().reason(),
+            "SecretConflict"
+        );
+    }
+
+    #[tokio::test]
     async fn conflict_and_unsafe() {
         let mut e = json!({"url": "${SECRET:DUP}"});
         let err = fill("dev", [&mut e], &secrets()).await.unwrap_err();
