@@ -135,6 +135,21 @@ fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), ManifestErro
     Ok(())
 }
 
+/// Most documents one manifest file may hold (a generated fleet file can
+/// hold thousands; the parser's own default of 1,024 is too low).
+pub const MAX_DOCUMENTS_PER_FILE: usize = 100_000;
+
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::budget::Budget::default();
+    budget.max_documents = MAX_DOCUMENTS_PER_FILE;
+    budget.max_nodes = 50_000_000;
+    budget.max_events = 100_000_000;
+    budget.max_total_scalar_bytes = 512 * 1024 * 1024;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
 /// Builds a snapshot document by document.
 #[derive(Default)]
 pub struct Loader {
@@ -145,8 +160,8 @@ pub struct Loader {
 impl Loader {
     /// Adds every document of one YAML file.
     pub fn add_file(&mut self, file: &Path, text: &str) -> Result<(), ManifestError> {
-        let docs: Vec<Value> =
-            serde_saphyr::from_multiple(text).map_err(|e| ManifestError::Yaml {
+        let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, yaml_options())
+            .map_err(|e| ManifestError::Yaml {
                 file: file.to_owned(),
                 message: e.to_string(),
             })?;
@@ -417,4 +432,40 @@ fn check_mcp(o: &McpServer) -> Result<(), String> {
         };
         format!("field spec.{kind}.{field}: {e}")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_may_hold_thousands_of_documents() {
+        let doc = |i: usize| {
+            format!(
+                "apiVersion: agentenv.io/v1alpha1\nkind: AgentInstance\nmetadata: {{name: a{i}, namespace: fleet}}\nspec: {{agentType: t}}\n"
+            )
+        };
+        let text: Vec<String> = (0..5000).map(doc).collect();
+        let mut loader = Loader::default();
+        loader
+            .add_file(Path::new("fleet.yaml"), &text.join("---\n"))
+            .unwrap();
+        assert_eq!(loader.finish().instances.len(), 5000);
+    }
+
+    #[test]
+    fn empty_documents_are_skipped_and_namespace_defaults() {
+        let mut loader = Loader::default();
+        loader
+            .add_file(
+                Path::new("x.yaml"),
+                "---\n---\napiVersion: agentenv.io/v1alpha1\nkind: AgentInstance\nmetadata: {name: a}\nspec: {agentType: t}\n---\n",
+            )
+            .unwrap();
+        let snap = loader.finish();
+        assert!(
+            snap.instances
+                .contains_key(&ObjectKey::new(DEFAULT_NAMESPACE, "a"))
+        );
+    }
 }
