@@ -192,7 +192,7 @@ impl EnvRoot {
                     .open_dir(rel)
                     .map_err(|e| EnvDirError::io("cannot open env dir", rel, e))?;
                 if owner.uid.is_some() || owner.gid.is_some() {
-                    chown(&dir, owner)
+                    chown_dir(root, rel, owner)
                         .map_err(|e| EnvDirError::io("cannot chown env dir", rel, e))?;
                 }
                 dir
@@ -205,6 +205,24 @@ impl EnvRoot {
             fsync: self.fsync,
         }))
     }
+}
+
+/// Directory handles are `O_PATH`, which `fchown` refuses: change the leaf
+/// through its parent's handle instead, never following a symlink.
+fn chown_dir(root: &Dir, rel: &str, owner: Owner) -> io::Result<()> {
+    let rel = rel.trim_end_matches('/');
+    let (parent, leaf) = match rel.rsplit_once('/') {
+        Some((p, l)) => (root.open_dir(p)?, l),
+        None => (root.try_clone()?, rel),
+    };
+    rustix::fs::chownat(
+        &parent,
+        leaf,
+        owner.uid.map(rustix::fs::Uid::from_raw),
+        owner.gid.map(rustix::fs::Gid::from_raw),
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )?;
+    Ok(())
 }
 
 fn chown(fd: impl rustix::fd::AsFd, owner: Owner) -> io::Result<()> {

@@ -604,3 +604,26 @@ fn the_example_fleet_renders() {
         "Bearer example-search-token"
     );
 }
+
+#[test]
+fn env_dir_owner_is_applied_to_dir_and_files() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED env_dir_owner_is_applied_to_dir_and_files: needs root to chown");
+        return;
+    }
+    let h = Host::new();
+    h.manifest(
+        "fleet",
+        &instance_with("dev", "alice", "coder", "envDir:\n  uid: 4321\n  gid: 4322"),
+    );
+    assert_eq!(h.reconcile().code, 0);
+    for f in [
+        "dev/alice",
+        "dev/alice/settings.json",
+        "dev/alice/.claude.json",
+    ] {
+        let m = std::fs::metadata(h.env_file(f)).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!((m.uid(), m.gid()), (4321, 4322), "{f}");
+    }
+}
