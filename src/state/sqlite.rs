@@ -112,6 +112,13 @@ fn corrupt(what: &'static str, key: &InstanceKey) -> impl FnOnce(serde_json::Err
     }
 }
 
+fn row_key(row: &sqlx::sqlite::SqliteRow) -> InstanceKey {
+    InstanceKey::new(
+        row.get::<String, _>("namespace"),
+        row.get::<String, _>("name"),
+    )
+}
+
 fn parse_ledger(key: &InstanceKey, row: &sqlx::sqlite::SqliteRow) -> Result<Ledger, StoreError> {
     let entries: String = row.get("entries");
     let written_at: String = row.get("written_at");
@@ -176,10 +183,7 @@ impl StateStore for SqliteStore {
             .await
             .map_err(|e| StoreError::Query("loading ledgers", e))?;
         for row in &rows {
-            let key = InstanceKey::new(
-                row.get::<String, _>("namespace"),
-                row.get::<String, _>("name"),
-            );
+            let key = row_key(row);
             let ledger = parse_ledger(&key, row)?;
             out.entry(key).or_default().ledger = Some(ledger);
         }
@@ -188,10 +192,7 @@ impl StateStore for SqliteStore {
             .await
             .map_err(|e| StoreError::Query("loading installed entries", e))?;
         for row in &rows {
-            let key = InstanceKey::new(
-                row.get::<String, _>("namespace"),
-                row.get::<String, _>("name"),
-            );
+            let key = row_key(row);
             let state = out.entry(key.clone()).or_default();
             put_installed(state, &key, row)?;
         }
