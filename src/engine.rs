@@ -74,6 +74,11 @@ pub struct Outcome {
     pub warnings: Vec<String>,
     /// Secret values used, to mask them in output.
     pub used_secrets: UsedSecrets,
+    /// Hash of the owned keys as they are on disk now, when rendered.
+    pub content_hash: Option<String>,
+    /// The audit record was stored with the state (otherwise the pass
+    /// appends it with the others at the end).
+    audited: bool,
 }
 
 impl Outcome {
@@ -92,6 +97,8 @@ impl Outcome {
             adopted: Vec::new(),
             warnings: Vec::new(),
             used_secrets: UsedSecrets::default(),
+            content_hash: None,
+            audited: false,
         }
     }
 
@@ -167,6 +174,9 @@ impl Engine {
             outcomes.push(o);
         }
         outcomes.sort_by(|a, b| a.key.cmp(&b.key));
+        if mode == Mode::Apply {
+            self.audit_rest(&outcomes).await;
+        }
         Ok(outcomes)
     }
 
@@ -211,7 +221,7 @@ impl Engine {
                     lines.join("; ")
                 ),
             );
-            return self.record_failure(o, mode).await;
+            return o;
         }
 
         let declared = resolve::resolve_declared(
@@ -235,9 +245,7 @@ impl Engine {
             Err(e) => {
                 warn!(reason = e.reason(), error = %e, "secrets not resolved; nothing written");
                 let message = format!("{e}; nothing written, last good render kept");
-                return self
-                    .record_failure(out.fail(e.reason(), message), mode)
-                    .await;
+                return out.fail(e.reason(), message);
             }
         };
         out.used_secrets = used;
@@ -276,8 +284,7 @@ impl Engine {
                     reason::WRITE_FAILED
                 };
                 warn!(reason, error = %crate::error_chain(&e), "env dir not written");
-                let o = out.fail(reason, crate::error_chain(&e));
-                return self.record_failure(o, mode).await;
+                return out.fail(reason, crate::error_chain(&e));
             }
         };
         self.report(out, applied, old_state, mode).await
@@ -371,14 +378,16 @@ impl Engine {
             ledger: Some(ledger),
             installed: applied.installed,
         };
+        out.content_hash = new.ledger.as_ref().map(|l| l.content_hash.clone());
         if new == old && out.changes.is_empty() && applied.written.is_empty() {
             return out;
         }
-        let audit = audit_record(&out, new.ledger.as_ref().map(|l| l.content_hash.clone()));
+        let audit = audit_record(&out);
         if let Err(e) = self.store.save(&out.key, &new, &audit).await {
             // The files are written; the next pass sees them as ours or adopts them.
             return out.fail(reason::STATE_FAILED, crate::error_chain(&e));
         }
+        out.audited = true;
         for w in &out.warnings {
             warn!(warning = %w, "rendered with a warning");
         }
@@ -392,26 +401,31 @@ impl Engine {
         out
     }
 
-    async fn record_failure(&self, out: Outcome, mode: Mode) -> Outcome {
-        if mode == Mode::Apply {
-            let audit = audit_record(&out, None);
-            if let Err(e) = self.store.audit(&out.key, &audit).await {
-                warn!(error = %crate::error_chain(&e), "cannot append to the audit trail");
-            }
+    /// Appends the audit records not stored with a state change (failures
+    /// and passes that changed nothing), in one transaction.
+    async fn audit_rest(&self, outcomes: &[Outcome]) {
+        let records: Vec<(ObjectKey, AuditRecord)> = outcomes
+            .iter()
+            .filter(|o| !o.audited)
+            .map(|o| (o.key.clone(), audit_record(o)))
+            .collect();
+        if let Err(e) = self.store.audit(&records).await {
+            warn!(error = %crate::error_chain(&e), "cannot append to the audit trail");
         }
-        out
     }
 }
 
-fn audit_record(out: &Outcome, content_hash: Option<String>) -> AuditRecord {
+fn audit_record(out: &Outcome) -> AuditRecord {
     AuditRecord {
         at: crate::time::now(),
         outcome: out.reason.to_owned(),
-        content_hash,
+        content_hash: out.content_hash.clone(),
         changed: out.changes.iter().map(Change::label).collect(),
         drift: out.drift.clone(),
         adopted: out.adopted.clone(),
         message: out.used_secrets.mask(&out.message),
+        repeats: 1,
+        last_at: None,
     }
 }
 

@@ -44,6 +44,11 @@ impl Hasher {
         Hasher { salt }
     }
 
+    /// The salt, to be sealed again when the master key rotates.
+    pub fn salt(&self) -> &[u8] {
+        &self.salt
+    }
+
     /// Hash of one entry's value.
     pub fn entry(&self, value: &Value) -> String {
         let mut h = Sha256::new();

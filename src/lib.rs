@@ -5,6 +5,7 @@
 pub mod apply;
 pub mod builtin;
 pub mod crd;
+pub mod crypto;
 pub mod drift;
 pub mod engine;
 pub mod envdir;

@@ -104,12 +104,18 @@ pub fn table(outcomes: &[Outcome]) -> String {
                     r.mcp_servers.len().to_string(),
                     r.message,
                 ],
-                r.warnings,
+                r.warnings.iter().map(|w| format!("warning: {w}")).collect(),
             )
         })
         .collect();
+    aligned(&header, &rows)
+}
+
+/// Rows in aligned columns under `header`; the last column is not padded.
+/// The second part of a row is printed below it as indented lines.
+pub fn aligned(header: &[&str], rows: &[(Vec<String>, Vec<String>)]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for (cells, _) in &rows {
+    for (cells, _) in rows {
         for (w, c) in widths.iter_mut().zip(cells) {
             *w = (*w).max(c.chars().count());
         }
@@ -125,11 +131,12 @@ pub fn table(outcomes: &[Outcome]) -> String {
         }
         s.trim_end().to_owned() + "\n"
     };
-    let mut out = line(&header.map(String::from));
-    for (cells, warnings) in &rows {
+    let header: Vec<String> = header.iter().map(|h| (*h).to_owned()).collect();
+    let mut out = line(&header);
+    for (cells, warnings) in rows {
         out.push_str(&line(cells));
         for w in warnings {
-            out.push_str(&format!("  warning: {w}\n"));
+            out.push_str(&format!("  {w}\n"));
         }
     }
     out

@@ -71,7 +71,8 @@ pub struct PlaceholderError {
     pub reason: &'static str,
 }
 
-fn is_data_key(s: &str) -> bool {
+/// Whether `s` can be a secret name in `${SECRET:NAME}` (or a Secret data key).
+pub fn is_secret_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
         && s.chars()
@@ -110,7 +111,7 @@ fn pieces(s: &str) -> Result<Vec<Piece<'_>>, PlaceholderError> {
         let body = &after[..end];
         let placeholder = || format!("{PLACEHOLDER_PREFIX}{body}}}");
         let reference = match body.split_once('/') {
-            None if is_data_key(body) => SecretRef::Bare(body.to_owned()),
+            None if is_secret_name(body) => SecretRef::Bare(body.to_owned()),
             None => {
                 return Err(PlaceholderError {
                     placeholder: placeholder(),
@@ -118,7 +119,7 @@ fn pieces(s: &str) -> Result<Vec<Piece<'_>>, PlaceholderError> {
                 });
             }
             Some((secret, key)) => {
-                if !is_dns_subdomain(secret) || !is_data_key(key) {
+                if !is_dns_subdomain(secret) || !is_secret_name(key) {
                     return Err(PlaceholderError {
                         placeholder: placeholder(),
                         reason: "expected <secret-name>/<key> naming a Secret in the instance's own namespace",

@@ -9,8 +9,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::builtin::Builtin;
 use crate::engine::{Engine, Mode, Outcome};
 use crate::envdir::{EnvRoot, STATE_DIR};
-use crate::secrets::SecretProvider;
+use crate::secrets::{Chain, SecretProvider};
+use crate::state::{KeySource, StateStore, StoreSecrets};
 use crate::{error_chain, manifest, report, state};
+
+mod inspect;
+mod secret;
 
 /// Renders Claude Code plugins, marketplaces and MCP servers into agent env dirs.
 #[derive(Parser, Debug)]
@@ -50,8 +54,69 @@ pub enum Command {
     /// Show what `reconcile` would change, secrets masked; changes nothing.
     /// Exit 0: no changes, 1: changes, 2: error or an instance not ready.
     Diff(InputArgs),
+    /// Manage the encrypted secret store (`${SECRET:NAME}` values after labelled Secrets).
+    Secret {
+        /// What to do.
+        #[command(subcommand)]
+        command: secret::SecretCommand,
+    },
+    /// List or forget adopted runtime installs.
+    Installed {
+        /// What to do.
+        #[command(subcommand)]
+        command: inspect::InstalledCommand,
+    },
+    /// Show the audit trail of an instance: what each pass did.
+    History(inspect::HistoryArgs),
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
+}
+
+/// Where the state database and its master key are.
+#[derive(Args, Debug, Clone)]
+pub struct StateArgs {
+    /// Env root: instance env dirs live under it.
+    #[arg(long, env = "AGENT_ENV_ROOT", default_value = "./agent-env")]
+    pub env_root: PathBuf,
+    /// State database: `sqlite:<path>`, a file path, or `postgres://user@host/db`;
+    /// default `<env-root>/.agent-env/state.db`.
+    #[arg(long, env = "AGENT_ENV_STATE")]
+    pub state: Option<String>,
+    /// File with the 32-byte master key sealing secrets and runtime installs
+    /// (base64, as `agent-env secret keygen` prints). Default for SQLite:
+    /// `master.key` beside the database, created on first use; required for PostgreSQL.
+    #[arg(long, env = "AGENT_ENV_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+    /// The previous master key while a rotation is under way: it only opens.
+    #[arg(long, env = "AGENT_ENV_PREVIOUS_MASTER_KEY_FILE")]
+    pub previous_master_key_file: Option<PathBuf>,
+}
+
+impl StateArgs {
+    /// The database URL.
+    pub fn url(&self) -> String {
+        self.state.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite:{}",
+                self.env_root.join(STATE_DIR).join("state.db").display()
+            )
+        })
+    }
+
+    /// Where the master key comes from.
+    pub fn keys(&self) -> KeySource {
+        KeySource {
+            master: self.master_key_file.clone(),
+            previous: self.previous_master_key_file.clone(),
+        }
+    }
+
+    /// Opens the store, creating it if needed.
+    async fn open(&self) -> Result<Arc<dyn StateStore>, ExitCode> {
+        state::open(&self.url(), &self.keys())
+            .await
+            .map_err(|e| fail(&e))
+    }
 }
 
 /// Where objects, builtins, env dirs and state are.
@@ -69,12 +134,9 @@ pub struct InputArgs {
     /// Config dir with the builtin layer (agents.json, marketplaces-builtin.json, mcp-builtin.json).
     #[arg(long, env = "AGENT_ENV_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Env root: instance env dirs live under it.
-    #[arg(long, env = "AGENT_ENV_ROOT", default_value = "./agent-env")]
-    pub env_root: PathBuf,
-    /// State database URL (`sqlite:<path>`); default `<env-root>/.agent-env/state.db`.
-    #[arg(long, env = "AGENT_ENV_STATE")]
-    pub state: Option<String>,
+    /// Env root, state database and master key.
+    #[command(flatten)]
+    pub state: StateArgs,
     /// Instances worked on at once.
     #[arg(long, env = "AGENT_ENV_CONCURRENCY", default_value_t = 16)]
     pub concurrency: usize,
@@ -125,9 +187,13 @@ pub async fn run(cli: Cli) -> ExitCode {
         }
         Command::Reconcile(args) => reconcile(args).await,
         Command::Diff(args) => diff(args).await,
+        Command::Secret { command } => secret::run(command).await,
+        Command::Installed { command } => inspect::installed(command).await,
+        Command::History(args) => inspect::history(args).await,
     }
 }
 
+/// Prints an error (with its sources) and gives the input-error exit code.
 fn fail(e: &dyn std::error::Error) -> ExitCode {
     eprintln!("error: {}", error_chain(e));
     ExitCode::from(EXIT_INPUT)
@@ -146,22 +212,21 @@ async fn load(input: &InputArgs, mode: Mode) -> Result<Loaded, ExitCode> {
         None => Builtin::default(),
     };
     let snapshot = manifest::load_paths(&input.files).map_err(|e| fail(&e))?;
-    let url = input.state.clone().unwrap_or_else(|| {
-        format!(
-            "sqlite:{}",
-            input.env_root.join(STATE_DIR).join("state.db").display()
-        )
-    });
     let store = match mode {
-        Mode::Apply => state::open(&url).await,
-        Mode::DryRun => state::open_existing(&url).await,
-    }
-    .map_err(|e| fail(&e))?;
-    let root = EnvRoot::open(&input.env_root, mode == Mode::Apply)
+        Mode::Apply => input.state.open().await?,
+        Mode::DryRun => state::open_existing(&input.state.url(), &input.state.keys())
+            .await
+            .map_err(|e| fail(&e))?,
+    };
+    let root = EnvRoot::open(&input.state.env_root, mode == Mode::Apply)
         .map_err(|e| fail(&e))?
         .with_fsync(!input.no_fsync);
+    // Labelled Secrets first, then the encrypted store (DESIGN section 4).
+    let secrets: Arc<dyn SecretProvider> = Arc::new(Chain(vec![
+        Arc::new(snapshot.secrets.clone()),
+        Arc::new(StoreSecrets::new(store.clone())),
+    ]));
     let engine = Engine::new(root, store, builtin).with_concurrency(input.concurrency);
-    let secrets: Arc<dyn SecretProvider> = Arc::new(snapshot.secrets.clone());
     Ok(Loaded {
         engine,
         snapshot,

@@ -1,0 +1,857 @@
+//! The store over sqlx's `Any` driver: one set of queries (`$n` parameters and
+//! `ON CONFLICT` work in both) for SQLite and PostgreSQL; only the migrations
+//! differ, in column types.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use async_trait::async_trait;
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+use serde_json::Value;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Executor, Row};
+use zeroize::Zeroizing;
+
+use super::{
+    AuditRecord, Database, InstalledInfo, InstanceKey, InstanceState, Rotation, SecretInfo,
+    StateStore, StoreError,
+};
+use crate::crypto::{Aad, Keyring, MasterKey, Sealed};
+use crate::ledger::{Hasher, Ledger, LedgerEntry};
+use crate::secrets::SecretValue;
+use crate::section::{PerSection, Section};
+use crate::time::Timestamp;
+
+static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The SQL store.
+pub struct SqlStore {
+    pool: AnyPool,
+    keys: Keyring,
+    hasher: Hasher,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredEntries(PerSection<BTreeMap<String, LedgerEntry>>);
+
+type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
+
+fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |e| StoreError::Query(what, e)
+}
+
+/// Characters escaped in a SQLite path inside a URL (`?` and `#` would start
+/// the query or fragment; `%` the escapes themselves).
+const PATH_ESCAPES: &AsciiSet = &CONTROLS.add(b'%').add(b'?').add(b'#').add(b' ');
+
+impl SqlStore {
+    /// Opens (creating if needed) the database and migrates it.
+    pub async fn open(db: &Database, keys: Keyring) -> Result<SqlStore, StoreError> {
+        sqlx::any::install_default_drivers();
+        let (url, pool) = match db {
+            Database::Sqlite(path) => {
+                create_parent(path)?;
+                let path = path.to_str().ok_or_else(|| StoreError::Url(db.display()))?;
+                let url = format!(
+                    "sqlite:{}?mode=rwc",
+                    utf8_percent_encode(path, PATH_ESCAPES)
+                );
+                (url, sqlite_pool(4))
+            }
+            Database::Postgres(url) => (url.clone(), AnyPoolOptions::new().max_connections(8)),
+        };
+        let pool = pool
+            .connect(&url)
+            .await
+            .map_err(|source| StoreError::Open {
+                url: db.display(),
+                source,
+            })?;
+        let migrator = match db {
+            Database::Sqlite(_) => &SQLITE,
+            Database::Postgres(_) => &POSTGRES,
+        };
+        migrator.run(&pool).await.map_err(StoreError::Migrate)?;
+        let store = SqlStore::ready(pool, keys).await?;
+        if matches!(db, Database::Sqlite(_)) {
+            store.seal_plaintext_installed().await?;
+        }
+        Ok(store)
+    }
+
+    /// A throwaway in-memory SQLite store, for dry runs on a host with no state yet.
+    pub async fn open_memory(keys: Keyring) -> Result<SqlStore, StoreError> {
+        sqlx::any::install_default_drivers();
+        let url = "sqlite::memory:";
+        // Every connection would get its own memory database: keep exactly one, forever.
+        let pool = sqlite_pool(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect(url)
+            .await
+            .map_err(|source| StoreError::Open {
+                url: url.into(),
+                source,
+            })?;
+        SQLITE.run(&pool).await.map_err(StoreError::Migrate)?;
+        SqlStore::ready(pool, keys).await
+    }
+
+    async fn ready(pool: AnyPool, keys: Keyring) -> Result<SqlStore, StoreError> {
+        let salt = ledger_salt(&pool, &keys).await?;
+        Ok(SqlStore {
+            pool,
+            keys,
+            hasher: Hasher::new(salt.to_vec()),
+        })
+    }
+
+    /// Seals rows an older version stored in plain text (SQLite only: the
+    /// PostgreSQL schema never had them).
+    async fn seal_plaintext_installed(&self) -> Result<(), StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(q("starting a transaction"))?;
+        let rows = sqlx::query("SELECT * FROM installed_plaintext")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(q("reading plain-text installed entries"))?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        for row in &rows {
+            let key = row_key(row)?;
+            let section: String = col(row, "section")?;
+            let entry: String = col(row, "entry")?;
+            let value = Zeroizing::new(col::<String>(row, "value")?);
+            let sealed = self.keys.seal(
+                &Aad::installed(&key.namespace, &key.name, &section, &entry),
+                value.as_bytes(),
+            );
+            insert_installed(
+                &mut tx,
+                &key,
+                &section,
+                &entry,
+                &sealed,
+                &col::<String>(row, "adopted_at")?,
+            )
+            .await?;
+        }
+        sqlx::query("DELETE FROM installed_plaintext")
+            .execute(&mut *tx)
+            .await
+            .map_err(q("removing plain-text installed entries"))?;
+        tx.commit().await.map_err(q("committing"))?;
+        tracing::info!(
+            entries = rows.len(),
+            "sealed installed entries stored in plain text by an older version"
+        );
+        Ok(())
+    }
+
+    fn open_installed(
+        &self,
+        key: &InstanceKey,
+        section: &str,
+        entry: &str,
+        sealed: &Sealed,
+    ) -> Result<Value, StoreError> {
+        let plain = self
+            .keys
+            .open(
+                &Aad::installed(&key.namespace, &key.name, section, entry),
+                sealed,
+            )
+            .map_err(|source| StoreError::Sealed {
+                what: format!("installed entry {section}.{entry} of {key}"),
+                source,
+            })?;
+        serde_json::from_slice(&plain).map_err(corrupt("installed entry", key))
+    }
+
+    fn open_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+        sealed: &Sealed,
+    ) -> Result<SecretValue, StoreError> {
+        let plain = self
+            .keys
+            .open(&Aad::secret(namespace, name), sealed)
+            .map_err(|source| StoreError::Sealed {
+                what: format!("secret {name} in namespace {namespace}"),
+                source,
+            })?;
+        let value: String = serde_json::from_slice(&plain)
+            .map_err(corrupt("secret", &InstanceKey::new(namespace, name)))?;
+        Ok(SecretValue::new(value))
+    }
+
+    fn put_installed(
+        &self,
+        state: &mut InstanceState,
+        key: &InstanceKey,
+        row: &AnyRow,
+    ) -> Result<(), StoreError> {
+        let section: String = col(row, "section")?;
+        let entry: String = col(row, "entry")?;
+        let Some(s) = Section::from_key(&section) else {
+            return Ok(());
+        };
+        let value = self.open_installed(key, &section, &entry, &sealed(row)?)?;
+        state.installed[s].insert(entry, value);
+        Ok(())
+    }
+}
+
+fn sqlite_pool(connections: u32) -> AnyPoolOptions {
+    AnyPoolOptions::new()
+        .max_connections(connections)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                // WAL: readers never block the writer; NORMAL is durable in WAL mode
+                // except for the last transactions on power loss, which the next pass redoes.
+                conn.execute(
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000;",
+                )
+                .await?;
+                Ok(())
+            })
+        })
+}
+
+fn create_parent(path: &Path) -> Result<(), StoreError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// The ledger hash salt, kept sealed so the database alone cannot be used to
+/// test guesses of a hashed value. A salt an older version kept in plain text
+/// is sealed in place (same salt, so every stored hash stays valid).
+async fn ledger_salt(pool: &AnyPool, keys: &Keyring) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+    const SEALED: &str = "ledger_salt_sealed";
+    let read = |what| async move {
+        sqlx::query("SELECT value FROM meta WHERE key = $1")
+            .bind(what)
+            .fetch_optional(pool)
+            .await
+            .map_err(q("reading the ledger salt"))?
+            .map(|r| col::<String>(&r, "value"))
+            .transpose()
+    };
+    if read(SEALED).await?.is_none() {
+        let plain = match read("ledger_salt").await? {
+            Some(legacy) => legacy,
+            None => hex::encode(rand_bytes()),
+        };
+        let sealed = keys.seal(&Aad::meta(SEALED), plain.as_bytes());
+        sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
+            .bind(SEALED)
+            .bind(meta_text(&sealed))
+            .execute(pool)
+            .await
+            .map_err(q("storing the ledger salt"))?;
+        sqlx::query("DELETE FROM meta WHERE key = 'ledger_salt'")
+            .execute(pool)
+            .await
+            .map_err(q("removing the plain-text ledger salt"))?;
+    }
+    // Read back: another replica may have stored its salt first.
+    let text = read(SEALED).await?.unwrap_or_default();
+    let sealed = parse_meta_text(&text).ok_or_else(|| StoreError::Sealed {
+        what: "the ledger salt".into(),
+        source: crate::crypto::CryptoError::Truncated {
+            what: "meta value",
+            len: text.len(),
+        },
+    })?;
+    keys.open(&Aad::meta(SEALED), &sealed)
+        .map_err(|source| StoreError::Sealed {
+            what: "the ledger salt".into(),
+            source,
+        })
+}
+
+/// A sealed value as one text column: `key_id:nonce:ciphertext` (hex).
+fn meta_text(s: &Sealed) -> String {
+    format!(
+        "{}:{}:{}",
+        s.key_id,
+        hex::encode(&s.nonce),
+        hex::encode(&s.ciphertext)
+    )
+}
+
+fn parse_meta_text(text: &str) -> Option<Sealed> {
+    let mut parts = text.splitn(3, ':');
+    Some(Sealed {
+        key_id: parts.next()?.to_owned(),
+        nonce: hex::decode(parts.next()?).ok()?,
+        ciphertext: hex::decode(parts.next()?).ok()?,
+    })
+}
+
+fn rand_bytes() -> [u8; 16] {
+    use chacha20poly1305::aead::rand_core::RngCore;
+    let mut b = [0u8; 16];
+    chacha20poly1305::aead::OsRng.fill_bytes(&mut b);
+    b
+}
+
+fn col<T>(row: &AnyRow, name: &str) -> Result<T, StoreError>
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
+{
+    row.try_get(name).map_err(q("reading a row"))
+}
+
+fn sealed(row: &AnyRow) -> Result<Sealed, StoreError> {
+    Ok(Sealed {
+        key_id: col(row, "key_id")?,
+        nonce: col(row, "nonce")?,
+        ciphertext: col(row, "ciphertext")?,
+    })
+}
+
+fn timestamp(row: &AnyRow, name: &str, key: &InstanceKey) -> Result<Timestamp, StoreError> {
+    col::<String>(row, name)?
+        .parse()
+        .map_err(|e: k8s_openapi::jiff::Error| StoreError::Corrupt {
+            what: "timestamp",
+            instance: key.to_string(),
+            source: Box::new(e),
+        })
+}
+
+fn corrupt(what: &'static str, key: &InstanceKey) -> impl FnOnce(serde_json::Error) -> StoreError {
+    let instance = key.to_string();
+    move |source| StoreError::Corrupt {
+        what,
+        instance,
+        source: Box::new(source),
+    }
+}
+
+fn row_key(row: &AnyRow) -> Result<InstanceKey, StoreError> {
+    Ok(InstanceKey::new(
+        col::<String>(row, "namespace")?,
+        col::<String>(row, "name")?,
+    ))
+}
+
+fn parse_ledger(key: &InstanceKey, row: &AnyRow) -> Result<Ledger, StoreError> {
+    let entries: String = col(row, "entries")?;
+    let entries: StoredEntries = serde_json::from_str(&entries).map_err(corrupt("ledger", key))?;
+    Ok(Ledger {
+        entries: entries.0,
+        content_hash: col(row, "content_hash")?,
+        written_at: timestamp(row, "written_at", key)?,
+    })
+}
+
+async fn insert_installed(
+    tx: &mut Tx<'_>,
+    key: &InstanceKey,
+    section: &str,
+    entry: &str,
+    sealed: &Sealed,
+    adopted_at: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO installed (namespace, name, section, entry, key_id, nonce, ciphertext, adopted_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (namespace, name, section, entry) DO UPDATE SET key_id = excluded.key_id,
+         nonce = excluded.nonce, ciphertext = excluded.ciphertext",
+    )
+    .bind(&key.namespace)
+    .bind(&key.name)
+    .bind(section)
+    .bind(entry)
+    .bind(&sealed.key_id)
+    .bind(sealed.nonce.clone())
+    .bind(sealed.ciphertext.clone())
+    .bind(adopted_at)
+    .execute(&mut **tx)
+    .await
+    .map_err(q("saving an installed entry"))?;
+    Ok(())
+}
+
+async fn insert_audit(
+    tx: &mut Tx<'_>,
+    key: &InstanceKey,
+    audit: &AuditRecord,
+) -> Result<(), StoreError> {
+    let at = audit.at.to_string();
+    let fingerprint = audit.fingerprint();
+    if let Some(fp) = &fingerprint {
+        let bumped = sqlx::query(
+            "UPDATE audit SET repeats = repeats + 1, last_at = $1
+             WHERE id = (SELECT MAX(id) FROM audit WHERE namespace = $2 AND name = $3)
+             AND fingerprint = $4",
+        )
+        .bind(&at)
+        .bind(&key.namespace)
+        .bind(&key.name)
+        .bind(fp)
+        .execute(&mut **tx)
+        .await
+        .map_err(q("counting a repeated pass in the audit trail"))?;
+        if bumped.rows_affected() > 0 {
+            return Ok(());
+        }
+    }
+    sqlx::query(
+        "INSERT INTO audit (namespace, name, at, outcome, content_hash, details, fingerprint, repeats)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 1)",
+    )
+    .bind(&key.namespace)
+    .bind(&key.name)
+    .bind(at)
+    .bind(&audit.outcome)
+    .bind(&audit.content_hash)
+    .bind(serde_json::to_string(audit).expect("audit records serialize"))
+    .bind(fingerprint)
+    .execute(&mut **tx)
+    .await
+    .map_err(q("appending to the audit trail"))?;
+    Ok(())
+}
+
+#[async_trait]
+impl StateStore for SqlStore {
+    fn hasher(&self) -> &Hasher {
+        &self.hasher
+    }
+
+    async fn load(&self, key: &InstanceKey) -> Result<InstanceState, StoreError> {
+        let mut state = InstanceState::default();
+        let row = sqlx::query("SELECT * FROM ledger WHERE namespace = $1 AND name = $2")
+            .bind(&key.namespace)
+            .bind(&key.name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("loading a ledger"))?;
+        if let Some(row) = row {
+            state.ledger = Some(parse_ledger(key, &row)?);
+        }
+        let rows = sqlx::query("SELECT * FROM installed WHERE namespace = $1 AND name = $2")
+            .bind(&key.namespace)
+            .bind(&key.name)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("loading installed entries"))?;
+        for row in &rows {
+            self.put_installed(&mut state, key, row)?;
+        }
+        Ok(state)
+    }
+
+    async fn load_all(&self) -> Result<HashMap<InstanceKey, InstanceState>, StoreError> {
+        let mut out: HashMap<InstanceKey, InstanceState> = HashMap::new();
+        let rows = sqlx::query("SELECT * FROM ledger")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("loading ledgers"))?;
+        for row in &rows {
+            let key = row_key(row)?;
+            let ledger = parse_ledger(&key, row)?;
+            out.entry(key).or_default().ledger = Some(ledger);
+        }
+        let rows = sqlx::query("SELECT * FROM installed")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("loading installed entries"))?;
+        for row in &rows {
+            let key = row_key(row)?;
+            let state = out.entry(key.clone()).or_default();
+            self.put_installed(state, &key, row)?;
+        }
+        Ok(out)
+    }
+
+    async fn save(
+        &self,
+        key: &InstanceKey,
+        state: &InstanceState,
+        audit: &AuditRecord,
+    ) -> Result<(), StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(q("starting a transaction"))?;
+        match &state.ledger {
+            Some(l) => {
+                let entries = serde_json::to_string(&StoredEntries(l.entries.clone()))
+                    .expect("ledger entries serialize");
+                sqlx::query(
+                    "INSERT INTO ledger (namespace, name, entries, content_hash, written_at) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (namespace, name) DO UPDATE SET entries = excluded.entries,
+                     content_hash = excluded.content_hash, written_at = excluded.written_at",
+                )
+                .bind(&key.namespace)
+                .bind(&key.name)
+                .bind(entries)
+                .bind(&l.content_hash)
+                .bind(l.written_at.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(q("saving a ledger"))?;
+            }
+            None => {
+                sqlx::query("DELETE FROM ledger WHERE namespace = $1 AND name = $2")
+                    .bind(&key.namespace)
+                    .bind(&key.name)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(q("deleting a ledger"))?;
+            }
+        }
+        // Rewrite only rows whose value changed, so `adopted_at` keeps the
+        // first adoption and unchanged rows keep their nonce.
+        let existing = sqlx::query("SELECT * FROM installed WHERE namespace = $1 AND name = $2")
+            .bind(&key.namespace)
+            .bind(&key.name)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(q("loading installed entries"))?;
+        let mut kept: Vec<(Section, String)> = Vec::new();
+        for row in &existing {
+            let (section, entry): (String, String) = (col(row, "section")?, col(row, "entry")?);
+            let wanted = Section::from_key(&section).and_then(|s| state.installed[s].get(&entry));
+            match wanted {
+                None => {
+                    sqlx::query(
+                        "DELETE FROM installed WHERE namespace = $1 AND name = $2 AND section = $3 AND entry = $4",
+                    )
+                    .bind(&key.namespace)
+                    .bind(&key.name)
+                    .bind(&section)
+                    .bind(&entry)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(q("forgetting an installed entry"))?;
+                }
+                Some(v) if self.open_installed(key, &section, &entry, &sealed(row)?)? == *v => {
+                    let s = Section::from_key(&section).expect("matched above");
+                    kept.push((s, entry));
+                }
+                Some(_) => {}
+            }
+        }
+        let now = audit.at.to_string();
+        for (section, entries) in state.installed.iter() {
+            for (entry, value) in entries {
+                if kept.iter().any(|(s, e)| *s == section && e == entry) {
+                    continue;
+                }
+                let plain =
+                    Zeroizing::new(serde_json::to_vec(value).expect("JSON values serialize"));
+                let sealed = self.keys.seal(
+                    &Aad::installed(&key.namespace, &key.name, section.key(), entry),
+                    &plain,
+                );
+                insert_installed(&mut tx, key, section.key(), entry, &sealed, &now).await?;
+            }
+        }
+        insert_audit(&mut tx, key, audit).await?;
+        tx.commit().await.map_err(q("committing"))?;
+        Ok(())
+    }
+
+    async fn audit(&self, records: &[(InstanceKey, AuditRecord)]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(q("starting a transaction"))?;
+        for (key, audit) in records {
+            insert_audit(&mut tx, key, audit).await?;
+        }
+        tx.commit().await.map_err(q("committing"))
+    }
+
+    async fn history(&self, key: &InstanceKey) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT details, repeats, last_at FROM audit WHERE namespace = $1 AND name = $2 ORDER BY id",
+        )
+        .bind(&key.namespace)
+        .bind(&key.name)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("reading the audit trail"))?;
+        rows.iter()
+            .map(|r| {
+                let details: String = col(r, "details")?;
+                let mut record: AuditRecord =
+                    serde_json::from_str(&details).map_err(corrupt("audit record", key))?;
+                record.repeats = col::<i64>(r, "repeats")?.max(1) as u64;
+                record.last_at = match col::<Option<String>>(r, "last_at")? {
+                    Some(_) => Some(timestamp(r, "last_at", key)?),
+                    None => None,
+                };
+                Ok(record)
+            })
+            .collect()
+    }
+
+    async fn put_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+        value: &SecretValue,
+    ) -> Result<(), StoreError> {
+        let plain = Zeroizing::new(serde_json::to_vec(value.expose()).expect("strings serialize"));
+        let sealed = self.keys.seal(&Aad::secret(namespace, name), &plain);
+        let now = crate::time::now().to_string();
+        sqlx::query(
+            "INSERT INTO secrets (namespace, name, key_id, nonce, ciphertext, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $6)
+             ON CONFLICT (namespace, name) DO UPDATE SET key_id = excluded.key_id, nonce = excluded.nonce,
+             ciphertext = excluded.ciphertext, updated_at = excluded.updated_at",
+        )
+        .bind(namespace)
+        .bind(name)
+        .bind(&sealed.key_id)
+        .bind(sealed.nonce)
+        .bind(sealed.ciphertext)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(q("storing a secret"))?;
+        Ok(())
+    }
+
+    async fn secret(&self, namespace: &str, name: &str) -> Result<Option<SecretValue>, StoreError> {
+        let row = sqlx::query("SELECT * FROM secrets WHERE namespace = $1 AND name = $2")
+            .bind(namespace)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("reading a secret"))?;
+        row.map(|r| self.open_secret(namespace, name, &sealed(&r)?))
+            .transpose()
+    }
+
+    async fn namespace_secrets(
+        &self,
+        namespace: &str,
+    ) -> Result<BTreeMap<String, SecretValue>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM secrets WHERE namespace = $1")
+            .bind(namespace)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("reading secrets"))?;
+        rows.iter()
+            .map(|r| {
+                let name: String = col(r, "name")?;
+                let value = self.open_secret(namespace, &name, &sealed(r)?)?;
+                Ok((name, value))
+            })
+            .collect()
+    }
+
+    async fn list_secrets(&self, namespace: Option<&str>) -> Result<Vec<SecretInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT namespace, name, key_id, created_at, updated_at FROM secrets
+             WHERE $1 IS NULL OR namespace = $1 ORDER BY namespace, name",
+        )
+        .bind(namespace)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("listing secrets"))?;
+        rows.iter()
+            .map(|r| {
+                let key = row_key(r)?;
+                Ok(SecretInfo {
+                    key_id: col(r, "key_id")?,
+                    created_at: timestamp(r, "created_at", &key)?,
+                    updated_at: timestamp(r, "updated_at", &key)?,
+                    namespace: key.namespace,
+                    name: key.name,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_secret(&self, namespace: &str, name: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM secrets WHERE namespace = $1 AND name = $2")
+            .bind(namespace)
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(q("deleting a secret"))?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn rotate_key(&self, new: &MasterKey) -> Result<Rotation, StoreError> {
+        // Opens with every key known, the new one included: rows a replica
+        // already running with the new key sealed are simply re-sealed.
+        let opener = SqlStore {
+            pool: self.pool.clone(),
+            keys: self.keys.clone().also_opening(new),
+            hasher: self.hasher.clone(),
+        };
+        let sealer = Keyring::new(new.clone(), None);
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(q("starting a transaction"))?;
+
+        let rows = sqlx::query("SELECT * FROM secrets")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(q("reading secrets"))?;
+        for r in &rows {
+            let key = row_key(r)?;
+            let value = opener.open_secret(&key.namespace, &key.name, &sealed(r)?)?;
+            let plain =
+                Zeroizing::new(serde_json::to_vec(value.expose()).expect("strings serialize"));
+            let s = sealer.seal(&Aad::secret(&key.namespace, &key.name), &plain);
+            sqlx::query(
+                "UPDATE secrets SET key_id = $1, nonce = $2, ciphertext = $3 WHERE namespace = $4 AND name = $5",
+            )
+            .bind(s.key_id)
+            .bind(s.nonce)
+            .bind(s.ciphertext)
+            .bind(&key.namespace)
+            .bind(&key.name)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("re-sealing a secret"))?;
+        }
+        let secrets = rows.len();
+
+        let rows = sqlx::query("SELECT * FROM installed")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(q("reading installed entries"))?;
+        for r in &rows {
+            let key = row_key(r)?;
+            let (section, entry): (String, String) = (col(r, "section")?, col(r, "entry")?);
+            let value = opener.open_installed(&key, &section, &entry, &sealed(r)?)?;
+            let plain = Zeroizing::new(serde_json::to_vec(&value).expect("JSON values serialize"));
+            let s = sealer.seal(
+                &Aad::installed(&key.namespace, &key.name, &section, &entry),
+                &plain,
+            );
+            insert_installed(
+                &mut tx,
+                &key,
+                &section,
+                &entry,
+                &s,
+                &col::<String>(r, "adopted_at")?,
+            )
+            .await?;
+        }
+        let installed = rows.len();
+
+        let sealed_salt = sealer.seal(&Aad::meta("ledger_salt_sealed"), self.hasher.salt());
+        sqlx::query("UPDATE meta SET value = $1 WHERE key = 'ledger_salt_sealed'")
+            .bind(meta_text(&sealed_salt))
+            .execute(&mut *tx)
+            .await
+            .map_err(q("re-sealing the ledger salt"))?;
+        tx.commit().await.map_err(q("committing the rotation"))?;
+        Ok(Rotation {
+            secrets,
+            installed,
+            key_id: new.id().to_owned(),
+        })
+    }
+
+    async fn list_installed(
+        &self,
+        instance: Option<&InstanceKey>,
+    ) -> Result<Vec<InstalledInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT namespace, name, section, entry, adopted_at FROM installed
+             WHERE $1 IS NULL OR (namespace = $1 AND name = $2)
+             ORDER BY namespace, name, section, entry",
+        )
+        .bind(instance.map(|k| k.namespace.as_str()))
+        .bind(instance.map(|k| k.name.as_str()))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("listing installed entries"))?;
+        let mut out = Vec::new();
+        for r in &rows {
+            let key = row_key(r)?;
+            let Some(section) = Section::from_key(&col::<String>(r, "section")?) else {
+                continue;
+            };
+            out.push(InstalledInfo {
+                section,
+                entry: col(r, "entry")?,
+                adopted_at: timestamp(r, "adopted_at", &key)?,
+                namespace: key.namespace,
+                name: key.name,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn forget_installed(
+        &self,
+        instance: &InstanceKey,
+        section: Section,
+        entry: &str,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(q("starting a transaction"))?;
+        let done = sqlx::query(
+            "DELETE FROM installed WHERE namespace = $1 AND name = $2 AND section = $3 AND entry = $4",
+        )
+        .bind(&instance.namespace)
+        .bind(&instance.name)
+        .bind(section.key())
+        .bind(entry)
+        .execute(&mut *tx)
+        .await
+        .map_err(q("forgetting an installed entry"))?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        let row = sqlx::query("SELECT * FROM ledger WHERE namespace = $1 AND name = $2")
+            .bind(&instance.namespace)
+            .bind(&instance.name)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(q("loading a ledger"))?;
+        if let Some(row) = row {
+            let mut ledger = parse_ledger(instance, &row)?;
+            ledger.entries[section].remove(entry);
+            sqlx::query("UPDATE ledger SET entries = $1 WHERE namespace = $2 AND name = $3")
+                .bind(
+                    serde_json::to_string(&StoredEntries(ledger.entries))
+                        .expect("ledger entries serialize"),
+                )
+                .bind(&instance.namespace)
+                .bind(&instance.name)
+                .execute(&mut *tx)
+                .await
+                .map_err(q("updating a ledger"))?;
+        }
+        tx.commit().await.map_err(q("committing"))?;
+        Ok(true)
+    }
+}
