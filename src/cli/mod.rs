@@ -24,7 +24,12 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
     /// Log filter (tracing env-filter syntax), e.g. `info` or `agent_env_operator=debug`.
-    #[arg(long, env = "AGENT_ENV_LOG", default_value = "info", global = true)]
+    #[arg(
+        long,
+        env = "AGENT_ENV_LOG",
+        default_value = "info,sqlx=warn",
+        global = true
+    )]
     pub log: String,
     /// Log line format.
     #[arg(

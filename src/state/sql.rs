@@ -147,6 +147,12 @@ impl SqlStore {
             .await
             .map_err(q("removing plain-text installed entries"))?;
         tx.commit().await.map_err(q("committing"))?;
+        // Old page images with the plain text may sit in the WAL file: fold
+        // it into the (zeroed) database and cut it to nothing. Best effort:
+        // another process reading right now only delays this.
+        let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await;
         tracing::info!(
             entries = rows.len(),
             "sealed installed entries stored in plain text by an older version"
@@ -215,9 +221,10 @@ fn sqlite_pool(connections: u32) -> AnyPoolOptions {
         .after_connect(|conn, _| {
             Box::pin(async move {
                 // WAL: readers never block the writer; NORMAL is durable in WAL mode
-                // except for the last transactions on power loss, which the next pass redoes.
+                // except for the last transactions on power loss, which the next pass
+                // redoes. secure_delete: deleted rows are zeroed, not left in free pages.
                 conn.execute(
-                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000;",
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000; PRAGMA secure_delete = ON;",
                 )
                 .await?;
                 Ok(())

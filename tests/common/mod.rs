@@ -7,9 +7,16 @@ use std::process::{Command, Output};
 use serde_json::Value;
 use tempfile::TempDir;
 
-/// A scratch host: manifests, config dir, env root.
+pub mod db;
+
+use db::Backend;
+
+/// A scratch host: manifests, config dir, env root, and the state database
+/// every command uses.
 pub struct Host {
     pub dir: TempDir,
+    /// `--state`/`--master-key-file` arguments added to every command.
+    pub state_args: Vec<String>,
 }
 
 /// One run of the binary.
@@ -56,9 +63,49 @@ impl Host {
     pub fn new() -> Host {
         let h = Host {
             dir: tempfile::tempdir().unwrap(),
+            state_args: Vec::new(),
         };
         std::fs::create_dir_all(h.manifests()).unwrap();
         h
+    }
+
+    /// A host whose state lives on `backend` (PostgreSQL needs a key file:
+    /// one is made under the host dir).
+    pub fn on(backend: &Backend) -> Host {
+        let mut h = Host::new();
+        if let Backend::Postgres(url) = backend {
+            let key = h.path("master.key");
+            let run = h.run(&["secret", "keygen", "--out", key.to_str().unwrap()], None);
+            assert_eq!(run.code, 0, "{}", run.stderr);
+            h.state_args = vec![
+                "--state".into(),
+                url.clone(),
+                "--master-key-file".into(),
+                key.display().to_string(),
+            ];
+        }
+        h
+    }
+
+    /// Any command, with this host's env root and state, `stdin` piped in.
+    pub fn run(&self, args: &[&str], stdin: Option<&str>) -> Run {
+        use std::io::Write;
+        let mut cmd = agent_env();
+        cmd.args(args);
+        if args.first() != Some(&"secret") || args.get(1) != Some(&"keygen") {
+            cmd.arg("--env-root").arg(self.root());
+            cmd.args(&self.state_args);
+        }
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let mut input = child.stdin.take().unwrap();
+        if let Some(s) = stdin {
+            input.write_all(s.as_bytes()).unwrap();
+        }
+        drop(input);
+        Run::from(child.wait_with_output().unwrap())
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -110,6 +157,7 @@ impl Host {
             cmd.arg("--config").arg(self.path("config"));
         }
         cmd.arg("--no-fsync");
+        cmd.args(&self.state_args);
     }
 
     /// `reconcile --once -o json`.

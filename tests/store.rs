@@ -1,0 +1,583 @@
+//! The state store on every backend: sealed secrets and installs, what
+//! happens to altered rows, key rotation, forgetting installs, the audit trail.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use agent_env_operator::crypto::{CryptoError, MasterKey};
+use agent_env_operator::ledger::{Ledger, LedgerEntry};
+use agent_env_operator::secrets::SecretValue;
+use agent_env_operator::section::Section;
+use agent_env_operator::state::{
+    self, AuditRecord, InstanceKey, InstanceState, KeySource, StateStore, StoreError,
+};
+use common::db::{Backend, backends};
+use serde_json::json;
+use sqlx::{AnyPool, Row};
+use tempfile::TempDir;
+
+const TOKEN: &str = "ghp_installed-token-93ac1";
+
+/// One database and two keys for it.
+struct Db {
+    dir: TempDir,
+    url: String,
+    backend: Backend,
+}
+
+impl Db {
+    fn new(backend: &Backend) -> Db {
+        let dir = tempfile::tempdir().unwrap();
+        let url = match backend {
+            Backend::Sqlite => format!("sqlite:{}", dir.path().join("state.db").display()),
+            Backend::Postgres(url) => url.clone(),
+        };
+        for k in ["old.key", "new.key"] {
+            state::create_key_file(&dir.path().join(k)).unwrap();
+        }
+        Db {
+            dir,
+            url,
+            backend: backend.clone(),
+        }
+    }
+
+    fn key(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.key"))
+    }
+
+    async fn open_with(
+        &self,
+        key: &str,
+        previous: Option<&str>,
+    ) -> Result<Arc<dyn StateStore>, StoreError> {
+        state::open(
+            &self.url,
+            &KeySource {
+                master: Some(self.key(key)),
+                previous: previous.map(|p| self.key(p)),
+            },
+        )
+        .await
+    }
+
+    async fn open(&self) -> Arc<dyn StateStore> {
+        self.open_with("old", None).await.unwrap()
+    }
+
+    async fn raw(&self) -> AnyPool {
+        sqlx::any::install_default_drivers();
+        AnyPool::connect(&self.url).await.unwrap()
+    }
+
+    /// Every byte the database holds, as text a plaintext search can scan.
+    async fn dump(&self) -> Vec<u8> {
+        match self.backend {
+            Backend::Sqlite => {
+                let mut out = Vec::new();
+                for f in std::fs::read_dir(self.dir.path()).unwrap() {
+                    let f = f.unwrap().path();
+                    if f.file_name()
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .starts_with("state.db")
+                    {
+                        out.extend(std::fs::read(f).unwrap());
+                    }
+                }
+                out
+            }
+            Backend::Postgres(_) => {
+                let pool = self.raw().await;
+                let mut out = Vec::new();
+                for table in ["meta", "ledger", "installed", "secrets", "audit"] {
+                    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "SELECT CAST(t AS TEXT) AS r FROM {table} t"
+                    )))
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+                    for r in rows {
+                        out.extend(r.get::<String, _>("r").into_bytes());
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    let hex = hex_of(needle);
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+        || hay.windows(hex.len()).any(|w| w == hex.as_bytes())
+}
+
+fn hex_of(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn key() -> InstanceKey {
+    InstanceKey::new("dev", "alice")
+}
+
+fn record(outcome: &str, changed: &[&str]) -> AuditRecord {
+    AuditRecord {
+        at: agent_env_operator::time::now(),
+        outcome: outcome.into(),
+        content_hash: Some("c0ffee".into()),
+        changed: changed.iter().map(|s| s.to_string()).collect(),
+        drift: vec![],
+        adopted: vec![],
+        message: format!("{outcome} message"),
+        repeats: 1,
+        last_at: None,
+    }
+}
+
+fn sample_state() -> InstanceState {
+    let mut s = InstanceState::default();
+    s.installed[Section::Plugins].insert("fmt@tools".into(), json!(true));
+    s.installed[Section::McpServers].insert(
+        "github".into(),
+        json!({"type": "http", "url": "https://api.example/mcp", "headers": {"Authorization": format!("Bearer {TOKEN}")}}),
+    );
+    let mut entries =
+        agent_env_operator::section::PerSection::<BTreeMap<String, LedgerEntry>>::default();
+    entries[Section::McpServers].insert(
+        "github".into(),
+        LedgerEntry {
+            installed: true,
+            hash: "h1".into(),
+        },
+    );
+    s.ledger = Some(Ledger {
+        entries,
+        content_hash: "c0ffee".into(),
+        written_at: agent_env_operator::time::now(),
+    });
+    s
+}
+
+fn sealed_error(e: StoreError) -> CryptoError {
+    match e {
+        StoreError::Sealed { source, .. } => source,
+        other => panic!("expected a sealed-row error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn state_round_trips_and_installs_are_never_stored_in_plain_text() {
+    for b in backends("state round trip") {
+        let db = Db::new(&b);
+        let store = db.open().await;
+        let state = sample_state();
+        store
+            .save(&key(), &state, &record("Rendered", &["x"]))
+            .await
+            .unwrap();
+        assert_eq!(store.load(&key()).await.unwrap(), state, "{}", b.name());
+        assert_eq!(store.load_all().await.unwrap()[&key()], state);
+        // A second save with the same values keeps rows (and adoption times).
+        let before = store.list_installed(Some(&key())).await.unwrap();
+        store
+            .save(&key(), &state, &record("Rendered", &["y"]))
+            .await
+            .unwrap();
+        assert_eq!(store.list_installed(Some(&key())).await.unwrap(), before);
+        drop(store);
+        assert!(
+            !contains(&db.dump().await, TOKEN),
+            "{}: an installed token is stored in plain text",
+            b.name()
+        );
+    }
+}
+
+#[tokio::test]
+async fn secrets_round_trip_by_namespace_and_name() {
+    for b in backends("secret round trip") {
+        let db = Db::new(&b);
+        let store = db.open().await;
+        let v = SecretValue::new("s3cr3t-value".into());
+        store.put_secret("dev", "TOKEN", &v).await.unwrap();
+        store
+            .put_secret("prod", "TOKEN", &SecretValue::new("prod-value".into()))
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .secret("dev", "TOKEN")
+                .await
+                .unwrap()
+                .unwrap()
+                .expose(),
+            "s3cr3t-value"
+        );
+        assert!(store.secret("dev", "OTHER").await.unwrap().is_none());
+        let dev = store.namespace_secrets("dev").await.unwrap();
+        assert_eq!(dev.len(), 1);
+        assert_eq!(dev["TOKEN"].expose(), "s3cr3t-value");
+        let all = store.list_secrets(None).await.unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(store.list_secrets(Some("prod")).await.unwrap().len(), 1);
+        // Replacing keeps the creation time and moves the update time.
+        store
+            .put_secret("dev", "TOKEN", &SecretValue::new("rotated".into()))
+            .await
+            .unwrap();
+        let dev_info = &store.list_secrets(Some("dev")).await.unwrap()[0];
+        assert_eq!(dev_info.created_at, all[0].created_at);
+        assert!(dev_info.updated_at >= all[0].updated_at);
+        assert!(store.delete_secret("dev", "TOKEN").await.unwrap());
+        assert!(!store.delete_secret("dev", "TOKEN").await.unwrap());
+        assert!(store.secret("dev", "TOKEN").await.unwrap().is_none());
+        drop(store);
+        assert!(!contains(&db.dump().await, "prod-value"), "{}", b.name());
+    }
+}
+
+async fn ciphertext(pool: &AnyPool, ns: &str, name: &str) -> (Vec<u8>, Vec<u8>) {
+    let row =
+        sqlx::query("SELECT nonce, ciphertext FROM secrets WHERE namespace = $1 AND name = $2")
+            .bind(ns.to_owned())
+            .bind(name.to_owned())
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    (row.get("nonce"), row.get("ciphertext"))
+}
+
+async fn set_sealed(pool: &AnyPool, ns: &str, name: &str, nonce: Vec<u8>, ct: Vec<u8>) {
+    sqlx::query(
+        "UPDATE secrets SET nonce = $1, ciphertext = $2 WHERE namespace = $3 AND name = $4",
+    )
+    .bind(nonce)
+    .bind(ct)
+    .bind(ns.to_owned())
+    .bind(name.to_owned())
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn altered_moved_and_cut_rows_are_clear_errors_never_garbage() {
+    for b in backends("altered rows") {
+        let db = Db::new(&b);
+        let store = db.open().await;
+        store
+            .put_secret("dev", "TOKEN", &SecretValue::new("s3cr3t".into()))
+            .await
+            .unwrap();
+        let pool = db.raw().await;
+        let (nonce, ct) = ciphertext(&pool, "dev", "TOKEN").await;
+
+        // One flipped bit.
+        let mut flipped = ct.clone();
+        flipped[3] ^= 0x01;
+        set_sealed(&pool, "dev", "TOKEN", nonce.clone(), flipped).await;
+        let e = store.secret("dev", "TOKEN").await.unwrap_err();
+        let text = agent_env_operator::error_chain(&e);
+        assert!(text.contains("secret TOKEN in namespace dev"), "{text}");
+        assert_eq!(sealed_error(e), CryptoError::Tampered);
+
+        // Cut short.
+        set_sealed(&pool, "dev", "TOKEN", nonce.clone(), ct[..10].to_vec()).await;
+        assert!(matches!(
+            sealed_error(store.secret("dev", "TOKEN").await.unwrap_err()),
+            CryptoError::Truncated { .. }
+        ));
+        set_sealed(&pool, "dev", "TOKEN", nonce[..12].to_vec(), ct.clone()).await;
+        assert!(matches!(
+            sealed_error(store.secret("dev", "TOKEN").await.unwrap_err()),
+            CryptoError::Truncated { what: "nonce", .. }
+        ));
+        set_sealed(&pool, "dev", "TOKEN", nonce.clone(), ct.clone()).await;
+        assert_eq!(
+            store
+                .secret("dev", "TOKEN")
+                .await
+                .unwrap()
+                .unwrap()
+                .expose(),
+            "s3cr3t"
+        );
+
+        // Copied under another name, and moved to another namespace.
+        sqlx::query(
+            "INSERT INTO secrets (namespace, name, key_id, nonce, ciphertext, created_at, updated_at)
+             SELECT namespace, 'OTHER', key_id, nonce, ciphertext, created_at, updated_at FROM secrets",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            sealed_error(store.secret("dev", "OTHER").await.unwrap_err()),
+            CryptoError::Tampered
+        );
+        sqlx::query("UPDATE secrets SET namespace = 'prod' WHERE name = 'TOKEN'")
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            sealed_error(store.secret("prod", "TOKEN").await.unwrap_err()),
+            CryptoError::Tampered
+        );
+        // A namespace's bad row fails the namespace read too: never a partial map.
+        assert!(store.namespace_secrets("prod").await.is_err());
+    }
+}
+
+#[tokio::test]
+async fn a_wrong_key_is_refused_naming_both_key_ids() {
+    for b in backends("wrong key") {
+        let db = Db::new(&b);
+        db.open()
+            .await
+            .put_secret("dev", "TOKEN", &SecretValue::new("s3cr3t".into()))
+            .await
+            .unwrap();
+        let err = match db.open_with("new", None).await {
+            Ok(_) => panic!("{}: opened with the wrong key", b.name()),
+            Err(e) => agent_env_operator::error_chain(&e),
+        };
+        let old = MasterKey::read(&db.key("old")).unwrap();
+        let new = MasterKey::read(&db.key("new")).unwrap();
+        assert!(
+            err.contains(old.id()) && err.contains(new.id()),
+            "{}: {err}",
+            b.name()
+        );
+        assert!(!err.contains("s3cr3t"));
+    }
+}
+
+#[tokio::test]
+async fn rotation_reseals_every_row_and_only_the_new_key_opens_them() {
+    for b in backends("rotation") {
+        let db = Db::new(&b);
+        let store = db.open().await;
+        for i in 0..40 {
+            store
+                .put_secret(
+                    "dev",
+                    &format!("S{i}"),
+                    &SecretValue::new(format!("value-{i}")),
+                )
+                .await
+                .unwrap();
+        }
+        store
+            .save(&key(), &sample_state(), &record("Rendered", &["x"]))
+            .await
+            .unwrap();
+        let new = MasterKey::read(&db.key("new")).unwrap();
+        let r = store.rotate_key(&new).await.unwrap();
+        assert_eq!((r.secrets, r.installed), (40, 2), "{}", b.name());
+        drop(store);
+
+        assert!(db.open_with("old", None).await.is_err(), "{}", b.name());
+        let store = db.open_with("new", None).await.unwrap();
+        for s in store.list_secrets(None).await.unwrap() {
+            assert_eq!(s.key_id, new.id());
+        }
+        for i in 0..40 {
+            assert_eq!(
+                store
+                    .secret("dev", &format!("S{i}"))
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .expose(),
+                format!("value-{i}")
+            );
+        }
+        assert_eq!(
+            store.load(&key()).await.unwrap().installed,
+            sample_state().installed
+        );
+        // The ledger hashes are unchanged: the salt moved keys, not values.
+        let before = db.open_with("new", Some("old")).await.unwrap();
+        assert_eq!(
+            before.hasher().entry(&json!(1)),
+            store.hasher().entry(&json!(1))
+        );
+    }
+}
+
+#[tokio::test]
+async fn forgetting_an_install_drops_it_from_the_ledger_too() {
+    for b in backends("forget install") {
+        let db = Db::new(&b);
+        let store = db.open().await;
+        store
+            .save(&key(), &sample_state(), &record("Rendered", &["x"]))
+            .await
+            .unwrap();
+        let listed = store.list_installed(None).await.unwrap();
+        assert_eq!(
+            listed
+                .iter()
+                .map(|i| format!("{}.{}", i.section, i.entry))
+                .collect::<Vec<_>>(),
+            ["enabledPlugins.fmt@tools", "mcpServers.github"]
+        );
+        assert!(
+            store
+                .forget_installed(&key(), Section::McpServers, "github")
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .forget_installed(&key(), Section::McpServers, "github")
+                .await
+                .unwrap()
+        );
+        let state = store.load(&key()).await.unwrap();
+        assert!(state.installed[Section::McpServers].is_empty());
+        assert!(state.installed[Section::Plugins].contains_key("fmt@tools"));
+        assert!(
+            state.ledger.unwrap().entries[Section::McpServers].is_empty(),
+            "{}",
+            b.name()
+        );
+    }
+}
+
+#[tokio::test]
+async fn identical_quiet_passes_are_counted_on_one_audit_row() {
+    for b in backends("audit") {
+        let db = Db::new(&b);
+        let store = db.open().await;
+        let other = InstanceKey::new("dev", "bob");
+        store
+            .save(&key(), &sample_state(), &record("Rendered", &["a"]))
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            store
+                .audit(&[
+                    (key(), record("UpToDate", &[])),
+                    (other.clone(), record("MissingSecret", &[])),
+                ])
+                .await
+                .unwrap();
+        }
+        store
+            .save(&key(), &sample_state(), &record("Rendered", &["b"]))
+            .await
+            .unwrap();
+        store
+            .audit(&[(key(), record("UpToDate", &[]))])
+            .await
+            .unwrap();
+        let h = store.history(&key()).await.unwrap();
+        let summary: Vec<(String, u64)> =
+            h.iter().map(|r| (r.outcome.clone(), r.repeats)).collect();
+        assert_eq!(
+            summary,
+            [
+                ("Rendered".to_owned(), 1),
+                ("UpToDate".to_owned(), 3),
+                ("Rendered".to_owned(), 1),
+                ("UpToDate".to_owned(), 1)
+            ],
+            "{}",
+            b.name()
+        );
+        assert!(h[1].last_at.is_some());
+        assert_eq!(h[0].changed, ["a"]);
+        let bob = store.history(&other).await.unwrap();
+        assert_eq!((bob.len(), bob[0].repeats), (1, 3));
+    }
+}
+
+/// Databases written before values were sealed: their plain-text installs and
+/// salt are sealed when the store first opens them, nothing lost.
+#[tokio::test]
+async fn plain_text_state_of_an_older_version_is_sealed_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let migrations = dir.path().join("migrations");
+    std::fs::create_dir(&migrations).unwrap();
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/migrations/sqlite/0001_init.sql"
+        ),
+        migrations.join("0001_init.sql"),
+    )
+    .unwrap();
+    let path = dir.path().join("state.db");
+    let url = format!("sqlite:{}?mode=rwc", path.display());
+    sqlx::any::install_default_drivers();
+    let pool = AnyPool::connect(&url).await.unwrap();
+    sqlx::migrate::Migrator::new(migrations.as_path())
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    let value =
+        json!({"type": "http", "url": "https://x/mcp", "headers": {"Authorization": TOKEN}});
+    sqlx::query("INSERT INTO meta (key, value) VALUES ('ledger_salt', 'legacy-salt')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO installed (namespace, name, section, entry, value, adopted_at)
+         VALUES ('dev', 'alice', 'mcpServers', 'gh', $1, '2026-01-02T03:04:05Z')",
+    )
+    .bind(value.to_string())
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+
+    let store = state::open(&format!("sqlite:{}", path.display()), &KeySource::default())
+        .await
+        .unwrap();
+    let state = store.load(&key()).await.unwrap();
+    assert_eq!(state.installed[Section::McpServers]["gh"], value);
+    assert_eq!(
+        store.list_installed(None).await.unwrap()[0]
+            .adopted_at
+            .to_string(),
+        "2026-01-02T03:04:05Z"
+    );
+    // Same salt as before, so every stored ledger hash still matches.
+    assert_eq!(
+        store.hasher().entry(&json!(1)),
+        agent_env_operator::ledger::Hasher::new(b"legacy-salt".to_vec()).entry(&json!(1))
+    );
+    drop(store);
+    let mut bytes = Vec::new();
+    for f in std::fs::read_dir(dir.path()).unwrap() {
+        let f = f.unwrap().path();
+        if f.to_str().unwrap().contains("state.db") {
+            bytes.extend(std::fs::read(f).unwrap());
+        }
+    }
+    assert!(
+        !contains(&bytes, TOKEN),
+        "plain text left in the database files"
+    );
+    let pool = AnyPool::connect(&url).await.unwrap();
+    let left: i64 = sqlx::query("SELECT COUNT(*) AS n FROM installed_plaintext")
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+        .get("n");
+    assert_eq!(left, 0);
+    let salt_rows: i64 = sqlx::query("SELECT COUNT(*) AS n FROM meta WHERE key = 'ledger_salt'")
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+        .get("n");
+    assert_eq!(salt_rows, 0);
+}
