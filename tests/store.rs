@@ -91,22 +91,7 @@ impl Db {
                 }
                 out
             }
-            Backend::Postgres(_) => {
-                let pool = self.raw().await;
-                let mut out = Vec::new();
-                for table in ["meta", "ledger", "installed", "secrets", "audit"] {
-                    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "SELECT CAST(t AS TEXT) AS r FROM {table} t"
-                    )))
-                    .fetch_all(&pool)
-                    .await
-                    .unwrap();
-                    for r in rows {
-                        out.extend(r.get::<String, _>("r").into_bytes());
-                    }
-                }
-                out
-            }
+            Backend::Postgres(_) => common::db::dump_postgres(&self.url),
         }
     }
 }

@@ -41,6 +41,46 @@ pub fn backends(test: &str) -> Vec<Backend> {
     out
 }
 
+/// Every row of every table of a PostgreSQL database, as text (bytea shows
+/// as hex), for plaintext scans.
+pub fn dump_postgres(url: &str) -> Vec<u8> {
+    let url = url.to_owned();
+    on_own_runtime(async move {
+        use sqlx::Row;
+        let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+        let mut out = Vec::new();
+        for table in ["meta", "ledger", "installed", "secrets", "audit"] {
+            let rows = sqlx::query(AssertSqlSafe(format!(
+                "SELECT CAST(t AS TEXT) AS r FROM {table} t"
+            )))
+            .fetch_all(&mut c)
+            .await
+            .unwrap();
+            for r in rows {
+                out.extend(r.get::<String, _>("r").into_bytes());
+                out.push(b'\n');
+            }
+        }
+        out
+    })
+}
+
+/// Runs `f` on a runtime of its own thread: callers may be sync tests or
+/// async ones (which cannot block on a nested runtime).
+fn on_own_runtime<T: Send + 'static>(
+    f: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    })
+    .join()
+    .expect("the database task finishes")
+}
+
 /// A new, empty database on the test server, as a URL.
 pub fn fresh_postgres() -> Option<String> {
     static SEQ: AtomicUsize = AtomicUsize::new(0);
