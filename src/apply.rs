@@ -29,6 +29,10 @@ pub struct ApplyInput<'a> {
     pub mode: RuntimeInstalls,
     /// Compute only; create, move and write nothing.
     pub dry_run: bool,
+    /// Refuse (rather than move aside) a file that does not parse.
+    pub defer_corrupt: bool,
+    /// Remove temp files a killed run left in the env dir.
+    pub sweep_temp_files: bool,
     /// Declared entries with secrets filled in.
     pub declared: &'a PerSection<Entries>,
     /// Stored state before this pass.
@@ -110,11 +114,17 @@ pub fn apply(root: &EnvRoot, input: &ApplyInput<'_>) -> Result<Applied, EnvDirEr
         .as_ref()
         .map_or(&empty_ledger, |l| &l.entries);
 
+    if input.sweep_temp_files && !input.dry_run {
+        let swept = dir.as_ref().map_or(0, InstanceDir::sweep_temp_files);
+        if swept > 0 {
+            tracing::info!(swept, "removed temp files left by an interrupted write");
+        }
+    }
     for file in EnvFile::ALL {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let observed = observe(dir.as_ref(), file, input.dry_run, &mut out.corrupt)?;
+            let observed = observe(dir.as_ref(), file, input, &mut out.corrupt)?;
             let mut sections = Vec::new();
             for &section in file.sections() {
                 let mut installed = out.installed[section].clone();
@@ -218,9 +228,10 @@ fn to_map(entries: &Entries) -> Map<String, Value> {
 fn observe(
     dir: Option<&InstanceDir>,
     file: EnvFile,
-    dry_run: bool,
+    input: &ApplyInput<'_>,
     corrupt: &mut Vec<String>,
 ) -> Result<Observed, EnvDirError> {
+    let dry_run = input.dry_run;
     let mut o = Observed {
         doc: Document::empty(),
         stamp: None,
@@ -234,6 +245,12 @@ fn observe(
     let dir = dir.expect("a file was read from it");
     let doc = match Document::parse(&read.bytes) {
         Ok(doc) => doc,
+        Err(reason) if input.defer_corrupt => {
+            return Err(EnvDirError::Unparsable {
+                path: dir.display(file.file_name()),
+                reason: reason.to_string(),
+            });
+        }
         Err(reason) => {
             let note = if dry_run {
                 format!(

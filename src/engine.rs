@@ -2,7 +2,7 @@
 //! report, per instance, with bounded concurrency. Used by `reconcile` and
 //! `diff` alike.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -11,7 +11,7 @@ use tracing::{info, instrument, warn};
 use crate::apply::{self, Applied, ApplyInput, Change};
 use crate::builtin::Builtin;
 use crate::crd::{AgentInstance, EntrySource, Scope};
-use crate::envdir::{EnvRoot, Owner};
+use crate::envdir::{EnvDirError, EnvRoot, Owner};
 use crate::resolve::{self, Declared};
 use crate::secrets::{self, SecretProvider, UsedSecrets};
 use crate::section::PerSection;
@@ -25,6 +25,30 @@ pub enum Mode {
     Apply,
     /// Change nothing; report what would change.
     DryRun,
+}
+
+/// What a pass covers and how it treats unreadable files.
+#[derive(Clone, Debug)]
+pub struct PassOptions {
+    /// Write, or only report.
+    pub mode: Mode,
+    /// Only these instances (all when `None`).
+    pub only: Option<HashSet<ObjectKey>>,
+    /// A file that does not parse is reported as [`reason::FILE_BUSY`] and
+    /// left alone, instead of being moved aside: right after a file event it
+    /// may be a write in progress by a writer that does not write atomically.
+    pub defer_corrupt: bool,
+}
+
+impl PassOptions {
+    /// Every instance, corrupt files moved aside.
+    pub fn new(mode: Mode) -> PassOptions {
+        PassOptions {
+            mode,
+            only: None,
+            defer_corrupt: false,
+        }
+    }
 }
 
 /// Reasons an instance reports.
@@ -43,6 +67,8 @@ pub mod reason {
     pub const UNSAFE_PATH: &str = "UnsafePath";
     /// The state database failed for this instance.
     pub const STATE_FAILED: &str = "StateFailed";
+    /// A file did not parse right after it changed; retried shortly.
+    pub const FILE_BUSY: &str = "FileBusy";
 }
 
 /// The result of one instance in one pass.
@@ -137,6 +163,26 @@ impl Engine {
         }
     }
 
+    /// The same engine with another builtin layer (the config changed).
+    pub fn with_builtin(&self, builtin: Builtin) -> Engine {
+        Engine {
+            root: self.root.clone(),
+            store: self.store.clone(),
+            builtin: Arc::new(builtin),
+            concurrency: self.concurrency,
+        }
+    }
+
+    /// The env root.
+    pub fn root(&self) -> &EnvRoot {
+        &self.root
+    }
+
+    /// The state store.
+    pub fn store(&self) -> &Arc<dyn StateStore> {
+        &self.store
+    }
+
     /// How many instances are worked on at once.
     pub fn with_concurrency(mut self, n: usize) -> Engine {
         self.concurrency = n.max(1);
@@ -144,31 +190,54 @@ impl Engine {
     }
 
     /// One pass over every instance of the snapshot, in key order.
-    #[instrument(skip_all, fields(instances = snapshot.instances.len(), mode = ?mode))]
     pub async fn pass(
         &self,
         snapshot: &Snapshot,
         secrets: &dyn SecretProvider,
         mode: Mode,
     ) -> Result<Vec<Outcome>, EngineError> {
-        let mut states = self.store.load_all().await?;
+        self.pass_with(snapshot, secrets, &PassOptions::new(mode))
+            .await
+    }
+
+    /// A pass over the instances `opts` selects.
+    #[instrument(skip_all, fields(instances = opts.only.as_ref().map_or(snapshot.instances.len(), HashSet::len)))]
+    pub async fn pass_with(
+        &self,
+        snapshot: &Snapshot,
+        secrets: &dyn SecretProvider,
+        opts: &PassOptions,
+    ) -> Result<Vec<Outcome>, EngineError> {
+        let mode = opts.mode;
+        let mut states = match &opts.only {
+            None => self.store.load_all().await?,
+            Some(keys) => {
+                let mut m = HashMap::new();
+                for k in keys.iter().filter(|k| snapshot.instances.contains_key(*k)) {
+                    m.insert(k.clone(), self.store.load(k).await?);
+                }
+                m
+            }
+        };
         let index = snapshot.index();
         let collisions = env_dir_collisions(snapshot);
 
-        let work = snapshot.instances.iter().map(|(key, inst)| {
+        let selected = snapshot
+            .instances
+            .iter()
+            .filter(|(k, _)| opts.only.as_ref().is_none_or(|o| o.contains(*k)));
+        let work = selected.map(|(key, inst)| {
             let state = states.remove(key).unwrap_or_default();
             let collision = collisions.get(key).cloned();
-            self.instance(key, inst, &index, secrets, state, mode, collision)
+            self.instance(key, inst, &index, secrets, state, opts, collision)
         });
         let mut outcomes: Vec<Outcome> = futures::stream::iter(work)
             .buffer_unordered(self.concurrency)
             .collect()
             .await;
-        for inv in snapshot
-            .invalid
-            .iter()
-            .filter(|i| i.kind == "AgentInstance")
-        {
+        for inv in snapshot.invalid.iter().filter(|i| {
+            i.kind == "AgentInstance" && opts.only.as_ref().is_none_or(|o| o.contains(&i.key))
+        }) {
             let mut o = Outcome::new(&inv.key, "", String::new());
             o.message = format!("invalid AgentInstance ({}): {}", inv.source, inv.message);
             outcomes.push(o);
@@ -189,9 +258,13 @@ impl Engine {
         index: &ScopeIndex<'_>,
         secrets: &dyn SecretProvider,
         state: InstanceState,
-        mode: Mode,
+        opts: &PassOptions,
         collision: Option<String>,
     ) -> Outcome {
+        let mode = opts.mode;
+        let defer_corrupt = opts.defer_corrupt;
+        // Full passes (start, resync) clean up after a killed run.
+        let sweep_temp_files = opts.only.is_none();
         let spec = &inst.spec;
         let rel = snapshot::env_path(key, inst);
         let out = Outcome::new(key, &spec.agent_type, rel.clone());
@@ -267,6 +340,8 @@ impl Engine {
                     owner,
                     mode: runtime_installs,
                     dry_run: mode == Mode::DryRun,
+                    defer_corrupt,
+                    sweep_temp_files,
                     declared: &sections,
                     state: &state,
                     hasher: store.hasher(),
@@ -280,6 +355,8 @@ impl Engine {
             Err(e) => {
                 let reason = if e.is_escape() {
                     reason::UNSAFE_PATH
+                } else if matches!(e, EnvDirError::Unparsable { .. }) {
+                    reason::FILE_BUSY
                 } else {
                     reason::WRITE_FAILED
                 };

@@ -38,6 +38,14 @@ pub enum EnvDirError {
         #[source]
         source: io::Error,
     },
+    /// A file did not parse and was left alone (see `defer_corrupt`).
+    #[error("{path} does not parse ({reason}); left alone for now")]
+    Unparsable {
+        /// The path, relative to the env root.
+        path: String,
+        /// Why.
+        reason: String,
+    },
     /// A file kept changing under us while we tried to write it.
     #[error("{path} kept changing while it was being written; gave up after {attempts} attempts")]
     Contended {
@@ -269,6 +277,28 @@ impl InstanceDir {
             stamp: Stamp::of(&meta),
             mode: meta.mode() & 0o7777,
         }))
+    }
+
+    /// Removes temp files a killed writer of ours left behind (the rename
+    /// never happened, so they hold nothing the files need). Best effort.
+    pub fn sweep_temp_files(&self) -> usize {
+        let Ok(entries) = self.dir.entries() else {
+            return 0;
+        };
+        let mut removed = 0;
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let ours = EnvFile::ALL.iter().any(|f| {
+                name.strip_prefix('.')
+                    .and_then(|n| n.strip_prefix(f.file_name()))
+                    .is_some_and(|rest| rest.starts_with(".agent-env-") && rest.ends_with(".tmp"))
+            });
+            if ours && self.dir.remove_file(name).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
     }
 
     fn current_stamp(&self, name: &str) -> Result<Option<Stamp>, EnvDirError> {

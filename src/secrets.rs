@@ -260,6 +260,22 @@ impl LabelledSecrets {
             .insert(name.to_owned(), data);
     }
 
+    /// A digest of one namespace's Secrets (names, keys and values), to
+    /// notice a change without keeping a second copy of any value.
+    pub fn digest(&self, namespace: &str) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (secret, data) in self.by_namespace.get(namespace).into_iter().flatten() {
+            for (k, v) in data {
+                for part in [secret.as_str(), k.as_str(), v.expose()] {
+                    h.update((part.len() as u64).to_be_bytes());
+                    h.update(part);
+                }
+            }
+        }
+        h.finalize().into()
+    }
+
     /// Whether no Secret is known.
     pub fn is_empty(&self) -> bool {
         self.by_namespace.is_empty()

@@ -174,3 +174,59 @@ pub fn env_path(key: &ObjectKey, instance: &AgentInstance) -> String {
         .and_then(|e| e.path.clone())
         .unwrap_or_else(|| format!("{}/{}", key.namespace, key.name))
 }
+
+/// A digest of everything in a snapshot one instance's render depends on:
+/// its own spec, the objects at its type and instance scopes, the invalid
+/// objects holding it back and its namespace's labelled Secrets. Two
+/// snapshots give an instance the same digest exactly when a pass over it
+/// would resolve the same, so a manifest change re-renders only the
+/// instances it affects.
+pub type InputDigest = [u8; 32];
+
+impl Snapshot {
+    /// [`InputDigest`] of every valid instance.
+    pub fn input_digests(&self) -> HashMap<ObjectKey, InputDigest> {
+        use sha2::{Digest, Sha256};
+        fn put(h: &mut Sha256, part: &[u8]) {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        fn object<T: serde::Serialize>(h: &mut Sha256, kind: &str, meta: &kube::core::ObjectMeta, spec: &T) {
+            put(h, kind.as_bytes());
+            put(h, meta.name.as_deref().unwrap_or("").as_bytes());
+            put(h, &serde_json::to_vec(spec).expect("specs serialize"));
+        }
+        let index = self.index();
+        let mut secrets: HashMap<&str, [u8; 32]> = HashMap::new();
+        self.instances
+            .iter()
+            .map(|(key, inst)| {
+                let mut h = Sha256::new();
+                object(&mut h, "AgentInstance", &inst.metadata, &inst.spec);
+                for scope in [
+                    Scope::Type(inst.spec.agent_type.clone()),
+                    Scope::Instance(key.name.clone()),
+                ] {
+                    let layer = index.layer(&key.namespace, &scope);
+                    for b in &layer.bindings {
+                        object(&mut h, "PluginBinding", &b.metadata, &b.spec);
+                    }
+                    for m in &layer.marketplaces {
+                        object(&mut h, "PluginMarketplace", &m.metadata, &m.spec);
+                    }
+                    for m in &layer.mcp_servers {
+                        object(&mut h, "McpServer", &m.metadata, &m.spec);
+                    }
+                }
+                for b in index.blockers(&key.namespace, &inst.spec.agent_type, &key.name) {
+                    put(&mut h, b.to_string().as_bytes());
+                }
+                let ns = *secrets
+                    .entry(key.namespace.as_str())
+                    .or_insert_with(|| self.secrets.digest(&key.namespace));
+                put(&mut h, &ns);
+                (key.clone(), h.finalize().into())
+            })
+            .collect()
+    }
+}

@@ -11,7 +11,9 @@ use crate::engine::{Engine, Mode, Outcome};
 use crate::envdir::{EnvRoot, STATE_DIR};
 use crate::secrets::{Chain, SecretProvider};
 use crate::state::{KeySource, StateStore, StoreSecrets};
-use crate::{error_chain, manifest, report, state};
+use crate::metrics::Metrics;
+use crate::restart::RestartCommand;
+use crate::{error_chain, local, manifest, report, state};
 
 mod inspect;
 mod secret;
@@ -157,9 +159,24 @@ pub struct ReconcileArgs {
     #[command(flatten)]
     pub input: InputArgs,
     /// One full pass, then exit. Exit 0: every instance ready, 1: any not
-    /// ready, 2: the input could not be read.
+    /// ready, 2: the input could not be read. Without it: keep running,
+    /// watching the manifests and the env root, until SIGTERM or SIGINT.
     #[arg(long, env = "AGENT_ENV_ONCE")]
     pub once: bool,
+    /// Full pass period while running (network filesystems send no events).
+    #[arg(long, env = "AGENT_ENV_RESYNC_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub resync_interval: std::time::Duration,
+    /// Command run (without a shell) to restart an agent whose config changed
+    /// (`restart.onChange`) or whose drift was put back (`restart.onDrift`);
+    /// placeholders {namespace}, {name}, {agentType}, {envDir}.
+    #[arg(long, env = "AGENT_ENV_RESTART_COMMAND", value_parser = RestartCommand::parse)]
+    pub restart_command: Option<RestartCommand>,
+    /// Time a restart command may take before it is killed.
+    #[arg(long, env = "AGENT_ENV_RESTART_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub restart_timeout: std::time::Duration,
+    /// Serve Prometheus `/metrics` and `/healthz` here, e.g. `127.0.0.1:9464`.
+    #[arg(long, env = "AGENT_ENV_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Output format.
     #[arg(
         short = 'o',
@@ -250,10 +267,7 @@ async fn pass(input: &InputArgs, mode: Mode) -> Result<Vec<Outcome>, ExitCode> {
 
 async fn reconcile(args: ReconcileArgs) -> ExitCode {
     if !args.once {
-        eprintln!(
-            "error: reconcile needs --once: this build runs single passes only (run it from a timer or a file watcher)"
-        );
-        return ExitCode::from(EXIT_INPUT);
+        return watch(args).await;
     }
     let outcomes = match pass(&args.input, Mode::Apply).await {
         Ok(o) => o,
@@ -267,6 +281,31 @@ async fn reconcile(args: ReconcileArgs) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+async fn watch(args: ReconcileArgs) -> ExitCode {
+    let input = &args.input;
+    let store = match input.state.open().await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let root = match EnvRoot::open(&input.state.env_root, true) {
+        Ok(r) => r.with_fsync(!input.no_fsync),
+        Err(e) => return fail(&e),
+    };
+    let engine = Engine::new(root, store, Builtin::default()).with_concurrency(input.concurrency);
+    let settings = local::Settings {
+        files: input.files.clone(),
+        config: input.config.clone(),
+        env_root: input.state.env_root.clone(),
+        resync: args.resync_interval,
+        restart: args.restart_command.map(|c| (c, args.restart_timeout)),
+        metrics_addr: args.metrics_addr,
+    };
+    match local::run(settings, engine, Arc::new(Metrics::default())).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
     }
 }
 

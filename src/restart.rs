@@ -1,0 +1,272 @@
+//! Restarting an agent after its config changed or drift was put back:
+//! a command template run without a shell, debounced per instance, never
+//! more than one in flight per instance, failures retried with backoff.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::crd::RestartPolicy;
+use crate::metrics::Metrics;
+use crate::snapshot::ObjectKey;
+
+/// Placeholders a restart command template may use.
+pub const PLACEHOLDERS: [&str; 4] = ["{namespace}", "{name}", "{agentType}", "{envDir}"];
+/// Least time between restarts when `restart.minInterval` is not set.
+pub const DEFAULT_MIN_INTERVAL: Duration = Duration::from_secs(30);
+/// How long an instance must be quiet before its restart runs (shorter when
+/// `minInterval` is): a burst of changes gives one restart after the burst.
+pub const SETTLE: Duration = Duration::from_secs(1);
+/// First retry delay of a failed restart; doubles up to [`MAX_BACKOFF`].
+pub const FIRST_BACKOFF: Duration = Duration::from_secs(2);
+/// Longest retry delay.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// A `--restart-command` template, split like a shell would (no shell runs it).
+#[derive(Clone, Debug)]
+pub struct RestartCommand {
+    argv: Vec<String>,
+}
+
+impl RestartCommand {
+    /// Parses a template such as `systemctl restart agent@{name}`.
+    pub fn parse(template: &str) -> Result<RestartCommand, String> {
+        let argv = shlex::split(template)
+            .ok_or_else(|| format!("restart command {template:?} has unbalanced quotes"))?;
+        if argv.is_empty() {
+            return Err("restart command is empty".into());
+        }
+        for arg in &argv {
+            let mut rest = arg.as_str();
+            while let Some(start) = rest.find('{') {
+                let end = rest[start..].find('}').map(|e| start + e + 1);
+                let Some(end) = end else { break };
+                let word = &rest[start..end];
+                if !PLACEHOLDERS.contains(&word) {
+                    return Err(format!(
+                        "restart command uses unknown placeholder {word}; known: {}",
+                        PLACEHOLDERS.join(", ")
+                    ));
+                }
+                rest = &rest[end..];
+            }
+        }
+        Ok(RestartCommand { argv })
+    }
+
+    /// The argv for one instance.
+    pub fn render(&self, target: &Target) -> Vec<String> {
+        self.argv
+            .iter()
+            .map(|a| {
+                a.replace("{namespace}", &target.key.namespace)
+                    .replace("{name}", &target.key.name)
+                    .replace("{agentType}", &target.agent_type)
+                    .replace("{envDir}", &target.env_dir)
+            })
+            .collect()
+    }
+}
+
+/// Which instance to restart and what to fill in.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The instance.
+    pub key: ObjectKey,
+    /// `spec.agentType`.
+    pub agent_type: String,
+    /// Absolute env dir.
+    pub env_dir: String,
+}
+
+/// Parses `restart.minInterval`.
+pub fn min_interval(policy: &RestartPolicy) -> Duration {
+    policy
+        .min_interval
+        .as_deref()
+        .and_then(|s| humantime::parse_duration(s).ok())
+        .unwrap_or(DEFAULT_MIN_INTERVAL)
+}
+
+struct Request {
+    target: Target,
+    min_interval: Duration,
+    why: String,
+}
+
+/// Hands restart requests to the background task that runs them.
+#[derive(Clone)]
+pub struct Restarter {
+    tx: mpsc::UnboundedSender<Request>,
+}
+
+#[derive(Default)]
+struct Pending {
+    target: Option<Target>,
+    min_interval: Duration,
+    why: Vec<String>,
+    due: Option<Instant>,
+    last_run: Option<Instant>,
+    running: bool,
+    failures: u32,
+}
+
+impl Restarter {
+    /// Starts the task; it ends when every `Restarter` is dropped and no
+    /// restart is left in flight.
+    pub fn spawn(cmd: RestartCommand, timeout: Duration, metrics: Arc<Metrics>) -> Restarter {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(cmd, timeout, metrics, rx));
+        Restarter { tx }
+    }
+
+    /// Asks for a restart of `target` (debounced).
+    pub fn request(&self, target: Target, min_interval: Duration, why: String) {
+        let _ = self.tx.send(Request {
+            target,
+            min_interval,
+            why,
+        });
+    }
+}
+
+async fn run(
+    cmd: RestartCommand,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+) {
+    let mut pending: HashMap<ObjectKey, Pending> = HashMap::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(ObjectKey, bool)>();
+    let mut open = true;
+    loop {
+        let next = pending
+            .values()
+            .filter(|p| !p.running)
+            .filter_map(|p| p.due)
+            .min();
+        if !open && next.is_none() && !pending.values().any(|p| p.running) {
+            return;
+        }
+        tokio::select! {
+            req = rx.recv(), if open => match req {
+                None => open = false,
+                Some(req) => {
+                    let p = pending.entry(req.target.key.clone()).or_default();
+                    let settle = SETTLE.min(req.min_interval);
+                    let earliest = p.last_run.map(|l| l + req.min_interval);
+                    let due = (Instant::now() + settle).max(earliest.unwrap_or_else(Instant::now));
+                    p.due = Some(due);
+                    p.min_interval = req.min_interval;
+                    p.target = Some(req.target);
+                    p.why.push(req.why);
+                    p.failures = 0;
+                }
+            },
+            Some((key, ok)) = done_rx.recv() => {
+                metrics.restart(ok);
+                if let Some(p) = pending.get_mut(&key) {
+                    p.running = false;
+                    p.last_run = Some(Instant::now());
+                    if ok {
+                        p.failures = 0;
+                        if p.due.is_none() {
+                            pending.remove(&key);
+                        }
+                    } else {
+                        let backoff = FIRST_BACKOFF
+                            .saturating_mul(1 << p.failures.min(8))
+                            .min(MAX_BACKOFF);
+                        p.failures += 1;
+                        // A newer request keeps its own (later) due time.
+                        p.due = Some(p.due.unwrap_or(Instant::now()).max(Instant::now() + backoff));
+                        warn!(instance = %key, retry_in = ?backoff, "restart failed; retrying");
+                    }
+                }
+            },
+            () = sleep_until(next) => {
+                let now = Instant::now();
+                for (key, p) in pending.iter_mut() {
+                    if p.running || p.due.is_none_or(|d| d > now) {
+                        continue;
+                    }
+                    p.due = None;
+                    p.running = true;
+                    let target = p.target.clone().expect("set with the request");
+                    let why = std::mem::take(&mut p.why).join("; ");
+                    let argv = cmd.render(&target);
+                    let done = done_tx.clone();
+                    let key = key.clone();
+                    tokio::spawn(async move {
+                        let ok = run_command(&key, &argv, timeout, &why).await;
+                        let _ = done.send((key, ok));
+                    });
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn run_command(key: &ObjectKey, argv: &[String], timeout: Duration, why: &str) -> bool {
+    info!(instance = %key, command = ?argv, why, "restarting");
+    let child = tokio::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(timeout, child).await {
+        Err(_) => {
+            warn!(instance = %key, ?timeout, "restart command timed out; killed");
+            false
+        }
+        Ok(Err(e)) => {
+            warn!(instance = %key, error = %e, "restart command could not start");
+            false
+        }
+        Ok(Ok(out)) => {
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if out.status.success() {
+                info!(instance = %key, stdout = %stdout.trim_end(), stderr = %stderr.trim_end(), "restart command succeeded");
+                true
+            } else {
+                warn!(instance = %key, status = %out.status, stdout = %stdout.trim_end(), stderr = %stderr.trim_end(), "restart command failed");
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_split_without_a_shell_and_fill_placeholders() {
+        let c = RestartCommand::parse("systemctl restart 'agent@{name}.service' --env {envDir}")
+            .unwrap();
+        let t = Target {
+            key: ObjectKey::new("dev", "alice"),
+            agent_type: "coder".into(),
+            env_dir: "/srv/env/dev/alice".into(),
+        };
+        assert_eq!(
+            c.render(&t),
+            ["systemctl", "restart", "agent@alice.service", "--env", "/srv/env/dev/alice"]
+        );
+        assert!(RestartCommand::parse("x {nme}").unwrap_err().contains("{nme}"));
+        assert!(RestartCommand::parse("x 'open").is_err());
+        assert!(RestartCommand::parse("").is_err());
+    }
+}
