@@ -74,7 +74,10 @@ pub enum LoopError {
 }
 
 /// Reads the builtin layer and the manifests.
-pub fn read_inputs(files: &[PathBuf], config: Option<&PathBuf>) -> Result<(Builtin, Snapshot), String> {
+pub fn read_inputs(
+    files: &[PathBuf],
+    config: Option<&PathBuf>,
+) -> Result<(Builtin, Snapshot), String> {
     let builtin = match config {
         Some(dir) => Builtin::load_dir(dir).map_err(|e| crate::error_chain(&e))?,
         None => Builtin::default(),
@@ -106,16 +109,26 @@ struct Loop {
 
 /// Runs until SIGTERM or SIGINT. The pass in flight when a signal arrives
 /// is finished (its writes complete or never start), so no temp file stays.
-pub async fn run(settings: Settings, engine: Engine, metrics: Arc<Metrics>) -> Result<(), LoopError> {
+pub async fn run(
+    settings: Settings,
+    engine: Engine,
+    metrics: Arc<Metrics>,
+) -> Result<(), LoopError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(LoopError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(LoopError::Signals)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
-    let (builtin, snapshot) = read_inputs(&settings.files, settings.config.as_ref()).map_err(LoopError::Input)?;
+    let (builtin, snapshot) =
+        read_inputs(&settings.files, settings.config.as_ref()).map_err(LoopError::Input)?;
     let engine = engine.with_builtin(builtin);
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let _watch = FsWatch::start(&settings.files, settings.config.as_deref(), &settings.env_root, tx)?;
+    let _watch = FsWatch::start(
+        &settings.files,
+        settings.config.as_deref(),
+        &settings.env_root,
+        tx,
+    )?;
 
     let server = match settings.metrics_addr {
         Some(addr) => {
@@ -126,7 +139,11 @@ pub async fn run(settings: Settings, engine: Engine, metrics: Arc<Metrics>) -> R
             let shutdown = async move {
                 let _ = stop.changed().await;
             };
-            Some(tokio::spawn(crate::metrics::serve(listener, metrics.clone(), shutdown)))
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics.clone(),
+                shutdown,
+            )))
         }
         None => None,
     };
@@ -150,7 +167,8 @@ pub async fn run(settings: Settings, engine: Engine, metrics: Arc<Metrics>) -> R
     lp.pass(None, false).await;
     info!(instances = lp.snapshot.instances.len(), resync = ?lp.settings.resync, "watching for changes");
 
-    let mut resync = tokio::time::interval_at(Instant::now() + lp.settings.resync, lp.settings.resync);
+    let mut resync =
+        tokio::time::interval_at(Instant::now() + lp.settings.resync, lp.settings.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next_retry = lp.retry.values().map(|(at, _)| *at).min();
@@ -202,7 +220,14 @@ impl Loop {
         self.env_dirs = snapshot
             .instances
             .iter()
-            .map(|(k, i)| (crate::snapshot::env_path(k, i).trim_end_matches('/').to_owned(), k.clone()))
+            .map(|(k, i)| {
+                (
+                    crate::snapshot::env_path(k, i)
+                        .trim_end_matches('/')
+                        .to_owned(),
+                    k.clone(),
+                )
+            })
             .collect();
         self.metrics.instances.set(snapshot.instances.len() as i64);
         self.digests = digests;
@@ -290,16 +315,26 @@ impl Loop {
         if let Some(keys) = &only {
             // Files that stayed unparsable through every retry are treated as corrupt.
             opts.defer_corrupt = after_event
-                && keys.iter().all(|k| self.retry.get(k).is_none_or(|(_, n)| *n < BUSY_ATTEMPTS));
+                && keys
+                    .iter()
+                    .all(|k| self.retry.get(k).is_none_or(|(_, n)| *n < BUSY_ATTEMPTS));
             for k in keys {
-                if self.retry.get(k).is_some_and(|(at, _)| *at <= Instant::now()) {
+                if self
+                    .retry
+                    .get(k)
+                    .is_some_and(|(at, _)| *at <= Instant::now())
+                {
                     self.retry.remove(k);
                 }
             }
         }
         opts.only = only;
         let started = Instant::now();
-        let outcomes = match self.engine.pass_with(&snapshot, secrets.as_ref(), &opts).await {
+        let outcomes = match self
+            .engine
+            .pass_with(&snapshot, secrets.as_ref(), &opts)
+            .await
+        {
             Ok(o) => o,
             Err(e) => {
                 error!(error = %crate::error_chain(&e), "pass failed; retrying at the next change or resync");
@@ -307,7 +342,10 @@ impl Loop {
             }
         };
         self.metrics.record(&outcomes);
-        let written = outcomes.iter().filter(|o| o.reason == reason::RENDERED).count();
+        let written = outcomes
+            .iter()
+            .filter(|o| o.reason == reason::RENDERED)
+            .count();
         if written > 0 || opts.only.is_none() {
             info!(instances = outcomes.len(), written, took = ?started.elapsed(), full = opts.only.is_none(), "pass done");
         }
@@ -328,10 +366,25 @@ impl Loop {
             warn!(instance = %o.key, reason = o.reason, message = %o.message, "instance not ready");
             return;
         }
+        if o.reason == reason::RENDERED || !o.adopted.is_empty() {
+            info!(
+                instance = %o.key,
+                reason = o.reason,
+                changes = o.changes.len(),
+                drift = o.drift.len(),
+                adopted = o.adopted.len(),
+                message = %o.message,
+                "reconciled"
+            );
+        }
         if !o.drift.is_empty() {
             let fight = self.fights.entry(o.key.clone()).or_default();
             fight.corrections.push_back(now);
-            while fight.corrections.front().is_some_and(|t| now.duration_since(*t) > FIGHT_WINDOW) {
+            while fight
+                .corrections
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > FIGHT_WINDOW)
+            {
                 fight.corrections.pop_front();
             }
             if fight.corrections.len() >= FIGHT_THRESHOLD {
@@ -347,7 +400,9 @@ impl Loop {
                 );
             }
         } else if let Some(f) = self.fights.get(&o.key)
-            && f.corrections.back().is_none_or(|t| now.duration_since(*t) > FIGHT_WINDOW)
+            && f.corrections
+                .back()
+                .is_none_or(|t| now.duration_since(*t) > FIGHT_WINDOW)
         {
             self.fights.remove(&o.key);
         }
@@ -355,11 +410,18 @@ impl Loop {
     }
 
     fn restart(&self, o: &Outcome) {
-        let Some(restarter) = &self.restarter else { return };
-        let Some(inst) = self.snapshot.instances.get(&o.key) else { return };
+        let Some(restarter) = &self.restarter else {
+            return;
+        };
+        let Some(inst) = self.snapshot.instances.get(&o.key) else {
+            return;
+        };
         let policy = inst.spec.restart.clone().unwrap_or_default();
         // A change a drift correction explains is not a config change.
-        let changed = o.changes.iter().any(|c| !o.drift.contains(&format!("{}.{}", c.section, c.name)));
+        let changed = o
+            .changes
+            .iter()
+            .any(|c| !o.drift.contains(&format!("{}.{}", c.section, c.name)));
         let why = if changed && policy.on_change {
             "config changed"
         } else if !o.drift.is_empty() && policy.on_drift {

@@ -64,7 +64,11 @@ impl Default for Metrics {
             registry: Registry::default(),
         };
         registry.register("passes", "Reconcile passes run", m.passes.clone());
-        registry.register("renders", "Instances whose files were written", m.renders.clone());
+        registry.register(
+            "renders",
+            "Instances whose files were written",
+            m.renders.clone(),
+        );
         registry.register(
             "writes_skipped",
             "Instances found up to date (nothing written)",
@@ -77,7 +81,11 @@ impl Default for Metrics {
         );
         registry.register("adoptions", "Runtime installs adopted", m.adoptions.clone());
         registry.register("restarts", "Restart commands run", m.restarts.clone());
-        registry.register("errors", "Instances not ready after a pass", m.errors.clone());
+        registry.register(
+            "errors",
+            "Instances not ready after a pass",
+            m.errors.clone(),
+        );
         registry.register("instances", "AgentInstances known", m.instances.clone());
         Metrics { registry, ..m }
     }

@@ -263,9 +263,19 @@ mod tests {
         };
         assert_eq!(
             c.render(&t),
-            ["systemctl", "restart", "agent@alice.service", "--env", "/srv/env/dev/alice"]
+            [
+                "systemctl",
+                "restart",
+                "agent@alice.service",
+                "--env",
+                "/srv/env/dev/alice"
+            ]
         );
-        assert!(RestartCommand::parse("x {nme}").unwrap_err().contains("{nme}"));
+        assert!(
+            RestartCommand::parse("x {nme}")
+                .unwrap_err()
+                .contains("{nme}")
+        );
         assert!(RestartCommand::parse("x 'open").is_err());
         assert!(RestartCommand::parse("").is_err());
     }

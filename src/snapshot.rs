@@ -191,7 +191,12 @@ impl Snapshot {
             h.update((part.len() as u64).to_be_bytes());
             h.update(part);
         }
-        fn object<T: serde::Serialize>(h: &mut Sha256, kind: &str, meta: &kube::core::ObjectMeta, spec: &T) {
+        fn object<T: serde::Serialize>(
+            h: &mut Sha256,
+            kind: &str,
+            meta: &kube::core::ObjectMeta,
+            spec: &T,
+        ) {
             put(h, kind.as_bytes());
             put(h, meta.name.as_deref().unwrap_or("").as_bytes());
             put(h, &serde_json::to_vec(spec).expect("specs serialize"));

@@ -9,10 +9,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::builtin::Builtin;
 use crate::engine::{Engine, Mode, Outcome};
 use crate::envdir::{EnvRoot, STATE_DIR};
-use crate::secrets::{Chain, SecretProvider};
-use crate::state::{KeySource, StateStore, StoreSecrets};
 use crate::metrics::Metrics;
 use crate::restart::RestartCommand;
+use crate::secrets::{Chain, SecretProvider};
+use crate::state::{KeySource, StateStore, StoreSecrets};
 use crate::{error_chain, local, manifest, report, state};
 
 mod inspect;
