@@ -128,10 +128,16 @@ pub fn apply(root: &EnvRoot, input: &ApplyInput<'_>) -> Result<Applied, EnvDirEr
             let mut sections = Vec::new();
             for &section in file.sections() {
                 let mut installed = out.installed[section].clone();
+                let ledger = drift::with_pending(
+                    &ledger[section],
+                    input.state.pending.as_ref().map(|p| &p[section]),
+                    observed.learn[&section].as_ref(),
+                    input.hasher,
+                );
                 let findings = drift::classify(
                     section,
                     observed.learn[&section].as_ref(),
-                    &ledger[section],
+                    &ledger,
                     &input.declared[section],
                     &mut installed,
                     input.mode,

@@ -99,6 +99,32 @@ pub fn classify(
     f
 }
 
+/// The ledger to classify against after a pass that recorded `pending` and
+/// was then killed: an entry on disk equal to what it was about to write is
+/// the operator's (not a runtime install), and a ledger entry missing from
+/// disk that it was about to remove is gone by the operator's hand (not drift).
+pub fn with_pending<'a>(
+    ledger: &'a BTreeMap<String, LedgerEntry>,
+    pending: Option<&BTreeMap<String, LedgerEntry>>,
+    on_disk: Option<&Map<String, Value>>,
+    hasher: &Hasher,
+) -> std::borrow::Cow<'a, BTreeMap<String, LedgerEntry>> {
+    let (Some(pending), Some(disk)) = (pending, on_disk) else {
+        return std::borrow::Cow::Borrowed(ledger);
+    };
+    let mut out = ledger.clone();
+    for (name, value) in disk {
+        if let Some(p) = pending.get(name)
+            && ledger.get(name).is_none_or(|l| l.hash != p.hash)
+            && hasher.entry(value) == p.hash
+        {
+            out.insert(name.clone(), p.clone());
+        }
+    }
+    out.retain(|name, _| disk.contains_key(name) || pending.contains_key(name));
+    std::borrow::Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,5 +272,37 @@ mod tests {
         );
         assert_eq!(f.reverted, ["empty", "none"]);
         assert!(installed.is_empty());
+    }
+
+    #[test]
+    fn an_interrupted_write_is_recognised_as_the_operators() {
+        // Committed: a@m. A pass about to write b@m instead wrote the file and was killed.
+        let committed = ledger(&[("a@m", false, json!(true))]);
+        let pending = ledger(&[("b@m", false, json!(true))]);
+        let d = disk(json!({"b@m": true, "user@m": true}));
+        let effective = with_pending(&committed, Some(&pending), Some(&d), &hasher());
+        let mut installed = BTreeMap::new();
+        let f = classify(
+            Section::Plugins,
+            Some(&d),
+            &effective,
+            &declared(&["a@m"]),
+            &mut installed,
+            RuntimeInstalls::Preserve,
+            &hasher(),
+        );
+        // b@m is ours (not adopted), a@m was removed by us (not drift), the user's stays theirs.
+        assert_eq!(f.adopted, ["user@m"]);
+        assert!(f.drift.is_empty(), "{f:?}");
+        assert!(!installed.contains_key("b@m"));
+        // A value the pending pass would not have written is not taken for ours.
+        let d = disk(json!({"b@m": false}));
+        let effective = with_pending(&committed, Some(&pending), Some(&d), &hasher());
+        assert!(!effective.contains_key("b@m"));
+        // Without a pending record nothing changes.
+        assert!(matches!(
+            with_pending(&committed, None, Some(&d), &hasher()),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 }

@@ -12,6 +12,7 @@ use crate::apply::{self, Applied, ApplyInput, Change};
 use crate::builtin::Builtin;
 use crate::crd::{AgentInstance, EntrySource, Scope};
 use crate::envdir::{EnvDirError, EnvRoot, Owner};
+use crate::ledger::LedgerEntry;
 use crate::resolve::{self, Declared};
 use crate::secrets::{self, SecretProvider, UsedSecrets};
 use crate::section::PerSection;
@@ -323,6 +324,14 @@ impl Engine {
         };
         out.used_secrets = used;
 
+        if mode == Mode::Apply
+            && let Err(e) = self
+                .record_pending(key, &sections, &state, spec.runtime_installs)
+                .await
+        {
+            return out.fail(reason::STATE_FAILED, crate::error_chain(&e));
+        }
+
         let owner = spec.env_dir.as_ref().map_or(Owner::default(), |e| Owner {
             uid: e.uid,
             gid: e.gid,
@@ -365,6 +374,47 @@ impl Engine {
             }
         };
         self.report(out, applied, old_state, mode).await
+    }
+
+    /// Records what this pass may write before it writes, unless the ledger
+    /// already says exactly that (the usual no-op pass costs no write).
+    /// Kept: entries an earlier interrupted pass recorded, in case it wrote them.
+    async fn record_pending(
+        &self,
+        key: &ObjectKey,
+        declared: &PerSection<resolve::Entries>,
+        state: &InstanceState,
+        mode: crate::crd::RuntimeInstalls,
+    ) -> Result<(), StoreError> {
+        let hasher = self.store.hasher();
+        let mut pending = PerSection::from_fn(|s| {
+            resolve::desired_section(s, &declared[s], &state.installed[s], mode)
+                .iter()
+                .map(|(name, e)| {
+                    let entry = LedgerEntry {
+                        installed: e.origin == resolve::Origin::Installed,
+                        hash: hasher.entry(&e.value),
+                    };
+                    (name.clone(), entry)
+                })
+                .collect::<std::collections::BTreeMap<_, _>>()
+        });
+        if state.ledger.as_ref().is_some_and(|l| l.entries == pending) && state.pending.is_none() {
+            return Ok(());
+        }
+        if let Some(old) = &state.pending {
+            for (section, entries) in old.iter() {
+                for (name, e) in entries {
+                    pending[section]
+                        .entry(name.clone())
+                        .or_insert_with(|| e.clone());
+                }
+            }
+        }
+        if state.pending.as_ref() == Some(&pending) {
+            return Ok(());
+        }
+        self.store.save_pending(key, &pending).await
     }
 
     async fn report(
@@ -454,6 +504,7 @@ impl Engine {
         let new = InstanceState {
             ledger: Some(ledger),
             installed: applied.installed,
+            pending: None,
         };
         out.content_hash = new.ledger.as_ref().map(|l| l.content_hash.clone());
         if new == old && out.changes.is_empty() && applied.written.is_empty() {

@@ -33,7 +33,14 @@ pub struct InstanceState {
     pub ledger: Option<crate::ledger::Ledger>,
     /// Adopted runtime installs.
     pub installed: Installed,
+    /// What a pass recorded it was about to write and never confirmed (it
+    /// was killed between writing and saving): entries on disk matching it
+    /// are the operator's, not runtime installs.
+    pub pending: Option<LedgerEntries>,
 }
+
+/// Ledger entries per owned key.
+pub type LedgerEntries = crate::section::PerSection<BTreeMap<String, crate::ledger::LedgerEntry>>;
 
 /// One line of the audit trail; never holds a value, only names.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -205,6 +212,13 @@ pub trait StateStore: Send + Sync {
         key: &InstanceKey,
         state: &InstanceState,
         audit: &AuditRecord,
+    ) -> Result<(), StoreError>;
+    /// Records what a pass is about to write, before it writes (cleared by
+    /// the next [`StateStore::save`]).
+    async fn save_pending(
+        &self,
+        key: &InstanceKey,
+        pending: &LedgerEntries,
     ) -> Result<(), StoreError>;
     /// Appends audit records of passes that stored no state, in one transaction.
     async fn audit(&self, records: &[(InstanceKey, AuditRecord)]) -> Result<(), StoreError>;

@@ -13,8 +13,8 @@ use sqlx::{AnyPool, Executor, Row};
 use zeroize::Zeroizing;
 
 use super::{
-    AuditRecord, Database, InstalledInfo, InstanceKey, InstanceState, Rotation, SecretInfo,
-    StateStore, StoreError,
+    AuditRecord, Database, InstalledInfo, InstanceKey, InstanceState, LedgerEntries, Rotation,
+    SecretInfo, StateStore, StoreError,
 };
 use crate::crypto::{Aad, Keyring, MasterKey, Sealed};
 use crate::ledger::{Hasher, Ledger, LedgerEntry};
@@ -366,6 +366,13 @@ fn parse_ledger(key: &InstanceKey, row: &AnyRow) -> Result<Ledger, StoreError> {
     })
 }
 
+fn parse_pending(key: &InstanceKey, row: &AnyRow) -> Result<Option<LedgerEntries>, StoreError> {
+    col::<Option<String>>(row, "pending")?
+        .map(|p| serde_json::from_str::<StoredEntries>(&p).map(|e| e.0))
+        .transpose()
+        .map_err(corrupt("pending ledger", key))
+}
+
 async fn insert_installed(
     tx: &mut Tx<'_>,
     key: &InstanceKey,
@@ -451,6 +458,7 @@ impl StateStore for SqlStore {
             .map_err(q("loading a ledger"))?;
         if let Some(row) = row {
             state.ledger = Some(parse_ledger(key, &row)?);
+            state.pending = parse_pending(key, &row)?;
         }
         let rows = sqlx::query("SELECT * FROM installed WHERE namespace = $1 AND name = $2")
             .bind(&key.namespace)
@@ -473,7 +481,10 @@ impl StateStore for SqlStore {
         for row in &rows {
             let key = row_key(row)?;
             let ledger = parse_ledger(&key, row)?;
-            out.entry(key).or_default().ledger = Some(ledger);
+            let pending = parse_pending(&key, row)?;
+            let state = out.entry(key).or_default();
+            state.ledger = Some(ledger);
+            state.pending = pending;
         }
         let rows = sqlx::query("SELECT * FROM installed")
             .fetch_all(&self.pool)
@@ -505,7 +516,7 @@ impl StateStore for SqlStore {
                 sqlx::query(
                     "INSERT INTO ledger (namespace, name, entries, content_hash, written_at) VALUES ($1, $2, $3, $4, $5)
                      ON CONFLICT (namespace, name) DO UPDATE SET entries = excluded.entries,
-                     content_hash = excluded.content_hash, written_at = excluded.written_at",
+                     content_hash = excluded.content_hash, written_at = excluded.written_at, pending = NULL",
                 )
                 .bind(&key.namespace)
                 .bind(&key.name)
@@ -574,6 +585,34 @@ impl StateStore for SqlStore {
         }
         insert_audit(&mut tx, key, audit).await?;
         tx.commit().await.map_err(q("committing"))?;
+        Ok(())
+    }
+
+    async fn save_pending(
+        &self,
+        key: &InstanceKey,
+        pending: &LedgerEntries,
+    ) -> Result<(), StoreError> {
+        // A first render has no ledger row yet: an empty one carries the pending entries.
+        sqlx::query(
+            "INSERT INTO ledger (namespace, name, entries, content_hash, written_at, pending)
+             VALUES ($1, $2, $3, '', $4, $5)
+             ON CONFLICT (namespace, name) DO UPDATE SET pending = excluded.pending",
+        )
+        .bind(&key.namespace)
+        .bind(&key.name)
+        .bind(
+            serde_json::to_string(&StoredEntries(LedgerEntries::default()))
+                .expect("ledger entries serialize"),
+        )
+        .bind(crate::time::now().to_string())
+        .bind(
+            serde_json::to_string(&StoredEntries(pending.clone()))
+                .expect("ledger entries serialize"),
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(q("recording what is about to be written"))?;
         Ok(())
     }
 
