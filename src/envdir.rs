@@ -132,6 +132,25 @@ pub enum WriteOutcome {
     Raced,
 }
 
+/// Suffix of the lock Claude Code (through `proper-lockfile`) takes on a config file.
+pub const LOCK_SUFFIX: &str = ".lock";
+/// A lock older than this is abandoned (`proper-lockfile`'s default).
+pub const LOCK_STALE: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a write waits for a lock before it reads and merges again.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Releases a lock when dropped.
+struct LockGuard<'a> {
+    dir: &'a Dir,
+    name: String,
+}
+
+impl Drop for LockGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.dir.remove_dir(&self.name);
+    }
+}
+
 /// The env root.
 #[derive(Debug)]
 pub struct EnvRoot {
@@ -367,6 +386,12 @@ impl InstanceDir {
             f.sync_all().map_err(|e| io_err("cannot fsync", e))?;
         }
         drop(f);
+        // Claude Code saves its config holding `<file>.lock`; holding it too
+        // from the stamp check to the rename means neither side overwrites a
+        // write the other has not seen.
+        let Some(_lock) = self.lock(name)? else {
+            return Ok(WriteOutcome::Raced);
+        };
         if self.current_stamp(name)? != expected {
             return Ok(WriteOutcome::Raced);
         }
@@ -374,6 +399,43 @@ impl InstanceDir {
             .rename(tmp, &self.dir, name)
             .map_err(|e| io_err("cannot rename into place", e))?;
         Ok(WriteOutcome::Written)
+    }
+
+    /// Takes `<name>.lock` the way `proper-lockfile` does (an atomic mkdir; a
+    /// lock not refreshed for [`LOCK_STALE`] is abandoned and taken over).
+    /// `None` when another writer kept it for [`LOCK_WAIT`]: the caller
+    /// retries as after a race.
+    fn lock(&self, name: &str) -> Result<Option<LockGuard<'_>>, EnvDirError> {
+        let lock = format!("{name}{LOCK_SUFFIX}");
+        let started = std::time::Instant::now();
+        loop {
+            match self.dir.create_dir(&lock) {
+                Ok(()) => {
+                    return Ok(Some(LockGuard {
+                        dir: &self.dir,
+                        name: lock,
+                    }));
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    let stale = self
+                        .dir
+                        .symlink_metadata(&lock)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.into_std().elapsed().ok())
+                        .is_some_and(|age| age > LOCK_STALE);
+                    if stale {
+                        let _ = self.dir.remove_dir(&lock);
+                        continue;
+                    }
+                    if started.elapsed() > LOCK_WAIT {
+                        return Ok(None);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(e) => return Err(EnvDirError::io("cannot lock", self.display(&lock), e)),
+            }
+        }
     }
 
     /// Moves a file that cannot be merged into aside (never deletes it) and

@@ -11,7 +11,7 @@ use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RemoveKind};
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use crate::envdir::STATE_DIR;
+use crate::envdir::{LOCK_SUFFIX, STATE_DIR};
 use crate::section::EnvFile;
 
 /// What a notification means to the loop.
@@ -121,9 +121,16 @@ fn classify(roots: &Roots, event: &Event) -> Vec<Change> {
             }
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             let env_file = EnvFile::ALL.iter().any(|f| f.file_name() == name);
-            // A removed directory may be an env dir (or hold some).
-            let dir_gone = matches!(event.kind, EventKind::Remove(RemoveKind::Folder))
-                || (matches!(event.kind, EventKind::Remove(_)) && !env_file);
+            // Locks and temp files (ours and other writers') come and go with
+            // every write; the rename that ends a write is what counts.
+            let transient = name.ends_with(LOCK_SUFFIX) || name.ends_with(".tmp");
+            // A directory removed or moved away may be an env dir (or hold some).
+            let dir_gone = !transient
+                && matches!(
+                    event.kind,
+                    EventKind::Remove(RemoveKind::Folder | RemoveKind::Any)
+                        | EventKind::Modify(ModifyKind::Name(_))
+                );
             if env_file || dir_gone {
                 out.push(Change::EnvPath(rel.to_owned()));
             }

@@ -27,6 +27,10 @@ use crate::state::StoreSecrets;
 pub const BUSY_RETRY: Duration = Duration::from_millis(100);
 /// ...this many times, then treated as corrupt (moved aside, rendered fresh).
 pub const BUSY_ATTEMPTS: u32 = 5;
+/// First wait before a failed write is tried again; doubles up to [`IO_RETRY_MAX`].
+pub const IO_RETRY: Duration = Duration::from_millis(250);
+/// Longest wait between tries of a failed write.
+pub const IO_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Corrections of one instance within this window that count as a fight.
 pub const FIGHT_WINDOW: Duration = Duration::from_secs(60);
 /// Corrections within the window before the loop backs off.
@@ -364,6 +368,13 @@ impl Loop {
         }
         if !o.ready {
             warn!(instance = %o.key, reason = o.reason, message = %o.message, "instance not ready");
+            // IO can succeed next time (a busy file, a full disk freed): retry with
+            // backoff. Input problems wait for the input to change.
+            if matches!(o.reason, reason::WRITE_FAILED | reason::STATE_FAILED) {
+                let n = self.retry.get(&o.key).map_or(0, |(_, n)| *n) + 1;
+                let wait = (IO_RETRY * 2u32.saturating_pow(n.min(8))).min(IO_RETRY_MAX);
+                self.retry.insert(o.key.clone(), (now + wait, n));
+            }
             return;
         }
         if o.reason == reason::RENDERED || !o.adopted.is_empty() {

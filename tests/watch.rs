@@ -362,3 +362,75 @@ fn metrics_endpoint_counts_what_the_loop_did() {
     }
     assert!(get("/healthz").starts_with("HTTP/1.1 200"));
 }
+
+/// Writes `key` into `.claude.json` the way Claude Code saves its config:
+/// holding `<file>.lock` (an atomic mkdir) around read, modify, rename.
+fn locked_update(path: &std::path::Path, key: &str, value: Value) {
+    let lock = path.with_file_name(".claude.json.lock");
+    while std::fs::create_dir(&lock).is_err() {
+        std::thread::yield_now();
+    }
+    let mut v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    v[key] = value;
+    let tmp = path.with_file_name(".claude.json.writer");
+    std::fs::write(&tmp, serde_json::to_vec(&v).unwrap()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+    std::fs::remove_dir(&lock).unwrap();
+}
+
+#[test]
+fn a_concurrent_writer_and_the_operator_lose_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let h = Host::new();
+    let version = |n: usize| {
+        docs(&[
+            instance("dev", "alice", "coder"),
+            mcp(
+                "dev",
+                "s",
+                "agentType: coder",
+                &format!("stdio:\n  command: run-{n}\n"),
+            ),
+        ])
+    };
+    h.manifest("fleet", &version(0));
+    let lp = Loop::start(&h, &[]);
+    let path = h.env_file("dev/alice/.claude.json");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, path) = (stop.clone(), path.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                locked_update(&path, &format!("k{n}"), json!(n));
+                n += 1;
+            }
+            n
+        })
+    };
+    const VERSIONS: usize = 40;
+    for n in 1..=VERSIONS {
+        h.manifest("fleet", &version(n));
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    let command = |v: &Value| v["mcpServers"]["s"]["command"].clone();
+    wait_until(
+        "the last version rendered",
+        || command(&h.read_json("dev/alice/.claude.json")) == json!(format!("run-{VERSIONS}")),
+        || lp.log(),
+    );
+    let file = h.read_json("dev/alice/.claude.json");
+    let lost: Vec<usize> = (0..written)
+        .filter(|n| file[format!("k{n}")] != json!(n))
+        .collect();
+    assert!(written > 100, "the writer only managed {written} writes");
+    assert!(
+        lost.is_empty(),
+        "{} of {written} writer keys lost: {lost:?}",
+        lost.len()
+    );
+    eprintln!("{written} concurrent writes, none lost; the operator rendered {VERSIONS} versions");
+}
