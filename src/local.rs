@@ -18,7 +18,7 @@ use crate::builtin::Builtin;
 use crate::engine::{Engine, Mode, Outcome, PassOptions, reason};
 use crate::fswatch::{Change, FsWatch, WatchError};
 use crate::metrics::Metrics;
-use crate::restart::{self, RestartCommand, Restarter, Target};
+use crate::restart::{self, RestartCommand, Restarter, Target, sleep_until};
 use crate::secrets::{Chain, SecretProvider};
 use crate::snapshot::{InputDigest, ObjectKey, Snapshot};
 use crate::state::StoreSecrets;
@@ -203,13 +203,6 @@ pub async fn run(
         let _ = server.await;
     }
     Ok(())
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 impl Loop {

@@ -5,7 +5,7 @@
 mod common;
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::*;
 use serde_json::{Value, json};
@@ -83,13 +83,6 @@ fn check(h: &Host, when: &str) {
         assert_eq!(c["numStartups"], i, "{when}: a{i} lost a user key");
         assert_eq!(c["projects"]["/w"]["allowedTools"], json!(["Bash"]));
     }
-}
-
-fn jitter(seed: &mut u64, max: Duration) -> Duration {
-    *seed ^= *seed << 13;
-    *seed ^= *seed >> 7;
-    *seed ^= *seed << 17;
-    max.mul_f64((*seed % 10_000) as f64 / 10_000.0)
 }
 
 #[test]

@@ -95,27 +95,12 @@ fn instance_binding_disables_a_plugin_the_type_enables() {
     );
 }
 
-const TOKEN: &str = "s3cr3t-forgejo-token-7f2a";
-
-fn forgejo(h: &Host) {
-    h.manifest(
-        "fleet",
-        &docs(&[
-            instance("dev", "alice", "coder"),
-            mcp(
-                "dev",
-                "forgejo",
-                "agentType: coder",
-                "stdio:\n  command: forgejo-mcp\n  env:\n    FORGEJO_TOKEN: \"${SECRET:FORGEJO_TOKEN_DEV}\"\n",
-            ),
-        ]),
-    );
-}
+const TOKEN: &str = FORGEJO_TOKEN;
 
 #[test]
 fn secret_reaches_claude_json_and_nowhere_else() {
     let h = Host::new();
-    forgejo(&h);
+    forgejo_fleet(&h);
     h.manifest(
         "secret",
         &secret("dev", "forgejo", &[("FORGEJO_TOKEN_DEV", TOKEN)]),
@@ -165,7 +150,7 @@ fn secret_reaches_claude_json_and_nowhere_else() {
 #[test]
 fn missing_secret_renders_nothing_and_keeps_the_last_good_files() {
     let h = Host::new();
-    forgejo(&h);
+    forgejo_fleet(&h);
     h.manifest(
         "secret",
         &secret("dev", "forgejo", &[("FORGEJO_TOKEN_DEV", TOKEN)]),
@@ -533,7 +518,7 @@ fn bindings_never_cross_namespaces() {
 #[test]
 fn diff_shows_changes_masked_and_changes_nothing() {
     let h = Host::new();
-    forgejo(&h);
+    forgejo_fleet(&h);
     h.manifest(
         "secret",
         &secret("dev", "forgejo", &[("FORGEJO_TOKEN_DEV", TOKEN)]),

@@ -5,29 +5,14 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use base64::Engine as _;
 use common::db::{Backend, backends, dump_postgres};
 use common::*;
 use serde_json::{Value, json};
 
-const TOKEN: &str = "s3cr3t-forgejo-token-7f2a";
-
-fn forgejo_fleet(h: &Host) {
-    h.manifest(
-        "fleet",
-        &docs(&[
-            instance("dev", "alice", "coder"),
-            mcp(
-                "dev",
-                "forgejo",
-                "agentType: coder",
-                "stdio:\n  command: forgejo-mcp\n  env:\n    FORGEJO_TOKEN: \"${SECRET:FORGEJO_TOKEN_DEV}\"\n",
-            ),
-        ]),
-    );
-}
+const TOKEN: &str = FORGEJO_TOKEN;
 
 fn set(h: &Host, ns: &str, name: &str, value: &str) -> Run {
     h.run(&["secret", "set", name, "-n", ns], Some(value))
@@ -370,14 +355,6 @@ fn history_shows_what_each_pass_did() {
         let none = h.run(&["history", "dev/nobody"], None);
         assert_eq!(none.code, 1);
     }
-}
-
-/// Random enough for kill timing, without a dependency.
-fn jitter(seed: &mut u64, max: Duration) -> Duration {
-    *seed ^= *seed << 13;
-    *seed ^= *seed >> 7;
-    *seed ^= *seed << 17;
-    max.mul_f64((*seed % 10_000) as f64 / 10_000.0)
 }
 
 fn key_id(path: &Path) -> String {

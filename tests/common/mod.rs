@@ -269,3 +269,30 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// A random point in `[0, max)` for kill timing (xorshift; no dependency).
+pub fn jitter(seed: &mut u64, max: std::time::Duration) -> std::time::Duration {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    max.mul_f64((*seed % 10_000) as f64 / 10_000.0)
+}
+
+/// The secret of [`forgejo_fleet`].
+pub const FORGEJO_TOKEN: &str = "s3cr3t-forgejo-token-7f2a";
+
+/// One coder instance whose MCP server takes `${SECRET:FORGEJO_TOKEN_DEV}`.
+pub fn forgejo_fleet(h: &Host) {
+    h.manifest(
+        "fleet",
+        &docs(&[
+            instance("dev", "alice", "coder"),
+            mcp(
+                "dev",
+                "forgejo",
+                "agentType: coder",
+                "stdio:\n  command: forgejo-mcp\n  env:\n    FORGEJO_TOKEN: \"${SECRET:FORGEJO_TOKEN_DEV}\"\n",
+            ),
+        ]),
+    );
+}
