@@ -355,8 +355,7 @@ impl Loop {
     fn after(&mut self, o: &Outcome) {
         let now = Instant::now();
         if o.reason == reason::FILE_BUSY {
-            let n = self.retry.get(&o.key).map_or(0, |(_, n)| *n) + 1;
-            self.retry.insert(o.key.clone(), (now + BUSY_RETRY, n));
+            self.retry_later(&o.key, |_| BUSY_RETRY);
             return;
         }
         if !o.ready {
@@ -364,9 +363,9 @@ impl Loop {
             // IO can succeed next time (a busy file, a full disk freed): retry with
             // backoff. Input problems wait for the input to change.
             if matches!(o.reason, reason::WRITE_FAILED | reason::STATE_FAILED) {
-                let n = self.retry.get(&o.key).map_or(0, |(_, n)| *n) + 1;
-                let wait = (IO_RETRY * 2u32.saturating_pow(n.min(8))).min(IO_RETRY_MAX);
-                self.retry.insert(o.key.clone(), (now + wait, n));
+                self.retry_later(&o.key, |n| {
+                    (IO_RETRY * 2u32.saturating_pow(n.min(8))).min(IO_RETRY_MAX)
+                });
             }
             return;
         }
@@ -411,6 +410,13 @@ impl Loop {
             self.fights.remove(&o.key);
         }
         self.restart(o);
+    }
+
+    /// Schedules another pass over `key`; `wait` gets the attempt number (from 1).
+    fn retry_later(&mut self, key: &ObjectKey, wait: impl FnOnce(u32) -> Duration) {
+        let n = self.retry.get(key).map_or(0, |(_, n)| *n) + 1;
+        self.retry
+            .insert(key.clone(), (Instant::now() + wait(n), n));
     }
 
     fn restart(&self, o: &Outcome) {

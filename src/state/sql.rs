@@ -373,6 +373,28 @@ fn parse_pending(key: &InstanceKey, row: &AnyRow) -> Result<Option<LedgerEntries
         .map_err(corrupt("pending ledger", key))
 }
 
+/// A secret's value sealed for its place (as a JSON string, which
+/// [`SqlStore::open_secret`] reads back).
+fn seal_secret(keys: &Keyring, namespace: &str, name: &str, value: &SecretValue) -> Sealed {
+    let plain = Zeroizing::new(serde_json::to_vec(value.expose()).expect("strings serialize"));
+    keys.seal(&Aad::secret(namespace, name), &plain)
+}
+
+/// An installed entry sealed for its place.
+fn seal_installed(
+    keys: &Keyring,
+    key: &InstanceKey,
+    section: &str,
+    entry: &str,
+    value: &Value,
+) -> Sealed {
+    let plain = Zeroizing::new(serde_json::to_vec(value).expect("JSON values serialize"));
+    keys.seal(
+        &Aad::installed(&key.namespace, &key.name, section, entry),
+        &plain,
+    )
+}
+
 async fn insert_installed(
     tx: &mut Tx<'_>,
     key: &InstanceKey,
@@ -574,12 +596,7 @@ impl StateStore for SqlStore {
                 if kept.iter().any(|(s, e)| *s == section && e == entry) {
                     continue;
                 }
-                let plain =
-                    Zeroizing::new(serde_json::to_vec(value).expect("JSON values serialize"));
-                let sealed = self.keys.seal(
-                    &Aad::installed(&key.namespace, &key.name, section.key(), entry),
-                    &plain,
-                );
+                let sealed = seal_installed(&self.keys, key, section.key(), entry, value);
                 insert_installed(&mut tx, key, section.key(), entry, &sealed, &now).await?;
             }
         }
@@ -661,8 +678,7 @@ impl StateStore for SqlStore {
         name: &str,
         value: &SecretValue,
     ) -> Result<(), StoreError> {
-        let plain = Zeroizing::new(serde_json::to_vec(value.expose()).expect("strings serialize"));
-        let sealed = self.keys.seal(&Aad::secret(namespace, name), &plain);
+        let sealed = seal_secret(&self.keys, namespace, name, value);
         let now = crate::time::now().to_string();
         sqlx::query(
             "INSERT INTO secrets (namespace, name, key_id, nonce, ciphertext, created_at, updated_at)
@@ -766,9 +782,7 @@ impl StateStore for SqlStore {
         for r in &rows {
             let key = row_key(r)?;
             let value = opener.open_secret(&key.namespace, &key.name, &sealed(r)?)?;
-            let plain =
-                Zeroizing::new(serde_json::to_vec(value.expose()).expect("strings serialize"));
-            let s = sealer.seal(&Aad::secret(&key.namespace, &key.name), &plain);
+            let s = seal_secret(&sealer, &key.namespace, &key.name, &value);
             sqlx::query(
                 "UPDATE secrets SET key_id = $1, nonce = $2, ciphertext = $3 WHERE namespace = $4 AND name = $5",
             )
@@ -791,11 +805,7 @@ impl StateStore for SqlStore {
             let key = row_key(r)?;
             let (section, entry): (String, String) = (col(r, "section")?, col(r, "entry")?);
             let value = opener.open_installed(&key, &section, &entry, &sealed(r)?)?;
-            let plain = Zeroizing::new(serde_json::to_vec(&value).expect("JSON values serialize"));
-            let s = sealer.seal(
-                &Aad::installed(&key.namespace, &key.name, &section, &entry),
-                &plain,
-            );
+            let s = seal_installed(&sealer, &key, &section, &entry, &value);
             insert_installed(
                 &mut tx,
                 &key,
