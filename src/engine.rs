@@ -2,7 +2,7 @@
 //! report, per instance, with bounded concurrency. Used by `reconcile` and
 //! `diff` alike.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -14,7 +14,7 @@ use crate::crd::{AgentInstance, EntrySource, Scope};
 use crate::envdir::{EnvDirError, EnvRoot, Owner};
 use crate::ledger::LedgerEntry;
 use crate::resolve::{self, Declared};
-use crate::secrets::{self, SecretProvider, UsedSecrets};
+use crate::secrets::{self, SecretProvider, SecretRef, UsedSecrets};
 use crate::section::PerSection;
 use crate::snapshot::{self, ObjectKey, ScopeIndex, Snapshot};
 use crate::state::{AuditRecord, InstanceState, StateStore, StoreError};
@@ -101,6 +101,9 @@ pub struct Outcome {
     pub warnings: Vec<String>,
     /// Secret values used, to mask them in output.
     pub used_secrets: UsedSecrets,
+    /// Every secret the declared entries refer to, found or not: a change
+    /// to one of them is a reason to pass this instance again.
+    pub secret_refs: BTreeSet<SecretRef>,
     /// Hash of the owned keys as they are on disk now, when rendered.
     pub content_hash: Option<String>,
     /// The audit record was stored with the state (otherwise the pass
@@ -109,7 +112,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn new(key: &ObjectKey, agent_type: &str, env_dir: String) -> Outcome {
+    pub(crate) fn new(key: &ObjectKey, agent_type: &str, env_dir: String) -> Outcome {
         Outcome {
             key: key.clone(),
             agent_type: agent_type.to_owned(),
@@ -124,12 +127,13 @@ impl Outcome {
             adopted: Vec::new(),
             warnings: Vec::new(),
             used_secrets: UsedSecrets::default(),
+            secret_refs: BTreeSet::new(),
             content_hash: None,
             audited: false,
         }
     }
 
-    fn fail(mut self, reason: &'static str, message: String) -> Outcome {
+    pub(crate) fn fail(mut self, reason: &'static str, message: String) -> Outcome {
         self.ready = false;
         self.reason = reason;
         self.message = message;
@@ -223,15 +227,17 @@ impl Engine {
         let index = snapshot.index();
         let collisions = env_dir_collisions(snapshot);
 
-        let selected = snapshot
-            .instances
-            .iter()
-            .filter(|(k, _)| opts.only.as_ref().is_none_or(|o| o.contains(*k)));
-        let work = selected.map(|(key, inst)| {
+        // A plain loop, not iterator closures: the futures must be `Send` for
+        // any lifetime, which closures over borrowed keys defeat.
+        let mut work = Vec::new();
+        for (key, inst) in &snapshot.instances {
+            if opts.only.as_ref().is_some_and(|o| !o.contains(key)) {
+                continue;
+            }
             let state = states.remove(key).unwrap_or_default();
             let collision = collisions.get(key).cloned();
-            self.instance(key, inst, &index, secrets, state, opts, collision)
-        });
+            work.push(self.instance(key, inst, &index, secrets, state, opts, collision));
+        }
         let mut outcomes: Vec<Outcome> = futures::stream::iter(work)
             .buffer_unordered(self.concurrency)
             .collect()
@@ -308,6 +314,12 @@ impl Engine {
         out.warnings
             .extend(declared.conflicts.iter().map(|c| format!("Conflict: {c}")));
         let Declared { mut sections, .. } = declared;
+        for e in sections.mcp_servers.values_mut() {
+            secrets::for_each_secret_field(&mut e.value, |_, text| {
+                out.secret_refs
+                    .extend(secrets::references(text).unwrap_or_default());
+            });
+        }
         let used = match secrets::fill(
             &key.namespace,
             sections.mcp_servers.values_mut().map(|e| &mut e.value),

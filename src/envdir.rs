@@ -13,6 +13,9 @@ use crate::section::EnvFile;
 
 /// The directory under the env root holding the operator's own state.
 pub const STATE_DIR: &str = ".agent-env";
+/// In an env dir: the pods the operator checked the env dir for, read by
+/// `agent-env wait` in the pod's init container.
+pub const BOOT_MARKER: &str = ".agent-env-ready";
 
 /// An env dir operation failed. Paths are shown relative to the env root.
 #[derive(Debug, thiserror::Error)]
@@ -234,6 +237,30 @@ impl EnvRoot {
     }
 }
 
+fn temp_name(name: &str) -> String {
+    format!(
+        ".{name}.agent-env-{}-{}.tmp",
+        std::process::id(),
+        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl EnvRoot {
+    /// Removes an instance's env dir and everything in it (deletion policy
+    /// `Delete`). Symlinks inside are removed, never followed. False when
+    /// there was nothing to remove.
+    pub fn remove_instance(&self, rel: &str) -> Result<bool, EnvDirError> {
+        let Some(root) = &self.dir else {
+            return Ok(false);
+        };
+        match root.remove_dir_all(rel) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(EnvDirError::io("cannot remove env dir", rel, e)),
+        }
+    }
+}
+
 /// Directory handles are `O_PATH`, which `fchown` refuses: change the leaf
 /// through its parent's handle instead, never following a symlink.
 fn chown_dir(root: &Dir, rel: &str, owner: Owner) -> io::Result<()> {
@@ -308,9 +335,10 @@ impl InstanceDir {
         for e in entries.flatten() {
             let name = e.file_name();
             let Some(name) = name.to_str() else { continue };
-            let ours = EnvFile::ALL.iter().any(|f| {
+            let names = EnvFile::ALL.iter().map(|f| f.file_name());
+            let ours = names.chain([BOOT_MARKER]).any(|f| {
                 name.strip_prefix('.')
-                    .and_then(|n| n.strip_prefix(f.file_name()))
+                    .and_then(|n| n.strip_prefix(f))
                     .is_some_and(|rest| rest.starts_with(".agent-env-") && rest.ends_with(".tmp"))
             });
             if ours && self.dir.remove_file(name).is_ok() {
@@ -342,13 +370,32 @@ impl InstanceDir {
         owner: Owner,
     ) -> Result<WriteOutcome, EnvDirError> {
         let name = file.file_name();
-        let tmp = format!(
-            ".{name}.agent-env-{}-{}.tmp",
-            std::process::id(),
-            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
+        let tmp = temp_name(name);
         let result = self.write_temp_and_rename(name, &tmp, bytes, expected, mode, owner);
         if !matches!(result, Ok(WriteOutcome::Written)) {
+            let _ = self.dir.remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Replaces a file the operator alone writes (the boot marker)
+    /// atomically, with no lock or race check.
+    pub fn put(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        mode: u32,
+        owner: Owner,
+    ) -> Result<(), EnvDirError> {
+        let tmp = temp_name(name);
+        let result = self
+            .write_temp(name, &tmp, bytes, mode, owner)
+            .and_then(|()| {
+                self.dir
+                    .rename(&tmp, &self.dir, name)
+                    .map_err(|e| EnvDirError::io("cannot rename into place", self.display(name), e))
+            });
+        if result.is_err() {
             let _ = self.dir.remove_file(&tmp);
         }
         result
@@ -363,6 +410,30 @@ impl InstanceDir {
         mode: u32,
         owner: Owner,
     ) -> Result<WriteOutcome, EnvDirError> {
+        self.write_temp(name, tmp, bytes, mode, owner)?;
+        // Claude Code saves its config holding `<file>.lock`; holding it too
+        // from the stamp check to the rename means neither side overwrites a
+        // write the other has not seen.
+        let Some(_lock) = self.lock(name)? else {
+            return Ok(WriteOutcome::Raced);
+        };
+        if self.current_stamp(name)? != expected {
+            return Ok(WriteOutcome::Raced);
+        }
+        self.dir
+            .rename(tmp, &self.dir, name)
+            .map_err(|e| EnvDirError::io("cannot rename into place", self.display(name), e))?;
+        Ok(WriteOutcome::Written)
+    }
+
+    fn write_temp(
+        &self,
+        name: &str,
+        tmp: &str,
+        bytes: &[u8],
+        mode: u32,
+        owner: Owner,
+    ) -> Result<(), EnvDirError> {
         let mut opts = OpenOptions::new();
         opts.write(true)
             .create_new(true)
@@ -385,20 +456,7 @@ impl InstanceDir {
         if self.fsync {
             f.sync_all().map_err(|e| io_err("cannot fsync", e))?;
         }
-        drop(f);
-        // Claude Code saves its config holding `<file>.lock`; holding it too
-        // from the stamp check to the rename means neither side overwrites a
-        // write the other has not seen.
-        let Some(_lock) = self.lock(name)? else {
-            return Ok(WriteOutcome::Raced);
-        };
-        if self.current_stamp(name)? != expected {
-            return Ok(WriteOutcome::Raced);
-        }
-        self.dir
-            .rename(tmp, &self.dir, name)
-            .map_err(|e| io_err("cannot rename into place", e))?;
-        Ok(WriteOutcome::Written)
+        Ok(())
     }
 
     /// Takes `<name>.lock` the way `proper-lockfile` does (an atomic mkdir; a

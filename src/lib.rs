@@ -4,12 +4,14 @@
 
 pub mod apply;
 pub mod builtin;
+pub mod cluster;
 pub mod crd;
 pub mod crypto;
 pub mod drift;
 pub mod engine;
 pub mod envdir;
 pub mod fswatch;
+pub mod handshake;
 pub mod ledger;
 pub mod local;
 pub mod manifest;

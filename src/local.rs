@@ -134,6 +134,7 @@ pub async fn run(
         tx,
     )?;
 
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let server = match settings.metrics_addr {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -146,15 +147,18 @@ pub async fn run(
             Some(tokio::spawn(crate::metrics::serve(
                 listener,
                 metrics.clone(),
+                ready.clone(),
                 shutdown,
             )))
         }
         None => None,
     };
-    let restarter = settings
-        .restart
-        .clone()
-        .map(|(cmd, timeout)| Restarter::spawn(cmd, timeout, metrics.clone()));
+    let restarter = settings.restart.clone().map(|(command, timeout)| {
+        Restarter::spawn(
+            Arc::new(restart::CommandAction { command, timeout }),
+            metrics.clone(),
+        )
+    });
 
     let mut lp = Loop {
         engine,
@@ -169,6 +173,7 @@ pub async fn run(
     };
     lp.install(snapshot);
     lp.pass(None, false).await;
+    ready.store(true, std::sync::atomic::Ordering::Release);
     info!(instances = lp.snapshot.instances.len(), resync = ?lp.settings.resync, "watching for changes");
 
     let mut resync =
@@ -446,6 +451,8 @@ impl Loop {
                 .unwrap_or_else(|_| self.settings.env_root.join(&o.env_dir))
                 .display()
                 .to_string(),
+            workload: inst.spec.workload.clone(),
+            strategy: policy.strategy,
         };
         restarter.request(target, restart::min_interval(&policy), why.to_owned());
     }

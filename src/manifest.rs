@@ -237,53 +237,25 @@ impl Loader {
         let mut doc = doc;
         // Objects read from files carry the namespace they will be applied to.
         doc["metadata"]["namespace"] = Value::String(namespace.clone());
-        match kind.as_str() {
-            "Secret" => self.add_secret(&doc, &key, &source)?,
-            "AgentInstance" => match typed::<AgentInstance>(&doc, &CEL.instance) {
-                Ok(o) => {
-                    self.snapshot.instances.insert(key, o);
-                }
-                Err(e) => self.invalid(&kind, key, &doc, source, e),
-            },
-            "PluginBinding" => match typed::<PluginBinding>(&doc, &CEL.binding)
-                .and_then(|o| check_binding(&o).map(|()| o))
-            {
-                Ok(o) => {
-                    self.snapshot.bindings.insert(key, o);
-                }
-                Err(e) => self.invalid(&kind, key, &doc, source, e),
-            },
-            "PluginMarketplace" => match typed::<PluginMarketplace>(&doc, &CEL.marketplace) {
-                Ok(o) => {
-                    self.snapshot.marketplaces.insert(key, o);
-                }
-                Err(e) => self.invalid(&kind, key, &doc, source, e),
-            },
-            _ => match typed::<McpServer>(&doc, &CEL.mcp).and_then(|o| check_mcp(&o).map(|()| o)) {
-                Ok(o) => {
-                    self.snapshot.mcp_servers.insert(key, o);
-                }
-                Err(e) => self.invalid(&kind, key, &doc, source, e),
-            },
+        if kind == "Secret" {
+            return self.add_secret(&doc, &key, &source);
+        }
+        match validate(&kind, &doc, &source.to_string()) {
+            Ok(Object::Instance(o)) => {
+                self.snapshot.instances.insert(key, o);
+            }
+            Ok(Object::Binding(o)) => {
+                self.snapshot.bindings.insert(key, o);
+            }
+            Ok(Object::Marketplace(o)) => {
+                self.snapshot.marketplaces.insert(key, o);
+            }
+            Ok(Object::Mcp(o)) => {
+                self.snapshot.mcp_servers.insert(key, o);
+            }
+            Err(inv) => self.snapshot.invalid.push(inv),
         }
         Ok(())
-    }
-
-    fn invalid(
-        &mut self,
-        kind: &str,
-        key: ObjectKey,
-        doc: &Value,
-        source: Source,
-        message: String,
-    ) {
-        self.snapshot.invalid.push(InvalidObject {
-            kind: kind.to_owned(),
-            key,
-            source: source.to_string(),
-            message,
-            scope: scope_hint(kind, doc),
-        });
     }
 
     fn add_secret(
@@ -341,6 +313,51 @@ impl Loader {
     pub fn finish(self) -> Snapshot {
         self.snapshot
     }
+}
+
+/// One of the four custom resources, validated.
+#[derive(Clone, Debug)]
+pub enum Object {
+    /// An AgentInstance.
+    Instance(AgentInstance),
+    /// A PluginBinding.
+    Binding(PluginBinding),
+    /// A PluginMarketplace.
+    Marketplace(PluginMarketplace),
+    /// An McpServer.
+    Mcp(McpServer),
+}
+
+/// Checks one object of `kind` against its schema, CEL rules and the rules
+/// CEL cannot say, as the API server would and more: the same check for
+/// objects read from files and from a cluster. `source` says where it came
+/// from in messages. The namespace must be set in `doc`.
+pub fn validate(kind: &str, doc: &Value, source: &str) -> Result<Object, InvalidObject> {
+    let result = match kind {
+        "AgentInstance" => typed::<AgentInstance>(doc, &CEL.instance).map(Object::Instance),
+        "PluginBinding" => typed::<PluginBinding>(doc, &CEL.binding)
+            .and_then(|o| check_binding(&o).map(|()| Object::Binding(o))),
+        "PluginMarketplace" => {
+            typed::<PluginMarketplace>(doc, &CEL.marketplace).map(Object::Marketplace)
+        }
+        "McpServer" => {
+            typed::<McpServer>(doc, &CEL.mcp).and_then(|o| check_mcp(&o).map(|()| Object::Mcp(o)))
+        }
+        other => Err(format!("unknown kind {other:?}; expected one of {KINDS}")),
+    };
+    result.map_err(|message| {
+        let meta = &doc["metadata"];
+        InvalidObject {
+            kind: kind.to_owned(),
+            key: ObjectKey::new(
+                meta["namespace"].as_str().unwrap_or_default(),
+                meta["name"].as_str().unwrap_or_default(),
+            ),
+            source: source.to_owned(),
+            message,
+            scope: scope_hint(kind, doc),
+        }
+    })
 }
 
 /// The scope an invalid object would have applied at, as far as it can be read.

@@ -1,7 +1,9 @@
 //! Counters of what the loop did, served in Prometheus text format on
-//! `--metrics-addr` (with `/healthz`), the same endpoint in both run modes.
+//! `--metrics-addr` (with `/healthz` and `/readyz`), the same endpoint in
+//! both run modes.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::http::{StatusCode, header};
@@ -135,10 +137,13 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` and `/healthz` on `listener` until `shutdown` resolves.
+/// Serves `/metrics`, `/healthz` (the process answers) and `/readyz` (`ready`
+/// is set: the first pass is done, or every watch has synced) on `listener`
+/// until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
@@ -157,8 +162,21 @@ pub async fn serve(
                 }
             }),
         )
-        .route("/healthz", get(|| async { (StatusCode::OK, "ok\n") }));
-    tracing::info!(addr = %listener.local_addr()?, "serving /metrics and /healthz");
+        .route("/healthz", get(|| async { (StatusCode::OK, "ok\n") }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.load(Ordering::Acquire);
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    }
+                }
+            }),
+        );
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

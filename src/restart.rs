@@ -1,6 +1,8 @@
-//! Restarting an agent after its config changed or drift was put back:
-//! a command template run without a shell, debounced per instance, never
-//! more than one in flight per instance, failures retried with backoff.
+//! Restarting an agent after its config changed or drift was put back,
+//! debounced per workload, never more than one in flight per workload,
+//! failures retried with backoff. How a restart is done is a
+//! [`RestartAction`]: a command template run without a shell on a host, the
+//! eviction or rollout API in a cluster.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,7 +12,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::crd::RestartPolicy;
+use async_trait::async_trait;
+
+use crate::crd::{RestartPolicy, RestartStrategy, WorkloadRef};
 use crate::metrics::Metrics;
 use crate::snapshot::ObjectKey;
 
@@ -81,6 +85,44 @@ pub struct Target {
     pub agent_type: String,
     /// Absolute env dir.
     pub env_dir: String,
+    /// `spec.workload`, when set.
+    pub workload: Option<WorkloadRef>,
+    /// `spec.restart.strategy`.
+    pub strategy: RestartStrategy,
+}
+
+impl Target {
+    /// What restarts are debounced by: the workload (several instances may
+    /// share one), or the instance when it names none.
+    fn debounce_key(&self) -> ObjectKey {
+        match &self.workload {
+            Some(w) => ObjectKey::new(&self.key.namespace, format!("{:?}/{}", w.kind, w.name)),
+            None => self.key.clone(),
+        }
+    }
+}
+
+/// Restarts one target; `true` when it worked. Failures are logged by the
+/// action and retried by the [`Restarter`].
+#[async_trait]
+pub trait RestartAction: Send + Sync + 'static {
+    /// Does the restart.
+    async fn restart(&self, target: &Target, why: &str) -> bool;
+}
+
+/// A `--restart-command` with its timeout.
+pub struct CommandAction {
+    /// The template.
+    pub command: RestartCommand,
+    /// How long it may run.
+    pub timeout: Duration,
+}
+
+#[async_trait]
+impl RestartAction for CommandAction {
+    async fn restart(&self, target: &Target, why: &str) -> bool {
+        run_command(&target.key, &self.command.render(target), self.timeout, why).await
+    }
 }
 
 /// Parses `restart.minInterval`.
@@ -118,9 +160,9 @@ struct Pending {
 impl Restarter {
     /// Starts the task; it ends when every `Restarter` is dropped and no
     /// restart is left in flight.
-    pub fn spawn(cmd: RestartCommand, timeout: Duration, metrics: Arc<Metrics>) -> Restarter {
+    pub fn spawn(action: Arc<dyn RestartAction>, metrics: Arc<Metrics>) -> Restarter {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(cmd, timeout, metrics, rx));
+        tokio::spawn(run(action, metrics, rx));
         Restarter { tx }
     }
 
@@ -135,8 +177,7 @@ impl Restarter {
 }
 
 async fn run(
-    cmd: RestartCommand,
-    timeout: Duration,
+    action: Arc<dyn RestartAction>,
     metrics: Arc<Metrics>,
     mut rx: mpsc::UnboundedReceiver<Request>,
 ) {
@@ -156,7 +197,7 @@ async fn run(
             req = rx.recv(), if open => match req {
                 None => open = false,
                 Some(req) => {
-                    let p = pending.entry(req.target.key.clone()).or_default();
+                    let p = pending.entry(req.target.debounce_key()).or_default();
                     let settle = SETTLE.min(req.min_interval);
                     let earliest = p.last_run.map(|l| l + req.min_interval);
                     let due = (Instant::now() + settle).max(earliest.unwrap_or_else(Instant::now));
@@ -198,11 +239,11 @@ async fn run(
                     p.running = true;
                     let target = p.target.clone().expect("set with the request");
                     let why = std::mem::take(&mut p.why).join("; ");
-                    let argv = cmd.render(&target);
                     let done = done_tx.clone();
                     let key = key.clone();
+                    let action = action.clone();
                     tokio::spawn(async move {
-                        let ok = run_command(&key, &argv, timeout, &why).await;
+                        let ok = action.restart(&target, &why).await;
                         let _ = done.send((key, ok));
                     });
                 }
@@ -262,6 +303,8 @@ mod tests {
             key: ObjectKey::new("dev", "alice"),
             agent_type: "coder".into(),
             env_dir: "/srv/env/dev/alice".into(),
+            workload: None,
+            strategy: RestartStrategy::Evict,
         };
         assert_eq!(
             c.render(&t),

@@ -15,6 +15,7 @@ use crate::secrets::{Chain, SecretProvider};
 use crate::state::{KeySource, StateStore, StoreSecrets};
 use crate::{error_chain, local, manifest, report, state};
 
+mod cluster;
 mod inspect;
 mod secret;
 
@@ -58,6 +59,10 @@ pub enum LogFormat {
 pub enum Command {
     /// Render every AgentInstance of the manifests into its env dir.
     Reconcile(ReconcileArgs),
+    /// Run the controller in a Kubernetes cluster (in-cluster config or kubeconfig).
+    Run(cluster::RunArgs),
+    /// Block until the operator has checked this pod's env dir (an init container).
+    Wait(cluster::WaitArgs),
     /// Show what `reconcile` would change, secrets masked; changes nothing.
     /// Exit 0: no changes, 1: changes, 2: error or an instance not ready.
     Diff(InputArgs),
@@ -208,6 +213,8 @@ pub async fn run(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Reconcile(args) => reconcile(args).await,
+        Command::Run(args) => cluster::run(args).await,
+        Command::Wait(args) => cluster::wait(args).await,
         Command::Diff(args) => diff(args).await,
         Command::Secret { command } => secret::run(command).await,
         Command::Installed { command } => inspect::installed(command).await,

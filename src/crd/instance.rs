@@ -190,6 +190,9 @@ pub struct AgentInstanceStatus {
     /// The last restart the operator asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_restart: Option<RestartRecord>,
+    /// The `reconcile.fluxcd.io/requestedAt` annotation value last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_reconcile_at: Option<String>,
 }
 
 /// Summary of one render; never holds a secret value.

@@ -252,6 +252,9 @@ pub trait StateStore: Send + Sync {
         &self,
         instance: Option<&InstanceKey>,
     ) -> Result<Vec<InstalledInfo>, StoreError>;
+    /// Forgets an instance's ledger and installed set (its env dir was
+    /// removed with it); the audit trail stays.
+    async fn forget_instance(&self, instance: &InstanceKey) -> Result<(), StoreError>;
     /// Forgets one adopted install, also from the ledger, so the next pass
     /// treats the entry on disk as a new runtime install. False when unknown.
     async fn forget_installed(

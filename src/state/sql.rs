@@ -863,6 +863,27 @@ impl StateStore for SqlStore {
         Ok(out)
     }
 
+    async fn forget_instance(&self, instance: &InstanceKey) -> Result<(), StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(q("starting a transaction"))?;
+        for statement in [
+            "DELETE FROM ledger WHERE namespace = $1 AND name = $2",
+            "DELETE FROM installed WHERE namespace = $1 AND name = $2",
+        ] {
+            sqlx::query(statement)
+                .bind(&instance.namespace)
+                .bind(&instance.name)
+                .execute(&mut *tx)
+                .await
+                .map_err(q("forgetting an instance"))?;
+        }
+        tx.commit().await.map_err(q("forgetting an instance"))?;
+        Ok(())
+    }
+
     async fn forget_installed(
         &self,
         instance: &InstanceKey,

@@ -1,0 +1,716 @@
+//! The cluster's objects as the controller sees them. Fed by the watch
+//! streams, each object is validated once per change and indexed by the
+//! scope it applies at, so a reconcile builds its instance's snapshot
+//! without listing anything, and a change maps to exactly the instances it
+//! affects (the old and the new version of the object both count: a binding
+//! moved from one type to another affects both).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::RwLock;
+
+use kube::api::DynamicObject;
+use kube::runtime::watcher;
+use serde_json::Value;
+
+use crate::crd::{AgentInstance, SECRETS_LABEL, Scope};
+use crate::manifest::{self, Object};
+use crate::secrets::{LabelledSecrets, SecretRef, SecretValue};
+use crate::snapshot::{InvalidObject, ObjectKey, Snapshot};
+
+/// The kinds the catalog follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// AgentInstance.
+    Instance,
+    /// PluginBinding.
+    Binding,
+    /// PluginMarketplace.
+    Marketplace,
+    /// McpServer.
+    Mcp,
+    /// A Secret labelled `agentenv.io/secrets: "true"`.
+    Secret,
+    /// An agent pod (labelled `agentenv.io/instance`).
+    Pod,
+}
+
+impl Kind {
+    /// The kind's name in messages and `validate`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Instance => "AgentInstance",
+            Kind::Binding => "PluginBinding",
+            Kind::Marketplace => "PluginMarketplace",
+            Kind::Mcp => "McpServer",
+            Kind::Secret => "Secret",
+            Kind::Pod => "Pod",
+        }
+    }
+}
+
+/// Label on an agent pod naming its AgentInstance (in the pod's namespace).
+pub const INSTANCE_LABEL: &str = "agentenv.io/instance";
+
+/// One custom object, validated.
+#[derive(Clone, Debug)]
+struct Entry {
+    validated: Result<Object, InvalidObject>,
+    /// What a reconcile depends on; a change of anything else (status,
+    /// resourceVersion, managed fields) affects no instance.
+    fingerprint: u64,
+    generation: Option<i64>,
+    status: Value,
+}
+
+/// An agent pod as far as the boot handshake and restarts care.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.uid`.
+    pub uid: String,
+    /// Being deleted.
+    pub terminating: bool,
+    /// `status.phase` is `Running` (or no status is reported yet).
+    pub running: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    objects: HashMap<(Kind, ObjectKey), Entry>,
+    by_scope: HashMap<(String, Scope), BTreeSet<(Kind, ObjectKey)>>,
+    unscoped: HashMap<String, BTreeSet<(Kind, ObjectKey)>>,
+    by_type: HashMap<(String, String), BTreeSet<String>>,
+    by_namespace: HashMap<String, BTreeSet<String>>,
+    env_paths: HashMap<String, BTreeSet<ObjectKey>>,
+    secrets: HashMap<String, BTreeMap<String, BTreeMap<String, SecretValue>>>,
+    secret_refs: HashMap<ObjectKey, BTreeSet<SecretRef>>,
+    pods: HashMap<ObjectKey, BTreeMap<String, PodInfo>>,
+    /// Per kind, the keys not seen again since a re-list began.
+    relisting: HashMap<Kind, HashSet<ObjectKey>>,
+}
+
+/// See the module docs.
+#[derive(Default)]
+pub struct Catalog {
+    inner: RwLock<Inner>,
+}
+
+/// What a watch delivered for one object, converted for the catalog.
+pub enum Item {
+    /// A custom object (as served) of one of the four kinds.
+    Custom(DynamicObject),
+    /// A labelled Secret's data (decoded).
+    Secret(BTreeMap<String, SecretValue>),
+    /// An agent pod.
+    Pod {
+        /// The instance it belongs to (`agentenv.io/instance`).
+        instance: String,
+        /// The pod.
+        info: PodInfo,
+    },
+}
+
+fn fingerprint(parts: &[&Value]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for p in parts {
+        p.to_string().hash(&mut h);
+    }
+    h.finish()
+}
+
+impl Catalog {
+    /// Takes one watch event; returns the instances it affects.
+    pub fn on_event<K>(
+        &self,
+        kind: Kind,
+        event: &watcher::Event<K>,
+        convert: impl Fn(&K) -> Option<(ObjectKey, Item)>,
+    ) -> Vec<ObjectKey> {
+        let mut inner = self.inner.write().expect("catalog lock");
+        match event {
+            watcher::Event::Init => {
+                let keys = inner.keys_of(kind);
+                inner.relisting.insert(kind, keys);
+                Vec::new()
+            }
+            watcher::Event::InitApply(obj) | watcher::Event::Apply(obj) => {
+                let Some((key, item)) = convert(obj) else {
+                    return Vec::new();
+                };
+                if let Some(seen) = inner.relisting.get_mut(&kind) {
+                    seen.remove(&key);
+                }
+                inner.upsert(kind, key, item)
+            }
+            watcher::Event::Delete(obj) => match convert(obj) {
+                Some((key, _)) => inner.remove(kind, &key),
+                None => Vec::new(),
+            },
+            watcher::Event::InitDone => {
+                let gone = inner.relisting.remove(&kind).unwrap_or_default();
+                gone.iter().flat_map(|k| inner.remove(kind, k)).collect()
+            }
+        }
+    }
+
+    /// Remembers which secrets an instance's entries refer to, so a Secret
+    /// change passes exactly the instances that use it.
+    pub fn record_secret_refs(&self, key: &ObjectKey, refs: BTreeSet<SecretRef>) {
+        let mut inner = self.inner.write().expect("catalog lock");
+        inner.secret_refs.insert(key.clone(), refs);
+    }
+
+    /// A snapshot holding what one instance's pass needs: the instance, the
+    /// objects at its scopes, the invalid objects holding it back, another
+    /// instance using the same env dir (so the engine reports the
+    /// collision) and its namespace's labelled Secrets. `None` when the
+    /// instance is unknown.
+    pub fn snapshot_for(&self, key: &ObjectKey) -> Option<Snapshot> {
+        let inner = self.inner.read().expect("catalog lock");
+        let entry = inner.objects.get(&(Kind::Instance, key.clone()))?;
+        let mut snap = Snapshot::default();
+        let add = |snap: &mut Snapshot, k: &ObjectKey, e: &Entry| match &e.validated {
+            Ok(Object::Instance(o)) => {
+                snap.instances.insert(k.clone(), o.clone());
+            }
+            Ok(Object::Binding(o)) => {
+                snap.bindings.insert(k.clone(), o.clone());
+            }
+            Ok(Object::Marketplace(o)) => {
+                snap.marketplaces.insert(k.clone(), o.clone());
+            }
+            Ok(Object::Mcp(o)) => {
+                snap.mcp_servers.insert(k.clone(), o.clone());
+            }
+            Err(inv) => snap.invalid.push(inv.clone()),
+        };
+        add(&mut snap, key, entry);
+        if let Ok(Object::Instance(inst)) = &entry.validated {
+            let path = env_path(key, inst);
+            for other in inner.env_paths.get(&path).into_iter().flatten() {
+                if other != key
+                    && let Some(e) = inner.objects.get(&(Kind::Instance, other.clone()))
+                {
+                    add(&mut snap, other, e);
+                    break;
+                }
+            }
+            let ns = key.namespace.clone();
+            let scopes = [
+                Scope::Type(inst.spec.agent_type.clone()),
+                Scope::Instance(key.name.clone()),
+            ];
+            let keys = scopes
+                .into_iter()
+                .filter_map(|s| inner.by_scope.get(&(ns.clone(), s)))
+                .chain(inner.unscoped.get(&ns))
+                .flatten();
+            for (kind, k) in keys {
+                if let Some(e) = inner.objects.get(&(*kind, k.clone())) {
+                    add(&mut snap, k, e);
+                }
+            }
+            for (name, data) in inner.secrets.get(&ns).into_iter().flatten() {
+                snap.secrets.insert(&ns, name, data.clone());
+            }
+        }
+        Some(snap)
+    }
+
+    /// The labelled Secrets of one namespace.
+    pub fn secrets_of(&self, namespace: &str) -> LabelledSecrets {
+        let inner = self.inner.read().expect("catalog lock");
+        let mut out = LabelledSecrets::default();
+        for (name, data) in inner.secrets.get(namespace).into_iter().flatten() {
+            out.insert(namespace, name, data.clone());
+        }
+        out
+    }
+
+    /// Every known instance.
+    pub fn instances(&self) -> Vec<ObjectKey> {
+        let inner = self.inner.read().expect("catalog lock");
+        inner.keys_of(Kind::Instance).into_iter().collect()
+    }
+
+    /// Instances whose env dir is `rel`, holds it, or lies under it.
+    pub fn instances_at(&self, rel: &str) -> Vec<ObjectKey> {
+        let inner = self.inner.read().expect("catalog lock");
+        let rel = rel.trim_end_matches('/');
+        let prefix = format!("{rel}/");
+        inner
+            .env_paths
+            .iter()
+            .filter(|(dir, _)| {
+                dir.as_str() == rel
+                    || dir.starts_with(&prefix)
+                    || rel.starts_with(&format!("{dir}/"))
+            })
+            .flat_map(|(_, keys)| keys.iter().cloned())
+            .collect()
+    }
+
+    /// The pods of an instance, by name.
+    pub fn pods_of(&self, key: &ObjectKey) -> Vec<PodInfo> {
+        let inner = self.inner.read().expect("catalog lock");
+        inner
+            .pods
+            .get(key)
+            .map(|p| p.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every PluginBinding, PluginMarketplace and McpServer with what its
+    /// status needs: validity, how many instances it applies to, the
+    /// conflicts it takes part in, its generation and its current status.
+    pub fn object_statuses(&self) -> Vec<ObjectReport> {
+        let inner = self.inner.read().expect("catalog lock");
+        let mut conflicts: HashMap<(Kind, ObjectKey), Vec<String>> = HashMap::new();
+        let empty = crate::resolve::Layer::default();
+        let builtin = crate::builtin::Builtin::default();
+        for ((ns, scope), keys) in &inner.by_scope {
+            let mut layer = crate::resolve::Layer::default();
+            for (kind, k) in keys {
+                match inner.objects.get(&(*kind, k.clone())).map(|e| &e.validated) {
+                    Some(Ok(Object::Binding(o))) => layer.bindings.push(o),
+                    Some(Ok(Object::Marketplace(o))) => layer.marketplaces.push(o),
+                    Some(Ok(Object::Mcp(o))) => layer.mcp_servers.push(o),
+                    _ => {}
+                }
+            }
+            let declared = match scope {
+                Scope::Type(t) => crate::resolve::resolve_declared(&builtin, t, &layer, &empty),
+                Scope::Instance(_) => {
+                    crate::resolve::resolve_declared(&builtin, "", &empty, &layer)
+                }
+            };
+            for c in &declared.conflicts {
+                for id in std::iter::once(&c.winner).chain(&c.losers) {
+                    let kind = match id.kind {
+                        "PluginBinding" => Kind::Binding,
+                        "PluginMarketplace" => Kind::Marketplace,
+                        _ => Kind::Mcp,
+                    };
+                    conflicts
+                        .entry((kind, ObjectKey::new(ns, &id.name)))
+                        .or_default()
+                        .push(c.to_string());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for ((kind, key), e) in &inner.objects {
+            if matches!(kind, Kind::Instance | Kind::Secret | Kind::Pod) {
+                continue;
+            }
+            let scope = match &e.validated {
+                Ok(Object::Binding(o)) => o.spec.target.scope(),
+                Ok(Object::Marketplace(o)) => o.spec.target.scope(),
+                Ok(Object::Mcp(o)) => o.spec.target.scope(),
+                _ => None,
+            };
+            let instances = match &scope {
+                Some(Scope::Type(t)) => inner
+                    .by_type
+                    .get(&(key.namespace.clone(), t.clone()))
+                    .map_or(0, BTreeSet::len),
+                Some(Scope::Instance(n)) => usize::from(
+                    inner
+                        .by_namespace
+                        .get(&key.namespace)
+                        .is_some_and(|s| s.contains(n)),
+                ),
+                None => 0,
+            };
+            let mut c = conflicts.remove(&(*kind, key.clone())).unwrap_or_default();
+            c.sort();
+            c.dedup();
+            out.push(ObjectReport {
+                kind: *kind,
+                key: key.clone(),
+                invalid: e.validated.as_ref().err().map(|i| i.message.clone()),
+                instances,
+                conflicts: c,
+                generation: e.generation,
+                status: e.status.clone(),
+            });
+        }
+        out.sort_by(|a, b| (a.kind, &a.key).cmp(&(b.kind, &b.key)));
+        out
+    }
+}
+
+/// What an object's status is computed from.
+#[derive(Clone, Debug)]
+pub struct ObjectReport {
+    /// Kind.
+    pub kind: Kind,
+    /// namespace/name.
+    pub key: ObjectKey,
+    /// Why it is invalid.
+    pub invalid: Option<String>,
+    /// How many instances it applies to.
+    pub instances: usize,
+    /// Conflicts it takes part in.
+    pub conflicts: Vec<String>,
+    /// `metadata.generation`.
+    pub generation: Option<i64>,
+    /// `.status` as served.
+    pub status: Value,
+}
+
+fn env_path(key: &ObjectKey, inst: &AgentInstance) -> String {
+    crate::snapshot::env_path(key, inst)
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+impl Inner {
+    fn keys_of(&self, kind: Kind) -> HashSet<ObjectKey> {
+        match kind {
+            Kind::Secret => self
+                .secrets
+                .iter()
+                .flat_map(|(ns, s)| s.keys().map(move |n| ObjectKey::new(ns, n)))
+                .collect(),
+            Kind::Pod => self
+                .pods
+                .iter()
+                .flat_map(|(inst, pods)| {
+                    pods.keys().map(move |p| ObjectKey::new(&inst.namespace, p))
+                })
+                .collect(),
+            _ => self
+                .objects
+                .keys()
+                .filter(|(k, _)| *k == kind)
+                .map(|(_, key)| key.clone())
+                .collect(),
+        }
+    }
+
+    fn upsert(&mut self, kind: Kind, key: ObjectKey, item: Item) -> Vec<ObjectKey> {
+        match item {
+            Item::Custom(obj) => self.upsert_custom(kind, key, obj),
+            Item::Secret(data) => {
+                let old = self
+                    .secrets
+                    .entry(key.namespace.clone())
+                    .or_default()
+                    .insert(key.name.clone(), data.clone());
+                if old.as_ref() == Some(&data) {
+                    return Vec::new();
+                }
+                let mut names: BTreeSet<&String> = data.keys().collect();
+                names.extend(old.iter().flat_map(|o| o.keys()));
+                self.using_secret(&key, names)
+            }
+            Item::Pod { instance, info } => {
+                let owner = ObjectKey::new(&key.namespace, instance);
+                let pods = self.pods.entry(owner.clone()).or_default();
+                // Moved to another instance by a label change.
+                let old = pods.insert(key.name.clone(), info.clone());
+                let mut affected = Vec::new();
+                for (other, p) in self.pods.iter_mut() {
+                    if *other != owner
+                        && other.namespace == key.namespace
+                        && p.remove(&key.name).is_some()
+                    {
+                        affected.push(other.clone());
+                    }
+                }
+                if old.as_ref() != Some(&info) {
+                    affected.push(owner);
+                }
+                affected
+            }
+        }
+    }
+
+    fn upsert_custom(&mut self, kind: Kind, key: ObjectKey, obj: DynamicObject) -> Vec<ObjectKey> {
+        let mut doc = serde_json::to_value(&obj).unwrap_or(Value::Null);
+        doc["metadata"]["namespace"] = Value::String(key.namespace.clone());
+        let status = doc
+            .as_object_mut()
+            .and_then(|o| o.remove("status"))
+            .unwrap_or(Value::Null);
+        let meta = &obj.metadata;
+        let fingerprint = fingerprint(&[
+            &doc["spec"],
+            &serde_json::to_value(&meta.annotations).unwrap_or_default(),
+            &serde_json::to_value(&meta.deletion_timestamp).unwrap_or_default(),
+            &serde_json::to_value(&meta.finalizers).unwrap_or_default(),
+        ]);
+        let source = format!("{} {key}", kind.name());
+        let entry = Entry {
+            validated: manifest::validate(kind.name(), &doc, &source),
+            fingerprint,
+            generation: meta.generation,
+            status,
+        };
+        let old = self.objects.get(&(kind, key.clone())).cloned();
+        let changed = old
+            .as_ref()
+            .is_none_or(|o| o.fingerprint != entry.fingerprint);
+        if let Some(o) = &old {
+            self.unindex(kind, &key, o);
+        }
+        self.index(kind, &key, &entry, &doc);
+        self.objects.insert((kind, key.clone()), entry.clone());
+        if !changed {
+            return Vec::new();
+        }
+        let mut affected = old
+            .map(|o| self.affected(kind, &key, &o, None))
+            .unwrap_or_default();
+        affected.extend(self.affected(kind, &key, &entry, Some(&doc)));
+        affected.sort();
+        affected.dedup();
+        affected
+    }
+
+    fn remove(&mut self, kind: Kind, key: &ObjectKey) -> Vec<ObjectKey> {
+        match kind {
+            Kind::Secret => {
+                let old = self
+                    .secrets
+                    .get_mut(&key.namespace)
+                    .and_then(|s| s.remove(&key.name));
+                match old {
+                    Some(data) => self.using_secret(key, data.keys().collect()),
+                    None => Vec::new(),
+                }
+            }
+            Kind::Pod => {
+                let mut affected = Vec::new();
+                for (inst, pods) in self.pods.iter_mut() {
+                    if inst.namespace == key.namespace && pods.remove(&key.name).is_some() {
+                        affected.push(inst.clone());
+                    }
+                }
+                affected
+            }
+            _ => {
+                let Some(old) = self.objects.remove(&(kind, key.clone())) else {
+                    return Vec::new();
+                };
+                self.unindex(kind, key, &old);
+                let mut affected = self.affected(kind, key, &old, None);
+                if kind == Kind::Instance {
+                    affected.retain(|k| k != key);
+                    self.secret_refs.remove(key);
+                    self.pods.remove(key);
+                }
+                affected
+            }
+        }
+    }
+
+    /// Instances in `key`'s namespace that refer to the Secret `key` or to
+    /// one of its data keys by bare name.
+    fn using_secret(&self, key: &ObjectKey, names: BTreeSet<&String>) -> Vec<ObjectKey> {
+        self.by_namespace
+            .get(&key.namespace)
+            .into_iter()
+            .flatten()
+            .map(|n| ObjectKey::new(&key.namespace, n))
+            .filter(|inst| {
+                // Never passed yet: its first pass is queued anyway.
+                self.secret_refs.get(inst).is_some_and(|refs| {
+                    refs.iter().any(|r| match r {
+                        SecretRef::Keyed { secret, .. } => *secret == key.name,
+                        SecretRef::Bare(n) => names.contains(n),
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// The scopes an object applies at (read from the document as served
+    /// when it is invalid, so it still holds back what it targets).
+    fn scopes(entry: &Entry) -> Vec<Scope> {
+        match &entry.validated {
+            Ok(Object::Binding(o)) => o.spec.target.scope().into_iter().collect(),
+            Ok(Object::Marketplace(o)) => o.spec.target.scope().into_iter().collect(),
+            Ok(Object::Mcp(o)) => o.spec.target.scope().into_iter().collect(),
+            Ok(Object::Instance(_)) => Vec::new(),
+            Err(inv) => inv.scope.clone(),
+        }
+    }
+
+    fn instance_type(entry: &Entry, doc: Option<&Value>) -> Option<String> {
+        match &entry.validated {
+            Ok(Object::Instance(i)) => Some(i.spec.agent_type.clone()),
+            _ => doc.and_then(|d| d["spec"]["agentType"].as_str().map(str::to_owned)),
+        }
+    }
+
+    fn index(&mut self, kind: Kind, key: &ObjectKey, entry: &Entry, doc: &Value) {
+        let ns = key.namespace.clone();
+        if kind == Kind::Instance {
+            self.by_namespace
+                .entry(ns.clone())
+                .or_default()
+                .insert(key.name.clone());
+            if let Some(t) = Self::instance_type(entry, Some(doc)) {
+                self.by_type
+                    .entry((ns, t))
+                    .or_default()
+                    .insert(key.name.clone());
+            }
+            if let Ok(Object::Instance(i)) = &entry.validated {
+                self.env_paths
+                    .entry(env_path(key, i))
+                    .or_default()
+                    .insert(key.clone());
+            }
+            return;
+        }
+        let scopes = Self::scopes(entry);
+        if scopes.is_empty() && entry.validated.is_err() {
+            self.unscoped
+                .entry(ns)
+                .or_default()
+                .insert((kind, key.clone()));
+            return;
+        }
+        for s in scopes {
+            self.by_scope
+                .entry((ns.clone(), s))
+                .or_default()
+                .insert((kind, key.clone()));
+        }
+    }
+
+    fn unindex(&mut self, kind: Kind, key: &ObjectKey, entry: &Entry) {
+        let ns = &key.namespace;
+        if kind == Kind::Instance {
+            if let Some(s) = self.by_namespace.get_mut(ns) {
+                s.remove(&key.name);
+            }
+            for names in self.by_type.values_mut() {
+                names.remove(&key.name);
+            }
+            self.by_type.retain(|_, v| !v.is_empty());
+            for keys in self.env_paths.values_mut() {
+                keys.remove(key);
+            }
+            self.env_paths.retain(|_, v| !v.is_empty());
+            return;
+        }
+        let k = (kind, key.clone());
+        if let Some(s) = self.unscoped.get_mut(ns) {
+            s.remove(&k);
+        }
+        for s in Self::scopes(entry) {
+            if let Some(set) = self.by_scope.get_mut(&(ns.clone(), s)) {
+                set.remove(&k);
+            }
+        }
+        self.by_scope.retain(|_, v| !v.is_empty());
+    }
+
+    /// Instances one version of an object affects.
+    fn affected(
+        &self,
+        kind: Kind,
+        key: &ObjectKey,
+        entry: &Entry,
+        doc: Option<&Value>,
+    ) -> Vec<ObjectKey> {
+        let ns = &key.namespace;
+        let in_ns = |name: &String| ObjectKey::new(ns, name);
+        if kind == Kind::Instance {
+            let mut out = vec![key.clone()];
+            // Instances sharing its env dir report (or stop reporting) the collision.
+            if let Ok(Object::Instance(i)) = &entry.validated
+                && let Some(keys) = self.env_paths.get(&env_path(key, i))
+            {
+                out.extend(keys.iter().cloned());
+            }
+            let _ = doc;
+            return out;
+        }
+        let scopes = Self::scopes(entry);
+        if scopes.is_empty() && entry.validated.is_err() {
+            return self
+                .by_namespace
+                .get(ns)
+                .into_iter()
+                .flatten()
+                .map(in_ns)
+                .collect();
+        }
+        let mut out = Vec::new();
+        for s in scopes {
+            match s {
+                Scope::Type(t) => out.extend(
+                    self.by_type
+                        .get(&(ns.clone(), t))
+                        .into_iter()
+                        .flatten()
+                        .map(in_ns),
+                ),
+                Scope::Instance(n) => {
+                    if self.by_namespace.get(ns).is_some_and(|s| s.contains(&n)) {
+                        out.push(in_ns(&n));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Reads a watched Secret: only labelled ones count (the watch selects them,
+/// this guards against a selector the server ignored). Values that are not
+/// UTF-8 text are left out: no placeholder can use them.
+pub fn secret_item(s: &k8s_openapi::api::core::v1::Secret) -> Option<(ObjectKey, Item)> {
+    let meta = &s.metadata;
+    let key = ObjectKey::new(meta.namespace.clone()?, meta.name.clone()?);
+    let labelled = meta
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SECRETS_LABEL))
+        .is_some_and(|v| v == "true");
+    let mut data = BTreeMap::new();
+    if labelled {
+        for (k, v) in s.data.iter().flatten() {
+            if let Ok(text) = String::from_utf8(v.0.clone()) {
+                data.insert(k.clone(), SecretValue::new(text));
+            }
+        }
+        for (k, v) in s.string_data.iter().flatten() {
+            data.insert(k.clone(), SecretValue::new(v.clone()));
+        }
+    }
+    Some((key, Item::Secret(data)))
+}
+
+/// Reads a watched pod.
+pub fn pod_item(p: &k8s_openapi::api::core::v1::Pod) -> Option<(ObjectKey, Item)> {
+    let meta = &p.metadata;
+    let key = ObjectKey::new(meta.namespace.clone()?, meta.name.clone()?);
+    let instance = meta.labels.as_ref()?.get(INSTANCE_LABEL)?.clone();
+    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+    Some((
+        key,
+        Item::Pod {
+            instance,
+            info: PodInfo {
+                name: meta.name.clone()?,
+                uid: meta.uid.clone().unwrap_or_default(),
+                terminating: meta.deletion_timestamp.is_some(),
+                running: phase.is_none_or(|p| p == "Running"),
+            },
+        },
+    ))
+}
+
+/// Reads a watched custom object.
+pub fn custom_item(o: &DynamicObject) -> Option<(ObjectKey, Item)> {
+    let key = ObjectKey::new(o.metadata.namespace.clone()?, o.metadata.name.clone()?);
+    Some((key, Item::Custom(o.clone())))
+}

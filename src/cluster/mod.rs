@@ -1,0 +1,893 @@
+//! `agent-env run`: the engine as a Kubernetes controller.
+//!
+//! Watches feed one indexed [`Catalog`](catalog::Catalog) (the four kinds,
+//! labelled Secrets, agent pods); each change queues exactly the instances
+//! it affects into a kube-runtime `Controller` on AgentInstance, which
+//! reconciles them with bounded concurrency through the same engine as
+//! `reconcile`. The builtin layer comes from a ConfigMap, env dir drift from
+//! a filesystem watch on the env root. Only the holder of the Lease writes.
+
+pub mod catalog;
+pub mod lease;
+pub mod status;
+pub mod workload;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures::{StreamExt, future};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Event, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, store::Writer};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, instrument, warn};
+
+use crate::builtin::Builtin;
+use crate::crd::{
+    AgentInstance, AgentInstanceStatus, DeletionPolicy, McpServer, ObjectStatus, PluginBinding,
+    PluginMarketplace,
+};
+use crate::engine::{Engine, Mode, Outcome, PassOptions, reason};
+use crate::envdir::{BOOT_MARKER, Owner};
+use crate::fswatch::{Change, FsWatch, WatchError};
+use crate::handshake::Marker;
+use crate::local::{BUSY_ATTEMPTS, BUSY_RETRY, IO_RETRY, IO_RETRY_MAX};
+use crate::metrics::Metrics;
+use crate::restart::{self, Restarter, Target};
+use crate::secrets::{Chain, SecretProvider};
+use crate::snapshot::ObjectKey;
+use crate::state::StoreSecrets;
+use catalog::{Catalog, Kind};
+use status::InstanceReport;
+
+/// The one field manager of every server-side apply.
+pub const FIELD_MANAGER: &str = "agent-env";
+/// Finalizer on instances whose env dir is removed with them.
+pub const FINALIZER: &str = "agentenv.io/env-dir";
+/// Flux's "reconcile now" annotation.
+pub const REQUESTED_AT: &str = "reconcile.fluxcd.io/requestedAt";
+
+/// How the controller runs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Watch only this namespace (all when `None`).
+    pub namespace: Option<String>,
+    /// Where the builtin ConfigMap and the Lease live.
+    pub operator_namespace: String,
+    /// Name of the builtin ConfigMap.
+    pub config_map: String,
+    /// Name of the Lease.
+    pub lease_name: String,
+    /// This replica's name in the Lease and in events.
+    pub identity: String,
+    /// Lease duration.
+    pub lease_duration: Duration,
+    /// Instances reconciled at once.
+    pub concurrency: usize,
+    /// Every instance is checked again this often (drift on filesystems
+    /// that send no events).
+    pub resync: Duration,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The env root as mounted.
+    pub env_root: PathBuf,
+}
+
+/// The controller could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The metrics endpoint could not bind.
+    #[error("cannot serve metrics on {addr}")]
+    Metrics {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+    /// The env root watch could not be set up.
+    #[error(transparent)]
+    Watch(#[from] WatchError),
+    /// Another replica holds the lease now; this one stops writing.
+    #[error("lost the lease {0}; stopping so that only the new leader writes")]
+    LeaseLost(String),
+}
+
+/// A reconcile failed before it could report.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The engine could not run the pass.
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    /// An API call failed.
+    #[error("{action} of AgentInstance {key} failed")]
+    Api {
+        /// The instance.
+        key: ObjectKey,
+        /// What was tried.
+        action: &'static str,
+        /// Why.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// The four custom kinds as served.
+#[derive(Clone)]
+struct Resources {
+    instance: ApiResource,
+    binding: ApiResource,
+    marketplace: ApiResource,
+    mcp: ApiResource,
+}
+
+impl Resources {
+    fn new() -> Resources {
+        Resources {
+            instance: ApiResource::erase::<AgentInstance>(&()),
+            binding: ApiResource::erase::<PluginBinding>(&()),
+            marketplace: ApiResource::erase::<PluginMarketplace>(&()),
+            mcp: ApiResource::erase::<McpServer>(&()),
+        }
+    }
+
+    fn of(&self, kind: Kind) -> &ApiResource {
+        match kind {
+            Kind::Binding => &self.binding,
+            Kind::Marketplace => &self.marketplace,
+            Kind::Mcp => &self.mcp,
+            _ => &self.instance,
+        }
+    }
+}
+
+struct Ctx {
+    client: Client,
+    settings: Settings,
+    resources: Resources,
+    catalog: Arc<Catalog>,
+    engine: RwLock<Arc<Engine>>,
+    /// Why the builtin ConfigMap cannot be used (instances are held back
+    /// until it can, unless an earlier good version is in use).
+    builtin_error: RwLock<Option<String>>,
+    builtin_loaded: AtomicBool,
+    recorder: Recorder,
+    restarter: Restarter,
+    metrics: Arc<Metrics>,
+    /// Consecutive retried passes per instance (busy files, IO errors).
+    retries: Mutex<HashMap<ObjectKey, u32>>,
+    queue: mpsc::UnboundedSender<ObjectKey>,
+    objects_dirty: AtomicBool,
+}
+
+fn api<K: Resource<DynamicType = ()>>(client: &Client, ns: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+fn dyn_api(client: &Client, ns: Option<&str>, ar: &ApiResource) -> Api<DynamicObject> {
+    match ns {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, ar),
+        None => Api::all_with(client.clone(), ar),
+    }
+}
+
+/// Runs until SIGTERM or SIGINT, or until the lease is lost.
+pub async fn run(
+    settings: Settings,
+    engine: Engine,
+    client: Client,
+    metrics: Arc<Metrics>,
+) -> Result<(), RunError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: stopping"),
+            _ = int.recv() => info!("SIGINT: stopping"),
+        }
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let server = match settings.metrics_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Metrics { addr, source })?;
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics.clone(),
+                ready.clone(),
+                stopped(stop_rx.clone()),
+            )))
+        }
+        None => None,
+    };
+
+    let catalog = Arc::new(Catalog::default());
+    let (queue, queued) = mpsc::unbounded_channel::<ObjectKey>();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(settings.identity.clone()),
+        },
+    );
+    let restarter = Restarter::spawn(
+        Arc::new(workload::KubeRestart {
+            client: client.clone(),
+            catalog: catalog.clone(),
+            manager: FIELD_MANAGER.into(),
+        }),
+        metrics.clone(),
+    );
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        resources: Resources::new(),
+        catalog: catalog.clone(),
+        engine: RwLock::new(Arc::new(engine)),
+        builtin_error: RwLock::new(None),
+        builtin_loaded: AtomicBool::new(false),
+        recorder,
+        restarter,
+        metrics: metrics.clone(),
+        retries: Mutex::new(HashMap::new()),
+        queue: queue.clone(),
+        objects_dirty: AtomicBool::new(true),
+        settings: settings.clone(),
+    });
+
+    // Every watch reports its first full listing; nothing is reconciled
+    // before all have, or a pass could render without objects not yet seen.
+    let mut synced = Vec::new();
+    let ns = settings.namespace.as_deref();
+    let instance_store = {
+        let ar = ctx.resources.instance.clone();
+        let writer = Writer::new(ar.clone());
+        let reader = writer.as_reader();
+        let stream = reflector::reflector(
+            writer,
+            watcher(dyn_api(&client, ns, &ar), watcher::Config::default()).default_backoff(),
+        );
+        synced.push(feed(stream, Kind::Instance, &ctx, catalog::custom_item));
+        reader
+    };
+    for kind in [Kind::Binding, Kind::Marketplace, Kind::Mcp] {
+        let api = dyn_api(&client, ns, ctx.resources.of(kind));
+        let stream = watcher(api, watcher::Config::default()).default_backoff();
+        synced.push(feed(stream, kind, &ctx, catalog::custom_item));
+    }
+    let secrets = watcher(
+        api::<Secret>(&client, ns),
+        watcher::Config::default().labels(&format!("{}=true", crate::crd::SECRETS_LABEL)),
+    )
+    .default_backoff();
+    synced.push(feed(secrets, Kind::Secret, &ctx, catalog::secret_item));
+    let pods = watcher(
+        api::<Pod>(&client, ns),
+        watcher::Config::default().labels(catalog::INSTANCE_LABEL),
+    )
+    .default_backoff();
+    synced.push(feed(pods, Kind::Pod, &ctx, catalog::pod_item));
+    synced.push(watch_builtin(&ctx));
+
+    let mut stop = stop_rx.clone();
+    tokio::select! {
+        _ = future::join_all(synced) => {}
+        _ = stop.wait_for(|s| *s) => return finish(server).await,
+    }
+    ready.store(true, Ordering::Release);
+    info!(
+        instances = catalog.instances().len(),
+        "every watch has synced"
+    );
+
+    let mut elector = lease::Elector::new(
+        client.clone(),
+        &settings.operator_namespace,
+        &settings.lease_name,
+        &settings.identity,
+        lease::Timings::from_duration(settings.lease_duration),
+    );
+    info!(lease = %settings.lease_name, identity = %settings.identity, "waiting to lead");
+    if !elector.acquire(&mut stop).await {
+        return finish(server).await;
+    }
+    info!(lease = %settings.lease_name, "leading: reconciling");
+
+    let (fs_tx, mut fs_rx) = mpsc::unbounded_channel();
+    let _fswatch = FsWatch::start(&[], None, &settings.env_root, fs_tx)?;
+    {
+        let catalog = catalog.clone();
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            while let Some(change) = fs_rx.recv().await {
+                if let Change::EnvPath(rel) = change {
+                    for key in catalog.instances_at(&rel) {
+                        let _ = queue.send(key);
+                    }
+                }
+            }
+        });
+    }
+    for key in catalog.instances() {
+        let _ = queue.send(key);
+    }
+    tokio::spawn(object_status_loop(ctx.clone(), stop_rx.clone()));
+
+    let ar = ctx.resources.instance.clone();
+    let refs = tokio_stream_from(queued).map(move |key: ObjectKey| {
+        ObjectRef::new_with(&key.name, ar.clone()).within(&key.namespace)
+    });
+    let controller = Controller::for_stream_with(
+        futures::stream::pending(),
+        instance_store,
+        ctx.resources.instance.clone(),
+    )
+    .with_config(ControllerConfig::default().concurrency(settings.concurrency as u16))
+    .reconcile_on(refs)
+    .graceful_shutdown_on(stopped(stop_rx.clone()))
+    .run(reconcile, error_policy, ctx.clone())
+    .for_each(|r| {
+        if let Err(e) = r {
+            match e {
+                kube::runtime::controller::Error::ObjectNotFound(_) => {}
+                e => warn!(error = %crate::error_chain(&e), "reconcile failed"),
+            }
+        }
+        future::ready(())
+    });
+    let lost = tokio::select! {
+        () = controller => false,
+        () = elector.hold() => true,
+    };
+    if lost {
+        return Err(RunError::LeaseLost(settings.lease_name.clone()));
+    }
+    elector.release().await;
+    finish(server).await
+}
+
+async fn finish(
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+) -> Result<(), RunError> {
+    if let Some(server) = server {
+        let _ = server.await;
+    }
+    Ok(())
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Feeds one watch into the catalog and queues what it affects; the
+/// returned receiver fires at the first complete listing.
+fn feed<K, S>(
+    stream: S,
+    kind: Kind,
+    ctx: &Arc<Ctx>,
+    convert: fn(&K) -> Option<(ObjectKey, catalog::Item)>,
+) -> oneshot::Receiver<()>
+where
+    K: Send + 'static,
+    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let mut tx = Some(tx);
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(event) => {
+                    let done = matches!(event, watcher::Event::InitDone);
+                    for key in ctx.catalog.on_event(kind, &event, convert) {
+                        let _ = ctx.queue.send(key);
+                    }
+                    if !matches!(kind, Kind::Secret | Kind::Pod) {
+                        ctx.objects_dirty.store(true, Ordering::Release);
+                    }
+                    if done && let Some(tx) = tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Err(e) => warn!(kind = kind.name(), error = %e, "watch error; retrying"),
+            }
+        }
+    });
+    rx
+}
+
+/// Watches the builtin ConfigMap; a change re-renders every instance.
+fn watch_builtin(ctx: &Arc<Ctx>) -> oneshot::Receiver<()> {
+    let (tx, rx) = oneshot::channel();
+    let ctx = ctx.clone();
+    let s = &ctx.settings;
+    let api = Api::<ConfigMap>::namespaced(ctx.client.clone(), &s.operator_namespace);
+    let wc = watcher::Config::default().fields(&format!("metadata.name={}", s.config_map));
+    let stream = watcher(api, wc).default_backoff();
+    tokio::spawn(async move {
+        let mut tx = Some(tx);
+        let mut stream = std::pin::pin!(stream);
+        let mut seen = false;
+        while let Some(event) = stream.next().await {
+            let event = match event {
+                Ok(e) => e,
+                Err(e) => {
+                    warn!(error = %e, "builtin ConfigMap watch error; retrying");
+                    continue;
+                }
+            };
+            match event {
+                watcher::Event::Init => seen = false,
+                watcher::Event::Apply(cm) | watcher::Event::InitApply(cm) => {
+                    seen = true;
+                    ctx.set_builtin(Some(&cm));
+                }
+                watcher::Event::Delete(_) => ctx.set_builtin(None),
+                watcher::Event::InitDone => {
+                    if !seen {
+                        ctx.set_builtin(None);
+                    }
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+impl Ctx {
+    fn engine(&self) -> Arc<Engine> {
+        self.engine.read().expect("engine lock").clone()
+    }
+
+    /// Takes a new builtin layer (an absent ConfigMap is an empty layer).
+    /// A broken one keeps the last good layer in use; with none yet,
+    /// instances are held back rather than rendered without their builtins.
+    fn set_builtin(&self, cm: Option<&ConfigMap>) {
+        let name = format!(
+            "ConfigMap {}/{}",
+            self.settings.operator_namespace, self.settings.config_map
+        );
+        let parsed = match cm {
+            None => Ok(Builtin::default()),
+            Some(cm) => {
+                let data = cm.data.clone().unwrap_or_default();
+                Builtin::from_files(data.iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
+                    .map_err(|e| format!("{name}: {}", crate::error_chain(&e)))
+            }
+        };
+        match parsed {
+            Ok(b) => {
+                let engine = self.engine().with_builtin(b);
+                *self.engine.write().expect("engine lock") = Arc::new(engine);
+                *self.builtin_error.write().expect("builtin lock") = None;
+                self.builtin_loaded.store(true, Ordering::Release);
+                info!(configmap = %name, present = cm.is_some(), "builtin layer loaded");
+            }
+            Err(e) => {
+                error!(error = %e, "builtin layer not usable");
+                if !self.builtin_loaded.load(Ordering::Acquire) {
+                    *self.builtin_error.write().expect("builtin lock") = Some(e);
+                } else {
+                    return;
+                }
+            }
+        }
+        for key in self.catalog.instances() {
+            let _ = self.queue.send(key);
+        }
+    }
+
+    fn api_err(
+        key: &ObjectKey,
+        action: &'static str,
+    ) -> impl FnOnce(kube::Error) -> ReconcileError {
+        let key = key.clone();
+        move |source| ReconcileError::Api {
+            key,
+            action,
+            source,
+        }
+    }
+
+    fn instances(&self, ns: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), ns, &self.resources.instance)
+    }
+
+    /// Adds or drops the finalizer so it is there exactly when the env dir
+    /// must be removed with the instance.
+    async fn sync_finalizer(
+        &self,
+        obj: &DynamicObject,
+        key: &ObjectKey,
+        inst: &AgentInstance,
+    ) -> Result<(), ReconcileError> {
+        let want = inst
+            .spec
+            .env_dir
+            .as_ref()
+            .is_some_and(|e| e.deletion_policy == DeletionPolicy::Delete);
+        let has = obj.finalizers().iter().any(|f| f == FINALIZER);
+        if want == has {
+            return Ok(());
+        }
+        let mut finalizers: Vec<String> = obj
+            .finalizers()
+            .iter()
+            .filter(|f| *f != FINALIZER)
+            .cloned()
+            .collect();
+        if want {
+            finalizers.push(FINALIZER.to_owned());
+        }
+        self.patch_finalizers(obj, key, finalizers).await
+    }
+
+    async fn patch_finalizers(
+        &self,
+        obj: &DynamicObject,
+        key: &ObjectKey,
+        finalizers: Vec<String>,
+    ) -> Result<(), ReconcileError> {
+        // The resourceVersion makes this fail rather than drop a finalizer
+        // someone else added meanwhile.
+        let patch = serde_json::json!({"metadata": {
+            "finalizers": finalizers,
+            "resourceVersion": obj.resource_version(),
+        }});
+        self.instances(&key.namespace)
+            .patch(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(Self::api_err(key, "updating the finalizers"))?;
+        Ok(())
+    }
+
+    /// The instance is being deleted: with `deletionPolicy: Delete`, its env
+    /// dir and state go, then the finalizer.
+    async fn finalize(
+        &self,
+        obj: &DynamicObject,
+        key: &ObjectKey,
+    ) -> Result<Action, ReconcileError> {
+        if !obj.finalizers().iter().any(|f| f == FINALIZER) {
+            return Ok(Action::await_change());
+        }
+        let engine = self.engine();
+        let snapshot = self.catalog.snapshot_for(key);
+        let inst = snapshot.as_ref().and_then(|s| s.instances.get(key));
+        let path = inst.map(|i| crate::snapshot::env_path(key, i));
+        let shared = snapshot.as_ref().is_some_and(|s| s.instances.len() > 1);
+        match path {
+            Some(rel) if !shared => {
+                let removed = engine.root().remove_instance(&rel);
+                match removed {
+                    Ok(_) => {
+                        if let Err(e) = engine.store().forget_instance(key).await {
+                            warn!(instance = %key, error = %crate::error_chain(&e), "cannot forget the instance's state");
+                        }
+                        info!(instance = %key, env_dir = %rel, "env dir removed (deletionPolicy Delete)");
+                    }
+                    Err(e) => {
+                        warn!(instance = %key, error = %crate::error_chain(&e), "cannot remove the env dir; retrying");
+                        return Ok(Action::requeue(Duration::from_secs(5)));
+                    }
+                }
+            }
+            // Unreadable, or another instance uses the same dir: the dir
+            // stays; deleting the object must not hang on it.
+            _ => {
+                warn!(instance = %key, "env dir kept: the instance cannot be read or its dir is shared")
+            }
+        }
+        let rest: Vec<String> = obj
+            .finalizers()
+            .iter()
+            .filter(|f| *f != FINALIZER)
+            .cloned()
+            .collect();
+        self.patch_finalizers(obj, key, rest).await?;
+        Ok(Action::await_change())
+    }
+
+    /// Writes the boot marker naming the instance's current pods, when it
+    /// does not already say exactly that.
+    fn mark_booted(&self, inst: &AgentInstance, key: &ObjectKey, outcome: &Outcome) {
+        let mut pods: Vec<String> = self
+            .catalog
+            .pods_of(key)
+            .into_iter()
+            .filter(|p| !p.terminating)
+            .map(|p| p.uid)
+            .collect();
+        pods.sort();
+        let marker = Marker {
+            pods,
+            content_hash: outcome.content_hash.clone().unwrap_or_default(),
+        };
+        let engine = self.engine();
+        let rel = crate::snapshot::env_path(key, inst);
+        let current = crate::handshake::read(&engine.root().path().join(&rel));
+        if current.as_ref() == Some(&marker) || (current.is_none() && marker.pods.is_empty()) {
+            return;
+        }
+        let owner = inst
+            .spec
+            .env_dir
+            .as_ref()
+            .map_or(Owner::default(), |e| Owner {
+                uid: e.uid,
+                gid: e.gid,
+            });
+        let written = engine
+            .root()
+            .instance(&rel, false, owner)
+            .and_then(|d| match d {
+                Some(d) => d.put(BOOT_MARKER, &marker.to_bytes(), 0o644, owner),
+                None => Ok(()),
+            });
+        match written {
+            Ok(()) => info!(instance = %key, pods = marker.pods.len(), "boot marker written"),
+            Err(e) => {
+                warn!(instance = %key, error = %crate::error_chain(&e), "cannot write the boot marker")
+            }
+        }
+    }
+
+    /// Asks for a restart when the pass changed what the agent runs with
+    /// (`onChange`) or put drift back (`onDrift`). Not on the first render:
+    /// a new agent boots with it.
+    fn restart(
+        &self,
+        inst: &AgentInstance,
+        outcome: &Outcome,
+        first: bool,
+    ) -> Option<&'static str> {
+        let workload = inst.spec.workload.clone()?;
+        if first {
+            return None;
+        }
+        let policy = inst.spec.restart.clone().unwrap_or_default();
+        let changed = outcome
+            .changes
+            .iter()
+            .any(|c| !outcome.drift.contains(&format!("{}.{}", c.section, c.name)));
+        let why = if changed && policy.on_change {
+            "ConfigChanged"
+        } else if !outcome.drift.is_empty() && policy.on_drift {
+            "DriftCorrected"
+        } else {
+            return None;
+        };
+        let target = Target {
+            key: outcome.key.clone(),
+            agent_type: outcome.agent_type.clone(),
+            env_dir: self
+                .settings
+                .env_root
+                .join(&outcome.env_dir)
+                .display()
+                .to_string(),
+            workload: Some(workload),
+            strategy: policy.strategy,
+        };
+        self.restarter
+            .request(target, restart::min_interval(&policy), why.to_owned());
+        Some(why)
+    }
+
+    /// When to pass the instance again, counting retries.
+    fn next_pass(&self, outcome: &Outcome) -> Action {
+        let mut retries = self.retries.lock().expect("retries lock");
+        match outcome.reason {
+            reason::FILE_BUSY => {
+                *retries.entry(outcome.key.clone()).or_default() += 1;
+                Action::requeue(BUSY_RETRY)
+            }
+            reason::WRITE_FAILED | reason::STATE_FAILED => {
+                let n = retries.entry(outcome.key.clone()).or_default();
+                *n += 1;
+                Action::requeue((IO_RETRY * 2u32.saturating_pow((*n).min(8))).min(IO_RETRY_MAX))
+            }
+            _ => {
+                retries.remove(&outcome.key);
+                Action::requeue(self.settings.resync)
+            }
+        }
+    }
+
+    async fn patch_status<S: serde::Serialize>(
+        &self,
+        ar: &ApiResource,
+        key: &ObjectKey,
+        status: &S,
+    ) -> Result<(), kube::Error> {
+        let body = serde_json::json!({
+            "apiVersion": ar.api_version,
+            "kind": ar.kind,
+            "status": status,
+        });
+        Api::<DynamicObject>::namespaced_with(self.client.clone(), &key.namespace, ar)
+            .patch_status(
+                &key.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+            .map(|_| ())
+    }
+}
+
+#[instrument(skip_all, fields(instance = %ObjectKey::new(obj.namespace().unwrap_or_default(), obj.name_any())))]
+async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, ReconcileError> {
+    let key = ObjectKey::new(obj.namespace().unwrap_or_default(), obj.name_any());
+    if obj.metadata.deletion_timestamp.is_some() {
+        return ctx.finalize(&obj, &key).await;
+    }
+    let Some(snapshot) = ctx.catalog.snapshot_for(&key) else {
+        return Ok(Action::await_change());
+    };
+    let inst = snapshot.instances.get(&key).cloned();
+    if let Some(inst) = &inst {
+        ctx.sync_finalizer(&obj, &key, inst).await?;
+    }
+    let engine = ctx.engine();
+    let builtin_error = ctx.builtin_error.read().expect("builtin lock").clone();
+    let outcome = match builtin_error {
+        Some(e) => {
+            let agent_type = inst.as_ref().map_or("", |i| i.spec.agent_type.as_str());
+            Outcome::new(&key, agent_type, String::new()).fail(
+                reason::INVALID_OBJECT,
+                format!("held back until the builtin layer can be read: {e}"),
+            )
+        }
+        None => {
+            let attempts = ctx
+                .retries
+                .lock()
+                .expect("retries lock")
+                .get(&key)
+                .copied()
+                .unwrap_or(0);
+            let opts = PassOptions {
+                mode: Mode::Apply,
+                only: Some(HashSet::from([key.clone()])),
+                defer_corrupt: attempts < BUSY_ATTEMPTS,
+            };
+            let secrets: Vec<Arc<dyn SecretProvider>> = vec![
+                Arc::new(snapshot.secrets.clone()),
+                Arc::new(StoreSecrets::new(engine.store().clone())),
+            ];
+            let outcomes = engine.pass_with(&snapshot, &Chain(secrets), &opts).await?;
+            let Some(o) = outcomes.into_iter().find(|o| o.key == key) else {
+                return Ok(Action::await_change());
+            };
+            o
+        }
+    };
+    ctx.metrics.record(std::slice::from_ref(&outcome));
+    ctx.catalog
+        .record_secret_refs(&key, outcome.secret_refs.clone());
+    let action = ctx.next_pass(&outcome);
+
+    let previous: AgentInstanceStatus = obj
+        .data
+        .get("status")
+        .and_then(|s| serde_json::from_value(s.clone()).ok())
+        .unwrap_or_default();
+    let mut restart = None;
+    if let Some(inst) = &inst
+        && outcome.ready
+        && outcome.reason != reason::SUSPENDED
+    {
+        ctx.mark_booted(inst, &key, &outcome);
+        restart = ctx.restart(inst, &outcome, previous.rendered.is_none());
+    }
+    if outcome.ready && outcome.reason == reason::RENDERED || !outcome.ready {
+        info!(reason = outcome.reason, message = %outcome.used_secrets.mask(&outcome.message), "reconciled");
+    }
+    let report = InstanceReport {
+        generation: obj.metadata.generation,
+        previous: &previous,
+        outcome: &outcome,
+        restart,
+        requested_at: obj.annotations().get(REQUESTED_AT).map(String::as_str),
+        now: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(crate::time::now()),
+    };
+    let new = status::instance_status(&report);
+    if new != previous {
+        ctx.patch_status(&ctx.resources.instance, &key, &new)
+            .await
+            .map_err(Ctx::api_err(&key, "patching the status"))?;
+    }
+    let reference = obj.object_ref(&ctx.resources.instance);
+    for note in status::instance_events(&report) {
+        let event = Event {
+            type_: note.event_type(),
+            reason: note.reason.clone(),
+            note: Some(truncate(&note.note, 1000)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            warn!(error = %e, reason = %note.reason, "cannot publish an event");
+        }
+    }
+    Ok(action)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+fn error_policy(_obj: Arc<DynamicObject>, e: &ReconcileError, _ctx: Arc<Ctx>) -> Action {
+    warn!(error = %crate::error_chain(e), "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Keeps the status of bindings, marketplaces and MCP servers current: how
+/// many instances each applies to, conflicts, validity. Runs after changes
+/// (at most once a second) and at every resync.
+async fn object_status_loop(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut last_full = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let due = last_full.elapsed() >= ctx.settings.resync;
+        if !ctx.objects_dirty.swap(false, Ordering::AcqRel) && !due {
+            continue;
+        }
+        last_full = tokio::time::Instant::now();
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(crate::time::now());
+        for report in ctx.catalog.object_statuses() {
+            let previous: ObjectStatus =
+                serde_json::from_value(report.status.clone()).unwrap_or_default();
+            let new = status::object_status(&report, &previous, &now);
+            if new == previous {
+                continue;
+            }
+            let ar = ctx.resources.of(report.kind);
+            if let Err(e) = ctx.patch_status(ar, &report.key, &new).await {
+                warn!(kind = report.kind.name(), object = %report.key, error = %e, "cannot patch the status");
+                ctx.objects_dirty.store(true, Ordering::Release);
+            }
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! The boot handshake: after the operator verified or rendered an env dir,
+//! it writes a marker naming the pods it did that for; `agent-env wait`, the
+//! agent pod's init container, blocks until its own pod UID is in it, so an
+//! agent never boots on a config the operator has not seen.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::envdir::BOOT_MARKER;
+
+/// The marker's content.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Marker {
+    /// UIDs of the pods the env dir was checked for, sorted.
+    pub pods: Vec<String>,
+    /// Hash of the owned keys as checked.
+    pub content_hash: String,
+}
+
+impl Marker {
+    /// The bytes written.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = serde_json::to_vec_pretty(self).expect("markers serialize");
+        b.push(b'\n');
+        b
+    }
+}
+
+/// Reads the marker of an env dir; `None` when absent or unreadable (a
+/// write in progress is atomic, so unreadable means not ours yet).
+pub fn read(env_dir: &Path) -> Option<Marker> {
+    let bytes = std::fs::read(env_dir.join(BOOT_MARKER)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// `agent-env wait` gave up.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "timed out after {} waiting for the operator to check {} for pod {pod_uid}: {}",
+    humantime::format_duration(*.timeout),
+    .env_dir.display(),
+    .hint
+)]
+pub struct WaitError {
+    /// The env dir.
+    pub env_dir: PathBuf,
+    /// This pod.
+    pub pod_uid: String,
+    /// How long it waited.
+    pub timeout: Duration,
+    /// What was found instead.
+    pub hint: String,
+}
+
+/// Polls the marker until it names `pod_uid`.
+pub async fn wait(env_dir: &Path, pod_uid: &str, timeout: Duration) -> Result<Marker, WaitError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let marker = read(env_dir);
+        if let Some(m) = &marker
+            && m.pods.iter().any(|p| p == pod_uid)
+        {
+            return Ok(m.clone());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let hint = match marker {
+                None if !env_dir.is_dir() => "the env dir does not exist (is the volume mounted, and is there an AgentInstance for this agent?)".to_owned(),
+                None => format!("no {BOOT_MARKER} in it yet (is the operator running, and does this pod carry the label agentenv.io/instance?)"),
+                Some(m) => format!(
+                    "{BOOT_MARKER} names {} other pod(s) but not this one (does this pod carry the label agentenv.io/instance with its AgentInstance's name?)",
+                    m.pods.len()
+                ),
+            };
+            return Err(WaitError {
+                env_dir: env_dir.to_owned(),
+                pod_uid: pod_uid.to_owned(),
+                timeout,
+                hint,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
