@@ -332,6 +332,7 @@ pub enum Object {
 /// CEL cannot say, as the API server would and more: the same check for
 /// objects read from files and from a cluster. `source` says where it came
 /// from in messages. The namespace must be set in `doc`.
+#[allow(clippy::result_large_err)] // built once per object change; boxing buys nothing
 pub fn validate(kind: &str, doc: &Value, source: &str) -> Result<Object, InvalidObject> {
     let result = match kind {
         "AgentInstance" => typed::<AgentInstance>(doc, &CEL.instance).map(Object::Instance),

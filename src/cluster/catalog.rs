@@ -100,7 +100,7 @@ pub struct Catalog {
 /// What a watch delivered for one object, converted for the catalog.
 pub enum Item {
     /// A custom object (as served) of one of the four kinds.
-    Custom(DynamicObject),
+    Custom(Box<DynamicObject>),
     /// A labelled Secret's data (decoded).
     Secret(BTreeMap<String, SecretValue>),
     /// An agent pod.
@@ -393,7 +393,7 @@ impl Inner {
 
     fn upsert(&mut self, kind: Kind, key: ObjectKey, item: Item) -> Vec<ObjectKey> {
         match item {
-            Item::Custom(obj) => self.upsert_custom(kind, key, obj),
+            Item::Custom(obj) => self.upsert_custom(kind, key, *obj),
             Item::Secret(data) => {
                 let old = self
                     .secrets
@@ -712,5 +712,5 @@ pub fn pod_item(p: &k8s_openapi::api::core::v1::Pod) -> Option<(ObjectKey, Item)
 /// Reads a watched custom object.
 pub fn custom_item(o: &DynamicObject) -> Option<(ObjectKey, Item)> {
     let key = ObjectKey::new(o.metadata.namespace.clone()?, o.metadata.name.clone()?);
-    Some((key, Item::Custom(o.clone())))
+    Some((key, Item::Custom(Box::new(o.clone()))))
 }

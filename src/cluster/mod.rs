@@ -171,9 +171,9 @@ struct Ctx {
     objects_dirty: AtomicBool,
 }
 
-fn api<K: Resource<DynamicType = ()>>(client: &Client, ns: Option<&str>) -> Api<K>
+fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
 {
     match ns {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -811,7 +811,7 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
         ctx.mark_booted(inst, &key, &outcome);
         restart = ctx.restart(inst, &outcome, previous.rendered.is_none());
     }
-    if outcome.ready && outcome.reason == reason::RENDERED || !outcome.ready {
+    if !outcome.ready || outcome.reason == reason::RENDERED {
         info!(reason = outcome.reason, message = %outcome.used_secrets.mask(&outcome.message), "reconciled");
     }
     let report = InstanceReport {
