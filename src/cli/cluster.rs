@@ -105,7 +105,20 @@ fn identity(given: Option<String>) -> String {
 
 /// Runs the controller.
 pub async fn run(args: RunArgs) -> ExitCode {
-    let client = match kube::Client::try_default().await {
+    let config = match kube::Config::infer().await {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let client = match kube::Client::try_from(config.clone()) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    // Evictions get their own client without the built-in retry of 429:
+    // a PodDisruptionBudget's "not now" must come back at once so the
+    // restarter's own backoff (and its logging) decides when to try again.
+    let mut eviction_config = config;
+    eviction_config.default_retry = false;
+    let eviction_client = match kube::Client::try_from(eviction_config) {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
@@ -130,7 +143,11 @@ pub async fn run(args: RunArgs) -> ExitCode {
         metrics_addr: args.metrics_addr,
         env_root: std::path::absolute(&args.state.env_root).unwrap_or(args.state.env_root),
     };
-    match cluster::run(settings, engine, client, Arc::new(Metrics::default())).await {
+    let clients = cluster::Clients {
+        main: client,
+        eviction: eviction_client,
+    };
+    match cluster::run(settings, engine, clients, Arc::new(Metrics::default())).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", crate::error_chain(&e));

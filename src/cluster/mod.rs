@@ -188,13 +188,24 @@ fn dyn_api(client: &Client, ns: Option<&str>, ar: &ApiResource) -> Api<DynamicOb
     }
 }
 
+/// The API clients the controller uses.
+#[derive(Clone)]
+pub struct Clients {
+    /// Everything but evictions.
+    pub main: Client,
+    /// Evictions: built without retrying 429, so a PodDisruptionBudget's
+    /// refusal comes back at once.
+    pub eviction: Client,
+}
+
 /// Runs until SIGTERM or SIGINT, or until the lease is lost.
 pub async fn run(
     settings: Settings,
     engine: Engine,
-    client: Client,
+    clients: Clients,
     metrics: Arc<Metrics>,
 ) -> Result<(), RunError> {
+    let client = clients.main.clone();
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
@@ -238,6 +249,7 @@ pub async fn run(
     let restarter = Restarter::spawn(
         Arc::new(workload::KubeRestart {
             client: client.clone(),
+            eviction_client: clients.eviction.clone(),
             catalog: catalog.clone(),
             manager: FIELD_MANAGER.into(),
         }),

@@ -26,6 +26,8 @@ pub const EVICTION_WAIT: Duration = Duration::from_secs(120);
 pub struct KubeRestart {
     /// The client.
     pub client: kube::Client,
+    /// The client for evictions (no built-in retry of 429).
+    pub eviction_client: kube::Client,
     /// Where the instance's pods are known from.
     pub catalog: Arc<Catalog>,
     /// Field manager of the rollout patch.
@@ -100,7 +102,7 @@ impl KubeRestart {
             .filter(|p| workload.kind != WorkloadKind::Pod || p.name == workload.name)
             .map(|p| p.name)
             .collect();
-        let api = Api::<Pod>::namespaced(self.client.clone(), ns);
+        let api = Api::<Pod>::namespaced(self.eviction_client.clone(), ns);
         for name in pods {
             match api.evict(&name, &EvictParams::default()).await {
                 Ok(_) => info!(namespace = ns, pod = %name, why, "pod evicted"),

@@ -1,0 +1,814 @@
+//! `agent-env run`, the real binary, against the in-process API double
+//! (`testkit/kube-double`): rendering and status, fan-out to exactly the
+//! affected instances, Secrets, drift with a debounced eviction, the boot
+//! handshake, leader election, namespace isolation, and RBAC that grants
+//! exactly the calls the operator makes.
+
+#[path = "common/rbac.rs"]
+mod rbac;
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kube::Api;
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams};
+use kube_double::ApiServer;
+use serde_json::{Value, json};
+
+const OPERATOR_NS: &str = "agent-env-system";
+
+/// An API double, an env root and the operators running against them.
+struct Cluster {
+    server: ApiServer,
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+}
+
+/// One `agent-env run` process; killed when dropped.
+struct Operator {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!(
+                "--- {} (last lines) ---\n{}",
+                self.log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+}
+
+impl Operator {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then the exit status.
+    fn stop(&mut self) -> i32 {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let started = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code().unwrap_or(-1);
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "no exit after SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let crds = agent_env_operator::crd::all()
+            .into_iter()
+            .map(|c| serde_json::to_value(c).unwrap())
+            .collect();
+        let server = ApiServer::start(crds).await;
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = server.write_kubeconfig(dir.path());
+        std::fs::create_dir_all(dir.path().join("root")).unwrap();
+        Cluster {
+            server,
+            dir,
+            kubeconfig,
+        }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    fn operator(&self, identity: &str, extra: &[&str]) -> Operator {
+        let log = self.dir.path().join(format!("{identity}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_agent-env"))
+            .args(["run", "--env-root"])
+            .arg(self.root())
+            .args([
+                "--operator-namespace",
+                OPERATOR_NS,
+                "--identity",
+                identity,
+                "--lease-duration",
+                "3s",
+                "--resync-interval",
+                "1h",
+                "--no-fsync",
+            ])
+            .args(extra)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("AGENT_ENV_LOG", "info,agent_env_operator=debug,kube=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Operator { child, log }
+    }
+
+    fn client(&self) -> kube::Client {
+        self.server.client()
+    }
+
+    async fn apply(&self, doc: Value) {
+        let kind = doc["kind"].as_str().unwrap().to_owned();
+        let ns = doc["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_owned();
+        let name = doc["metadata"]["name"].as_str().unwrap().to_owned();
+        let (group, version) = match doc["apiVersion"].as_str().unwrap().split_once('/') {
+            Some((g, v)) => (g.to_owned(), v.to_owned()),
+            None => (
+                String::new(),
+                doc["apiVersion"].as_str().unwrap().to_owned(),
+            ),
+        };
+        let plural = format!("{}s", kind.to_lowercase());
+        let ar = kube::api::ApiResource {
+            group: group.clone(),
+            version: version.clone(),
+            api_version: doc["apiVersion"].as_str().unwrap().to_owned(),
+            kind: kind.clone(),
+            plural,
+        };
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client(), &ns, &ar);
+        let obj: DynamicObject = serde_json::from_value(doc).unwrap();
+        api.patch(
+            &name,
+            &PatchParams::apply("tests").force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("apply {kind} {ns}/{name}: {e}"));
+    }
+
+    fn instance_json(&self, ns: &str, name: &str) -> Option<Value> {
+        self.server
+            .get("agentenv.io", "agentinstances", Some(ns), name)
+    }
+
+    fn condition(&self, ns: &str, name: &str, type_: &str) -> Option<Value> {
+        let obj = self.instance_json(ns, name)?;
+        obj["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == type_)
+            .cloned()
+    }
+
+    fn settings(&self, rel: &str) -> Value {
+        read_json(&self.root().join(rel).join("settings.json"))
+    }
+
+    fn plugins(&self, rel: &str) -> BTreeSet<String> {
+        self.settings(rel)["enabledPlugins"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn events(&self, ns: &str, reason: &str) -> Vec<Value> {
+        self.server
+            .list("events.k8s.io", "events", Some(ns))
+            .into_iter()
+            .filter(|e| e["reason"] == reason)
+            .collect()
+    }
+
+    async fn ready(&self, ns: &str, name: &str) {
+        eventually(&format!("{ns}/{name} Ready=True"), || async {
+            self.condition(ns, name, "Ready")
+                .is_some_and(|c| c["status"] == "True")
+        })
+        .await;
+    }
+}
+
+fn read_json(p: &Path) -> Value {
+    std::fs::read(p)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null)
+}
+
+fn instance(ns: &str, name: &str, agent_type: &str, extra: Value) -> Value {
+    let mut spec = json!({"agentType": agent_type});
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    json!({
+        "apiVersion": "agentenv.io/v1alpha1", "kind": "AgentInstance",
+        "metadata": {"name": name, "namespace": ns}, "spec": spec,
+    })
+}
+
+fn binding(ns: &str, name: &str, target: Value, plugins: &[&str]) -> Value {
+    let plugins: Vec<Value> = plugins.iter().map(|p| json!({"name": p})).collect();
+    json!({
+        "apiVersion": "agentenv.io/v1alpha1", "kind": "PluginBinding",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"target": target, "plugins": plugins},
+    })
+}
+
+fn mcp(ns: &str, name: &str, target: Value, token: &str) -> Value {
+    json!({
+        "apiVersion": "agentenv.io/v1alpha1", "kind": "McpServer",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"target": target, "http": {
+            "url": "https://forgejo.example/mcp",
+            "headers": {"Authorization": format!("Bearer {token}")}
+        }},
+    })
+}
+
+fn labelled_secret(ns: &str, name: &str, key: &str, value: &str, labelled: bool) -> Value {
+    let labels = if labelled {
+        json!({"agentenv.io/secrets": "true"})
+    } else {
+        json!({})
+    };
+    json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "stringData": {key: value},
+    })
+}
+
+fn pod(ns: &str, name: &str, instance: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": {"agentenv.io/instance": instance}},
+        "spec": {"containers": [{"name": "agent", "image": "agent"}]},
+        "status": {"phase": "Running"},
+    })
+}
+
+fn stamp(p: &Path) -> (u64, i64, i64) {
+    let m = std::fs::metadata(p).unwrap();
+    (m.ino(), m.mtime(), m.mtime_nsec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renders_reports_ready_and_fans_out_to_exactly_one_type() {
+    let c = Cluster::start().await;
+    let _op = c.operator("a", &[]);
+    for (name, t) in [
+        ("alice", "coder"),
+        ("bob", "coder"),
+        ("carol", "researcher"),
+    ] {
+        c.apply(instance("team-a", name, t, json!({}))).await;
+    }
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools"],
+    ))
+    .await;
+    c.apply(binding(
+        "team-a",
+        "researchers",
+        json!({"agentType": "researcher"}),
+        &["papers@science"],
+    ))
+    .await;
+    for name in ["alice", "bob", "carol"] {
+        c.ready("team-a", name).await;
+    }
+    eventually("alice renders lint", || async {
+        c.plugins("team-a/alice").contains("lint@tools")
+    })
+    .await;
+    let alice = c.instance_json("team-a", "alice").unwrap();
+    assert_eq!(alice["status"]["observedGeneration"], 1);
+    assert_eq!(alice["status"]["rendered"]["plugins"], 1);
+    assert_eq!(
+        c.condition("team-a", "alice", "Stalled").unwrap()["status"],
+        "False"
+    );
+    assert!(!c.events("team-a", "Rendered").is_empty());
+    eventually("the coder binding reports 2 instances", || async {
+        c.server
+            .get("agentenv.io", "pluginbindings", Some("team-a"), "coders")
+            .is_some_and(|b| b["status"]["instances"] == 2)
+    })
+    .await;
+
+    // A type-scope change re-renders every coder and nothing else.
+    let carol_before = stamp(&c.root().join("team-a/carol/settings.json"));
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools", "fmt@tools"],
+    ))
+    .await;
+    for name in ["alice", "bob"] {
+        eventually(&format!("{name} gets fmt"), || async {
+            c.plugins(&format!("team-a/{name}")).contains("fmt@tools")
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        stamp(&c.root().join("team-a/carol/settings.json")),
+        carol_before,
+        "a researcher's files are not touched by a coder binding"
+    );
+
+    // A spec change is observed at its generation.
+    c.apply(instance(
+        "team-a",
+        "alice",
+        "coder",
+        json!({"runtimeInstalls": "Revert"}),
+    ))
+    .await;
+    eventually("observedGeneration 2", || async {
+        c.instance_json("team-a", "alice")
+            .is_some_and(|o| o["status"]["observedGeneration"] == 2)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_secret_stalls_and_recovers_and_a_secret_change_renders_only_its_users() {
+    let c = Cluster::start().await;
+    let _op = c.operator("a", &[]);
+    c.apply(instance("team-a", "alice", "coder", json!({})))
+        .await;
+    c.apply(instance("team-a", "carol", "researcher", json!({})))
+        .await;
+    c.apply(mcp(
+        "team-a",
+        "forgejo",
+        json!({"agentType": "coder"}),
+        "${SECRET:FORGEJO_TOKEN}",
+    ))
+    .await;
+    // Without the label the Secret is not the owner's consent: still missing.
+    c.apply(labelled_secret(
+        "team-a",
+        "plain",
+        "FORGEJO_TOKEN",
+        "nope",
+        false,
+    ))
+    .await;
+    eventually("alice stalls on MissingSecret", || async {
+        c.condition("team-a", "alice", "Stalled")
+            .is_some_and(|s| s["status"] == "True" && s["reason"] == "MissingSecret")
+    })
+    .await;
+    assert_eq!(
+        c.condition("team-a", "alice", "Ready").unwrap()["status"],
+        "False"
+    );
+    let msg = c.condition("team-a", "alice", "Ready").unwrap()["message"].to_string();
+    assert!(msg.contains("FORGEJO_TOKEN"), "{msg}");
+    eventually("a MissingSecret event", || async {
+        !c.events("team-a", "MissingSecret").is_empty()
+    })
+    .await;
+    c.ready("team-a", "carol").await;
+
+    c.apply(labelled_secret(
+        "team-a",
+        "tokens",
+        "FORGEJO_TOKEN",
+        "tok-1",
+        true,
+    ))
+    .await;
+    c.ready("team-a", "alice").await;
+    let claude = || read_json(&c.root().join("team-a/alice/.claude.json"));
+    assert_eq!(
+        claude()["mcpServers"]["forgejo"]["headers"]["Authorization"],
+        "Bearer tok-1"
+    );
+    let carol_before = stamp(&c.root().join("team-a/carol/.claude.json"));
+    c.apply(labelled_secret(
+        "team-a",
+        "tokens",
+        "FORGEJO_TOKEN",
+        "tok-2",
+        true,
+    ))
+    .await;
+    eventually("alice gets the new token", || async {
+        claude()["mcpServers"]["forgejo"]["headers"]["Authorization"] == "Bearer tok-2"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        stamp(&c.root().join("team-a/carol/.claude.json")),
+        carol_before
+    );
+    let status = c.instance_json("team-a", "alice").unwrap()["status"].to_string();
+    assert!(!status.contains("tok-2"), "status holds no secret value");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_is_put_back_and_the_pod_evicted_once_and_new_pods_get_their_marker() {
+    let c = Cluster::start().await;
+    let _op = c.operator("a", &[]);
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools"],
+    ))
+    .await;
+    c.apply(instance(
+        "team-a",
+        "alice",
+        "coder",
+        json!({
+            "workload": {"kind": "Deployment", "name": "agent-alice"},
+            "restart": {"onDrift": true, "minInterval": "1s"},
+        }),
+    ))
+    .await;
+    c.apply(pod("team-a", "agent-alice-1", "alice")).await;
+    c.ready("team-a", "alice").await;
+    let uid = |name: &str| {
+        c.server.get("", "pods", Some("team-a"), name).unwrap()["metadata"]["uid"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let first = uid("agent-alice-1");
+    let env_dir = c.root().join("team-a/alice");
+    eventually("the marker names the first pod", || async {
+        agent_env_operator::handshake::read(&env_dir).is_some_and(|m| m.pods.contains(&first))
+    })
+    .await;
+
+    // A burst of edits to a declared entry: each put back, one eviction after the burst.
+    let file = env_dir.join("settings.json");
+    let lint = || c.settings("team-a/alice")["enabledPlugins"]["lint@tools"].clone();
+    for _ in 0..3 {
+        let mut s = read_json(&file);
+        s["enabledPlugins"]["lint@tools"] = json!(false);
+        std::fs::write(&file, serde_json::to_vec(&s).unwrap()).unwrap();
+        eventually("drift put back", || async { lint() == json!(true) }).await;
+    }
+    eventually("the pod is evicted", || async {
+        c.server
+            .get("", "pods", Some("team-a"), "agent-alice-1")
+            .is_none()
+    })
+    .await;
+    let evictions = || {
+        c.server
+            .requests()
+            .into_iter()
+            .filter(|r| r.subresource.as_deref() == Some("eviction") && r.status < 300)
+            .count()
+    };
+    // The workload's controller would start a replacement.
+    c.apply(pod("team-a", "agent-alice-2", "alice")).await;
+    let second = uid("agent-alice-2");
+    eventually("the marker names the new pod", || async {
+        agent_env_operator::handshake::read(&env_dir).is_some_and(|m| m.pods.contains(&second))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(evictions(), 1, "one eviction for a burst of drift");
+    let alice = c.instance_json("team-a", "alice").unwrap();
+    assert_eq!(alice["status"]["lastRestart"]["reason"], "DriftCorrected");
+    assert!(
+        !alice["status"]["lastDrift"]["entries"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!c.events("team-a", "DriftCorrected").is_empty());
+    assert!(!c.events("team-a", "RestartRequested").is_empty());
+
+    // The init container's side of the handshake.
+    let wait = |uid: &str, timeout: &str| {
+        Command::new(env!("CARGO_BIN_EXE_agent-env"))
+            .args(["wait", "--env-dir"])
+            .arg(&env_dir)
+            .args(["--pod-uid", uid, "--timeout", timeout])
+            .output()
+            .unwrap()
+    };
+    let ok = wait(&second, "5s");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let late = wait("no-such-pod", "500ms");
+    assert_eq!(late.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&late.stderr);
+    assert!(
+        err.contains("timed out") && err.contains("no-such-pod"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_writes_and_a_standby_takes_over_when_the_lease_is_released() {
+    let c = Cluster::start().await;
+    let mut a = c.operator("a", &[]);
+    c.apply(instance("team-a", "alice", "coder", json!({})))
+        .await;
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools"],
+    ))
+    .await;
+    c.ready("team-a", "alice").await;
+    let b = c.operator("b", &[]);
+    let holder = || {
+        c.server
+            .get(
+                "coordination.k8s.io",
+                "leases",
+                Some(OPERATOR_NS),
+                "agent-env-operator",
+            )
+            .map(|l| l["spec"]["holderIdentity"].clone())
+    };
+    assert_eq!(holder(), Some(json!("a")));
+    eventually("b is waiting", || async {
+        b.log().contains("waiting to lead")
+    })
+    .await;
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools", "fmt@tools"],
+    ))
+    .await;
+    eventually("a renders the change", || async {
+        c.plugins("team-a/alice").contains("fmt@tools")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !b.log().contains("reconciled") && !b.log().contains("leading"),
+        "the standby wrote:\n{}",
+        b.log()
+    );
+
+    assert_eq!(a.stop(), 0, "{}", a.log());
+    eventually("b leads", || async { holder() == Some(json!("b")) }).await;
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["fmt@tools"],
+    ))
+    .await;
+    eventually("b renders the next change", || async {
+        !c.plugins("team-a/alice").contains("lint@tools")
+    })
+    .await;
+    assert!(b.log().contains("leading"), "{}", b.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_and_secrets_of_one_namespace_never_reach_another() {
+    let c = Cluster::start().await;
+    let _op = c.operator("a", &[]);
+    for ns in ["team-a", "team-b"] {
+        c.apply(instance(ns, "alice", "coder", json!({}))).await;
+        c.apply(mcp(
+            ns,
+            "forgejo",
+            json!({"agentType": "coder"}),
+            "${SECRET:FORGEJO_TOKEN}",
+        ))
+        .await;
+    }
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools"],
+    ))
+    .await;
+    c.apply(labelled_secret(
+        "team-a",
+        "tokens",
+        "FORGEJO_TOKEN",
+        "a-token",
+        true,
+    ))
+    .await;
+    c.ready("team-a", "alice").await;
+    eventually("team-b/alice misses its own secret", || async {
+        c.condition("team-b", "alice", "Ready")
+            .is_some_and(|r| r["reason"] == "MissingSecret")
+    })
+    .await;
+    assert!(c.plugins("team-a/alice").contains("lint@tools"));
+    let b_dir = c.root().join("team-b/alice");
+    for f in ["settings.json", ".claude.json"] {
+        let text = std::fs::read_to_string(b_dir.join(f)).unwrap_or_default();
+        assert!(
+            !text.contains("lint@tools") && !text.contains("a-token"),
+            "{f}: {text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_grants_exactly_what_the_operator_calls() {
+    let c = Cluster::start().await;
+    let _op = c.operator("a", &[]);
+    c.apply(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "agent-env-builtin", "namespace": OPERATOR_NS},
+        "data": {"agents.json": "{\"types\": [{\"name\": \"coder\", \"plugins\": [\"base@tools\"]}]}"},
+    }))
+    .await;
+    c.apply(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "agent-bob", "namespace": "team-a"},
+        "spec": {"selector": {"matchLabels": {"app": "bob"}}, "template": {
+            "metadata": {"labels": {"app": "bob", "agentenv.io/instance": "bob"}},
+            "spec": {"containers": [{"name": "agent", "image": "agent"}]}}},
+    }))
+    .await;
+    c.apply(instance(
+        "team-a",
+        "alice",
+        "coder",
+        json!({
+            "workload": {"kind": "Deployment", "name": "agent-alice"},
+            "restart": {"minInterval": "1s"},
+            "envDir": {"deletionPolicy": "Delete"},
+        }),
+    ))
+    .await;
+    c.apply(instance(
+        "team-a",
+        "bob",
+        "coder",
+        json!({
+            "workload": {"kind": "Deployment", "name": "agent-bob"},
+            "restart": {"strategy": "RolloutRestart", "minInterval": "1s"},
+        }),
+    ))
+    .await;
+    c.apply(json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "agent-carol", "namespace": "team-a"},
+        "spec": {"serviceName": "agent-carol", "selector": {"matchLabels": {"app": "carol"}}, "template": {
+            "metadata": {"labels": {"app": "carol", "agentenv.io/instance": "carol"}},
+            "spec": {"containers": [{"name": "agent", "image": "agent"}]}}},
+    }))
+    .await;
+    c.apply(instance(
+        "team-a",
+        "carol",
+        "coder",
+        json!({
+            "workload": {"kind": "StatefulSet", "name": "agent-carol"},
+            "restart": {"strategy": "RolloutRestart", "minInterval": "1s"},
+        }),
+    ))
+    .await;
+    c.apply(json!({
+        "apiVersion": "agentenv.io/v1alpha1", "kind": "PluginMarketplace",
+        "metadata": {"name": "tools", "namespace": "team-a"},
+        "spec": {"target": {"agentType": "coder"}, "source": {"github": {"repo": "example/tools"}}},
+    }))
+    .await;
+    c.apply(pod("team-a", "agent-alice-1", "alice")).await;
+    c.apply(mcp(
+        "team-a",
+        "forgejo",
+        json!({"agentType": "coder"}),
+        "${SECRET:FORGEJO_TOKEN}",
+    ))
+    .await;
+    c.apply(labelled_secret(
+        "team-a",
+        "tokens",
+        "FORGEJO_TOKEN",
+        "t",
+        true,
+    ))
+    .await;
+    for name in ["alice", "bob", "carol"] {
+        c.ready("team-a", name).await;
+    }
+    eventually("alice carries the finalizer", || async {
+        c.instance_json("team-a", "alice").is_some_and(|o| {
+            o["metadata"]["finalizers"]
+                .to_string()
+                .contains("agentenv.io/env-dir")
+        })
+    })
+    .await;
+    // A config change restarts both workloads, each its own way.
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools"],
+    ))
+    .await;
+    eventually("alice's pod is evicted", || async {
+        c.server
+            .get("", "pods", Some("team-a"), "agent-alice-1")
+            .is_none()
+    })
+    .await;
+    for (resource, name) in [
+        ("deployments", "agent-bob"),
+        ("statefulsets", "agent-carol"),
+    ] {
+        eventually(&format!("{name}'s template is stamped"), || async {
+            c.server
+                .get("apps", resource, Some("team-a"), name)
+                .is_some_and(|d| {
+                    d["spec"]["template"]["metadata"]["annotations"]
+                        ["kubectl.kubernetes.io/restartedAt"]
+                        .is_string()
+                })
+        })
+        .await;
+    }
+    eventually("the marketplace reports its instances", || async {
+        c.server
+            .get("agentenv.io", "pluginmarketplaces", Some("team-a"), "tools")
+            .is_some_and(|m| m["status"]["instances"] == 3)
+    })
+    .await;
+    // Deleting with deletionPolicy Delete removes the env dir, then the object.
+    let api: Api<agent_env_operator::crd::AgentInstance> = Api::namespaced(c.client(), "team-a");
+    api.delete("alice", &DeleteParams::default()).await.unwrap();
+    eventually("alice is gone with her env dir", || async {
+        c.instance_json("team-a", "alice").is_none() && !c.root().join("team-a/alice").exists()
+    })
+    .await;
+
+    let called: BTreeSet<(String, String, String)> = c
+        .server
+        .requests()
+        .into_iter()
+        // The operator's calls (the kubeconfig's token), not this test's.
+        .filter(|r| r.user == "double-token" && r.status < 500)
+        .map(|r| {
+            let resource = match &r.subresource {
+                Some(s) => format!("{}/{}", r.resource, s),
+                None => r.resource.clone(),
+            };
+            (r.group, resource, r.verb)
+        })
+        .collect();
+    let granted: BTreeSet<(String, String, String)> = rbac::granted()
+        .into_iter()
+        .map(|g| (g.group, g.resource, g.verb))
+        .collect();
+    let missing: Vec<_> = called.difference(&granted).collect();
+    let unused: Vec<_> = granted.difference(&called).collect();
+    assert!(
+        unused.is_empty(),
+        "granted but never called by the operator: {unused:?}"
+    );
+    assert!(missing.is_empty(), "called but not granted: {missing:?}");
+}
