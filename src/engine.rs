@@ -106,6 +106,9 @@ pub struct Outcome {
     pub secret_refs: BTreeSet<SecretRef>,
     /// Hash of the owned keys as they are on disk now, when rendered.
     pub content_hash: Option<String>,
+    /// Nothing was rendered for this instance before this pass (its agent
+    /// boots with this render: no restart is due).
+    pub first_render: bool,
     /// The audit record was stored with the state (otherwise the pass
     /// appends it with the others at the end).
     audited: bool,
@@ -129,6 +132,7 @@ impl Outcome {
             used_secrets: UsedSecrets::default(),
             secret_refs: BTreeSet::new(),
             content_hash: None,
+            first_render: false,
             audited: false,
         }
     }
@@ -519,6 +523,11 @@ impl Engine {
             pending: None,
         };
         out.content_hash = new.ledger.as_ref().map(|l| l.content_hash.clone());
+        // A row holding only pending entries is not a render.
+        out.first_render = old
+            .ledger
+            .as_ref()
+            .is_none_or(|l| l.content_hash.is_empty());
         if new == old && out.changes.is_empty() && applied.written.is_empty() {
             return out;
         }

@@ -86,6 +86,9 @@ struct Inner {
     env_paths: HashMap<String, BTreeSet<ObjectKey>>,
     secrets: HashMap<String, BTreeMap<String, BTreeMap<String, SecretValue>>>,
     secret_refs: HashMap<ObjectKey, BTreeSet<SecretRef>>,
+    /// Per namespace, bumped by every Secret change: a pass that read an
+    /// older generation may have missed a change meant for it.
+    secret_generation: HashMap<String, u64>,
     pods: HashMap<ObjectKey, BTreeMap<String, PodInfo>>,
     /// Per kind, the keys not seen again since a re-list began.
     relisting: HashMap<Kind, HashSet<ObjectKey>>,
@@ -156,19 +159,38 @@ impl Catalog {
     }
 
     /// Remembers which secrets an instance's entries refer to, so a Secret
-    /// change passes exactly the instances that use it.
-    pub fn record_secret_refs(&self, key: &ObjectKey, refs: BTreeSet<SecretRef>) {
+    /// change passes exactly the instances that use it. `seen` is the
+    /// namespace's Secret generation the pass read ([`Catalog::snapshot_for`]);
+    /// true when a Secret changed since, so the instance must pass again (the
+    /// change was mapped with the refs it had before).
+    pub fn record_secret_refs(
+        &self,
+        key: &ObjectKey,
+        refs: BTreeSet<SecretRef>,
+        seen: u64,
+    ) -> bool {
         let mut inner = self.inner.write().expect("catalog lock");
         inner.secret_refs.insert(key.clone(), refs);
+        inner
+            .secret_generation
+            .get(&key.namespace)
+            .copied()
+            .unwrap_or(0)
+            != seen
     }
 
     /// A snapshot holding what one instance's pass needs: the instance, the
     /// objects at its scopes, the invalid objects holding it back, another
     /// instance using the same env dir (so the engine reports the
     /// collision) and its namespace's labelled Secrets. `None` when the
-    /// instance is unknown.
-    pub fn snapshot_for(&self, key: &ObjectKey) -> Option<Snapshot> {
+    /// instance is unknown. With it, the namespace's Secret generation.
+    pub fn snapshot_for(&self, key: &ObjectKey) -> Option<(Snapshot, u64)> {
         let inner = self.inner.read().expect("catalog lock");
+        let generation = inner
+            .secret_generation
+            .get(&key.namespace)
+            .copied()
+            .unwrap_or(0);
         let entry = inner.objects.get(&(Kind::Instance, key.clone()))?;
         let mut snap = Snapshot::default();
         let add = |snap: &mut Snapshot, k: &ObjectKey, e: &Entry| match &e.validated {
@@ -216,7 +238,7 @@ impl Catalog {
                 snap.secrets.insert(&ns, name, data.clone());
             }
         }
-        Some(snap)
+        Some((snap, generation))
     }
 
     /// The labelled Secrets of one namespace.
@@ -403,6 +425,10 @@ impl Inner {
                 if old.as_ref() == Some(&data) {
                     return Vec::new();
                 }
+                *self
+                    .secret_generation
+                    .entry(key.namespace.clone())
+                    .or_default() += 1;
                 let mut names: BTreeSet<&String> = data.keys().collect();
                 names.extend(old.iter().flat_map(|o| o.keys()));
                 self.using_secret(&key, names)
@@ -463,9 +489,9 @@ impl Inner {
             return Vec::new();
         }
         let mut affected = old
-            .map(|o| self.affected(kind, &key, &o, None))
+            .map(|o| self.affected(kind, &key, &o))
             .unwrap_or_default();
-        affected.extend(self.affected(kind, &key, &entry, Some(&doc)));
+        affected.extend(self.affected(kind, &key, &entry));
         affected.sort();
         affected.dedup();
         affected
@@ -479,7 +505,13 @@ impl Inner {
                     .get_mut(&key.namespace)
                     .and_then(|s| s.remove(&key.name));
                 match old {
-                    Some(data) => self.using_secret(key, data.keys().collect()),
+                    Some(data) => {
+                        *self
+                            .secret_generation
+                            .entry(key.namespace.clone())
+                            .or_default() += 1;
+                        self.using_secret(key, data.keys().collect())
+                    }
                     None => Vec::new(),
                 }
             }
@@ -497,7 +529,7 @@ impl Inner {
                     return Vec::new();
                 };
                 self.unindex(kind, key, &old);
-                let mut affected = self.affected(kind, key, &old, None);
+                let mut affected = self.affected(kind, key, &old);
                 if kind == Kind::Instance {
                     affected.retain(|k| k != key);
                     self.secret_refs.remove(key);
@@ -613,13 +645,7 @@ impl Inner {
     }
 
     /// Instances one version of an object affects.
-    fn affected(
-        &self,
-        kind: Kind,
-        key: &ObjectKey,
-        entry: &Entry,
-        doc: Option<&Value>,
-    ) -> Vec<ObjectKey> {
+    fn affected(&self, kind: Kind, key: &ObjectKey, entry: &Entry) -> Vec<ObjectKey> {
         let ns = &key.namespace;
         let in_ns = |name: &String| ObjectKey::new(ns, name);
         if kind == Kind::Instance {
@@ -630,7 +656,6 @@ impl Inner {
             {
                 out.extend(keys.iter().cloned());
             }
-            let _ = doc;
             return out;
         }
         let scopes = Self::scopes(entry);

@@ -594,7 +594,7 @@ impl Ctx {
             return Ok(Action::await_change());
         }
         let engine = self.engine();
-        let snapshot = self.catalog.snapshot_for(key);
+        let snapshot = self.catalog.snapshot_for(key).map(|(s, _)| s);
         let inst = snapshot.as_ref().and_then(|s| s.instances.get(key));
         let path = inst.map(|i| crate::snapshot::env_path(key, i));
         let shared = snapshot.as_ref().is_some_and(|s| s.instances.len() > 1);
@@ -677,14 +677,9 @@ impl Ctx {
     /// Asks for a restart when the pass changed what the agent runs with
     /// (`onChange`) or put drift back (`onDrift`). Not on the first render:
     /// a new agent boots with it.
-    fn restart(
-        &self,
-        inst: &AgentInstance,
-        outcome: &Outcome,
-        first: bool,
-    ) -> Option<&'static str> {
+    fn restart(&self, inst: &AgentInstance, outcome: &Outcome) -> Option<&'static str> {
         let workload = inst.spec.workload.clone()?;
-        if first {
+        if outcome.first_render {
             return None;
         }
         let policy = inst.spec.restart.clone().unwrap_or_default();
@@ -764,7 +759,7 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
     if obj.metadata.deletion_timestamp.is_some() {
         return ctx.finalize(&obj, &key).await;
     }
-    let Some(snapshot) = ctx.catalog.snapshot_for(&key) else {
+    let Some((snapshot, secrets_seen)) = ctx.catalog.snapshot_for(&key) else {
         return Ok(Action::await_change());
     };
     let inst = snapshot.instances.get(&key).cloned();
@@ -806,8 +801,12 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
         }
     };
     ctx.metrics.record(std::slice::from_ref(&outcome));
-    ctx.catalog
-        .record_secret_refs(&key, outcome.secret_refs.clone());
+    if ctx
+        .catalog
+        .record_secret_refs(&key, outcome.secret_refs.clone(), secrets_seen)
+    {
+        let _ = ctx.queue.send(key.clone());
+    }
     let action = ctx.next_pass(&outcome);
 
     let previous: AgentInstanceStatus = obj
@@ -821,7 +820,7 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
         && outcome.reason != reason::SUSPENDED
     {
         ctx.mark_booted(inst, &key, &outcome);
-        restart = ctx.restart(inst, &outcome, previous.rendered.is_none());
+        restart = ctx.restart(inst, &outcome);
     }
     if !outcome.ready || outcome.reason == reason::RENDERED {
         info!(reason = outcome.reason, message = %outcome.used_secrets.mask(&outcome.message), "reconciled");
