@@ -154,8 +154,10 @@ fn drift_is_put_back_and_runtime_installs_adopted_without_a_resync() {
     write_atomically(&h, "dev/alice/settings.json", &s);
     lp.wait_for_log("runtime installs adopted: enabledPlugins.mine@tools");
 
-    // The container is rebuilt: the env dir is wiped and comes back, install included.
-    std::fs::remove_dir_all(h.env_file("dev/alice")).unwrap();
+    // The container is rebuilt: the env dir is wiped and comes back, install
+    // included. Moved out in one step: a file-by-file removal races with the
+    // loop putting files back.
+    std::fs::rename(h.env_file("dev/alice"), h.path("wiped-alice")).unwrap();
     wait_until(
         "env dir re-rendered",
         || plugins(&h, "dev/alice") == json!({"lint@tools": true, "mine@tools": true}),
