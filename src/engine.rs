@@ -583,11 +583,7 @@ fn env_dir_collisions(snapshot: &Snapshot) -> HashMap<ObjectKey, String> {
     let mut by_path: HashMap<String, Vec<&ObjectKey>> = HashMap::new();
     for (key, inst) in &snapshot.instances {
         by_path
-            .entry(
-                snapshot::env_path(key, inst)
-                    .trim_end_matches('/')
-                    .to_owned(),
-            )
+            .entry(snapshot::env_dir_key(key, inst))
             .or_default()
             .push(key);
     }

@@ -31,6 +31,11 @@ pub const BUSY_ATTEMPTS: u32 = 5;
 pub const IO_RETRY: Duration = Duration::from_millis(250);
 /// Longest wait between tries of a failed write.
 pub const IO_RETRY_MAX: Duration = Duration::from_secs(30);
+/// Wait before the `attempt`th retry (from 1) of a failed write.
+pub fn io_retry_delay(attempt: u32) -> Duration {
+    (IO_RETRY * 2u32.saturating_pow(attempt.min(8))).min(IO_RETRY_MAX)
+}
+
 /// Corrections of one instance within this window that count as a fight.
 pub const FIGHT_WINDOW: Duration = Duration::from_secs(60);
 /// Corrections within the window before the loop backs off.
@@ -222,14 +227,7 @@ impl Loop {
         self.env_dirs = snapshot
             .instances
             .iter()
-            .map(|(k, i)| {
-                (
-                    crate::snapshot::env_path(k, i)
-                        .trim_end_matches('/')
-                        .to_owned(),
-                    k.clone(),
-                )
-            })
+            .map(|(k, i)| (crate::snapshot::env_dir_key(k, i), k.clone()))
             .collect();
         self.metrics.instances.set(snapshot.instances.len() as i64);
         self.digests = digests;
@@ -283,27 +281,13 @@ impl Loop {
         }
     }
 
-    /// Instances whose env dir is `rel`, holds it, or lies under it.
+    /// Instances whose env dir a change at `rel` touches.
     fn instances_at(&self, rel: &str) -> Vec<ObjectKey> {
-        let mut out = Vec::new();
-        let mut p = std::path::Path::new(rel);
-        loop {
-            if let Some(k) = p.to_str().and_then(|s| self.env_dirs.get(s)) {
-                out.push(k.clone());
-            }
-            match p.parent() {
-                Some(parent) if !parent.as_os_str().is_empty() => p = parent,
-                _ => break,
-            }
-        }
-        let prefix = format!("{rel}/");
-        out.extend(
-            self.env_dirs
-                .iter()
-                .filter(|(dir, _)| dir.starts_with(&prefix))
-                .map(|(_, k)| k.clone()),
-        );
-        out
+        self.env_dirs
+            .iter()
+            .filter(|(dir, _)| crate::snapshot::touches(dir, rel))
+            .map(|(_, k)| k.clone())
+            .collect()
     }
 
     async fn pass(&mut self, only: Option<HashSet<ObjectKey>>, after_event: bool) {
@@ -368,9 +352,7 @@ impl Loop {
             // IO can succeed next time (a busy file, a full disk freed): retry with
             // backoff. Input problems wait for the input to change.
             if matches!(o.reason, reason::WRITE_FAILED | reason::STATE_FAILED) {
-                self.retry_later(&o.key, |n| {
-                    (IO_RETRY * 2u32.saturating_pow(n.min(8))).min(IO_RETRY_MAX)
-                });
+                self.retry_later(&o.key, io_retry_delay);
             }
             return;
         }
@@ -432,16 +414,7 @@ impl Loop {
             return;
         };
         let policy = inst.spec.restart.clone().unwrap_or_default();
-        // A change a drift correction explains is not a config change.
-        let changed = o
-            .changes
-            .iter()
-            .any(|c| !o.drift.contains(&format!("{}.{}", c.section, c.name)));
-        let why = if changed && policy.on_change {
-            "config changed"
-        } else if !o.drift.is_empty() && policy.on_drift {
-            "drift corrected"
-        } else {
+        let Some(why) = restart::decide(&policy, o) else {
             return;
         };
         let target = Target {
@@ -454,6 +427,10 @@ impl Loop {
             workload: inst.spec.workload.clone(),
             strategy: policy.strategy,
         };
-        restarter.request(target, restart::min_interval(&policy), why.to_owned());
+        restarter.request(
+            target,
+            restart::min_interval(&policy),
+            why.label().to_owned(),
+        );
     }
 }

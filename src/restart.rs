@@ -125,6 +125,49 @@ impl RestartAction for CommandAction {
     }
 }
 
+/// Why an instance is restarted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Why {
+    /// What the agent runs with changed (`restart.onChange`).
+    ConfigChanged,
+    /// Drift was put back (`restart.onDrift`).
+    DriftCorrected,
+}
+
+impl Why {
+    /// The CamelCase reason (status, events).
+    pub fn reason(self) -> &'static str {
+        match self {
+            Why::ConfigChanged => "ConfigChanged",
+            Why::DriftCorrected => "DriftCorrected",
+        }
+    }
+
+    /// For log lines.
+    pub fn label(self) -> &'static str {
+        match self {
+            Why::ConfigChanged => "config changed",
+            Why::DriftCorrected => "drift corrected",
+        }
+    }
+}
+
+/// Whether a pass calls for a restart under `policy`. A change a drift
+/// correction explains is not a config change.
+pub fn decide(policy: &RestartPolicy, outcome: &crate::engine::Outcome) -> Option<Why> {
+    let changed = outcome
+        .changes
+        .iter()
+        .any(|c| !outcome.drift.contains(&format!("{}.{}", c.section, c.name)));
+    if changed && policy.on_change {
+        Some(Why::ConfigChanged)
+    } else if !outcome.drift.is_empty() && policy.on_drift {
+        Some(Why::DriftCorrected)
+    } else {
+        None
+    }
+}
+
 /// Parses `restart.minInterval`.
 pub fn min_interval(policy: &RestartPolicy) -> Duration {
     policy

@@ -175,6 +175,25 @@ pub fn env_path(key: &ObjectKey, instance: &AgentInstance) -> String {
         .unwrap_or_else(|| format!("{}/{}", key.namespace, key.name))
 }
 
+/// An env dir's identity: its path without a trailing slash, so `a/b/` and
+/// `a/b` are one directory (for collisions and for mapping file events).
+pub fn env_dir_key(key: &ObjectKey, instance: &AgentInstance) -> String {
+    env_path(key, instance).trim_end_matches('/').to_owned()
+}
+
+/// Whether a filesystem change at `rel` (relative to the env root) touches
+/// the env dir `dir` (an [`env_dir_key`]): it is the dir, lies in it, or
+/// holds it (a parent removed or replaced).
+pub fn touches(dir: &str, rel: &str) -> bool {
+    let rel = rel.trim_end_matches('/');
+    let within = |outer: &str, inner: &str| {
+        inner
+            .strip_prefix(outer)
+            .is_some_and(|rest| rest.starts_with('/'))
+    };
+    dir == rel || within(dir, rel) || within(rel, dir)
+}
+
 /// A digest of everything in a snapshot one instance's render depends on:
 /// its own spec, the objects at its type and instance scopes, the invalid
 /// objects holding it back and its namespace's labelled Secrets. Two
@@ -233,5 +252,21 @@ impl Snapshot {
                 (key.clone(), h.finalize().into())
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod path_tests {
+    use super::touches;
+
+    #[test]
+    fn a_change_touches_its_dir_what_is_in_it_and_what_holds_it() {
+        assert!(touches("ns/a", "ns/a"));
+        assert!(touches("ns/a", "ns/a/settings.json"));
+        assert!(touches("ns/a", "ns"));
+        assert!(touches("ns/a", "ns/a/"));
+        assert!(!touches("ns/a", "ns/ab"));
+        assert!(!touches("ns/ab", "ns/a"));
+        assert!(!touches("ns/a", "other/a"));
     }
 }

@@ -13,7 +13,7 @@ use kube::api::DynamicObject;
 use kube::runtime::watcher;
 use serde_json::Value;
 
-use crate::crd::{AgentInstance, SECRETS_LABEL, Scope};
+use crate::crd::{SECRETS_LABEL, Scope};
 use crate::manifest::{self, Object};
 use crate::secrets::{LabelledSecrets, SecretRef, SecretValue};
 use crate::snapshot::{InvalidObject, ObjectKey, Snapshot};
@@ -210,7 +210,7 @@ impl Catalog {
         };
         add(&mut snap, key, entry);
         if let Ok(Object::Instance(inst)) = &entry.validated {
-            let path = env_path(key, inst);
+            let path = crate::snapshot::env_dir_key(key, inst);
             for other in inner.env_paths.get(&path).into_iter().flatten() {
                 if other != key
                     && let Some(e) = inner.objects.get(&(Kind::Instance, other.clone()))
@@ -257,19 +257,13 @@ impl Catalog {
         inner.keys_of(Kind::Instance).into_iter().collect()
     }
 
-    /// Instances whose env dir is `rel`, holds it, or lies under it.
+    /// Instances whose env dir a change at `rel` touches.
     pub fn instances_at(&self, rel: &str) -> Vec<ObjectKey> {
         let inner = self.inner.read().expect("catalog lock");
-        let rel = rel.trim_end_matches('/');
-        let prefix = format!("{rel}/");
         inner
             .env_paths
             .iter()
-            .filter(|(dir, _)| {
-                dir.as_str() == rel
-                    || dir.starts_with(&prefix)
-                    || rel.starts_with(&format!("{dir}/"))
-            })
+            .filter(|(dir, _)| crate::snapshot::touches(dir, rel))
             .flat_map(|(_, keys)| keys.iter().cloned())
             .collect()
     }
@@ -381,12 +375,6 @@ pub struct ObjectReport {
     pub generation: Option<i64>,
     /// `.status` as served.
     pub status: Value,
-}
-
-fn env_path(key: &ObjectKey, inst: &AgentInstance) -> String {
-    crate::snapshot::env_path(key, inst)
-        .trim_end_matches('/')
-        .to_owned()
 }
 
 impl Inner {
@@ -594,7 +582,7 @@ impl Inner {
             }
             if let Ok(Object::Instance(i)) = &entry.validated {
                 self.env_paths
-                    .entry(env_path(key, i))
+                    .entry(crate::snapshot::env_dir_key(key, i))
                     .or_default()
                     .insert(key.clone());
             }
@@ -652,7 +640,7 @@ impl Inner {
             let mut out = vec![key.clone()];
             // Instances sharing its env dir report (or stop reporting) the collision.
             if let Ok(Object::Instance(i)) = &entry.validated
-                && let Some(keys) = self.env_paths.get(&env_path(key, i))
+                && let Some(keys) = self.env_paths.get(&crate::snapshot::env_dir_key(key, i))
             {
                 out.extend(keys.iter().cloned());
             }

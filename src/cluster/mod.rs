@@ -39,7 +39,7 @@ use crate::engine::{Engine, Mode, Outcome, PassOptions, reason};
 use crate::envdir::{BOOT_MARKER, Owner};
 use crate::fswatch::{Change, FsWatch, WatchError};
 use crate::handshake::Marker;
-use crate::local::{BUSY_ATTEMPTS, BUSY_RETRY, IO_RETRY, IO_RETRY_MAX};
+use crate::local::{BUSY_ATTEMPTS, BUSY_RETRY, io_retry_delay};
 use crate::metrics::Metrics;
 use crate::restart::{self, Restarter, Target};
 use crate::secrets::{Chain, SecretProvider};
@@ -683,17 +683,7 @@ impl Ctx {
             return None;
         }
         let policy = inst.spec.restart.clone().unwrap_or_default();
-        let changed = outcome
-            .changes
-            .iter()
-            .any(|c| !outcome.drift.contains(&format!("{}.{}", c.section, c.name)));
-        let why = if changed && policy.on_change {
-            "ConfigChanged"
-        } else if !outcome.drift.is_empty() && policy.on_drift {
-            "DriftCorrected"
-        } else {
-            return None;
-        };
+        let why = restart::decide(&policy, outcome)?.reason();
         let target = Target {
             key: outcome.key.clone(),
             agent_type: outcome.agent_type.clone(),
@@ -722,7 +712,7 @@ impl Ctx {
             reason::WRITE_FAILED | reason::STATE_FAILED => {
                 let n = retries.entry(outcome.key.clone()).or_default();
                 *n += 1;
-                Action::requeue((IO_RETRY * 2u32.saturating_pow((*n).min(8))).min(IO_RETRY_MAX))
+                Action::requeue(io_retry_delay(*n))
             }
             _ => {
                 retries.remove(&outcome.key);
