@@ -275,6 +275,34 @@ fn pod(ns: &str, name: &str, instance: &str) -> Value {
     })
 }
 
+/// `agent-<instance>`, a Deployment or StatefulSet whose pods carry the instance label.
+fn workload(ns: &str, kind: &str, instance: &str) -> Value {
+    let name = format!("agent-{instance}");
+    let mut spec = json!({"selector": {"matchLabels": {"app": instance}}, "template": {
+        "metadata": {"labels": {"app": instance, "agentenv.io/instance": instance}},
+        "spec": {"containers": [{"name": "agent", "image": "agent"}]}}});
+    if kind == "StatefulSet" {
+        spec["serviceName"] = json!(name);
+    }
+    json!({
+        "apiVersion": "apps/v1", "kind": kind,
+        "metadata": {"name": name, "namespace": ns}, "spec": spec,
+    })
+}
+
+/// A coder instance restarted by stamping its workload's template.
+fn rolled_out(ns: &str, name: &str, kind: &str) -> Value {
+    instance(
+        ns,
+        name,
+        "coder",
+        json!({
+            "workload": {"kind": kind, "name": format!("agent-{name}")},
+            "restart": {"strategy": "RolloutRestart", "minInterval": "1s"},
+        }),
+    )
+}
+
 fn stamp(p: &Path) -> (u64, i64, i64) {
     let m = std::fs::metadata(p).unwrap();
     (m.ino(), m.mtime(), m.mtime_nsec())
@@ -663,14 +691,7 @@ async fn rbac_grants_exactly_what_the_operator_calls() {
         "data": {"agents.json": "{\"types\": [{\"name\": \"coder\", \"plugins\": [\"base@tools\"]}]}"},
     }))
     .await;
-    c.apply(json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "agent-bob", "namespace": "team-a"},
-        "spec": {"selector": {"matchLabels": {"app": "bob"}}, "template": {
-            "metadata": {"labels": {"app": "bob", "agentenv.io/instance": "bob"}},
-            "spec": {"containers": [{"name": "agent", "image": "agent"}]}}},
-    }))
-    .await;
+    c.apply(workload("team-a", "Deployment", "bob")).await;
     c.apply(instance(
         "team-a",
         "alice",
@@ -682,34 +703,9 @@ async fn rbac_grants_exactly_what_the_operator_calls() {
         }),
     ))
     .await;
-    c.apply(instance(
-        "team-a",
-        "bob",
-        "coder",
-        json!({
-            "workload": {"kind": "Deployment", "name": "agent-bob"},
-            "restart": {"strategy": "RolloutRestart", "minInterval": "1s"},
-        }),
-    ))
-    .await;
-    c.apply(json!({
-        "apiVersion": "apps/v1", "kind": "StatefulSet",
-        "metadata": {"name": "agent-carol", "namespace": "team-a"},
-        "spec": {"serviceName": "agent-carol", "selector": {"matchLabels": {"app": "carol"}}, "template": {
-            "metadata": {"labels": {"app": "carol", "agentenv.io/instance": "carol"}},
-            "spec": {"containers": [{"name": "agent", "image": "agent"}]}}},
-    }))
-    .await;
-    c.apply(instance(
-        "team-a",
-        "carol",
-        "coder",
-        json!({
-            "workload": {"kind": "StatefulSet", "name": "agent-carol"},
-            "restart": {"strategy": "RolloutRestart", "minInterval": "1s"},
-        }),
-    ))
-    .await;
+    c.apply(rolled_out("team-a", "bob", "Deployment")).await;
+    c.apply(workload("team-a", "StatefulSet", "carol")).await;
+    c.apply(rolled_out("team-a", "carol", "StatefulSet")).await;
     c.apply(json!({
         "apiVersion": "agentenv.io/v1alpha1", "kind": "PluginMarketplace",
         "metadata": {"name": "tools", "namespace": "team-a"},
