@@ -155,6 +155,9 @@ pub enum StoreError {
     /// Schema migration failed.
     #[error("cannot migrate state database")]
     Migrate(#[source] sqlx::migrate::MigrateError),
+    /// The database writer task stopped (the runtime is shutting down).
+    #[error("the state database writer has stopped")]
+    WriterGone,
     /// A query failed.
     #[error("state database query failed while {0}")]
     Query(&'static str, #[source] sqlx::Error),

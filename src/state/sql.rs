@@ -10,6 +10,7 @@ use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use serde_json::Value;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
+use tokio::sync::{mpsc, oneshot};
 use zeroize::Zeroizing;
 
 use super::{
@@ -30,6 +31,7 @@ pub struct SqlStore {
     pool: AnyPool,
     keys: Keyring,
     hasher: Hasher,
+    writes: mpsc::UnboundedSender<Write>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -101,11 +103,23 @@ impl SqlStore {
 
     async fn ready(pool: AnyPool, keys: Keyring) -> Result<SqlStore, StoreError> {
         let salt = ledger_salt(&pool, &keys).await?;
+        let (writes, queue) = mpsc::unbounded_channel();
+        tokio::spawn(group_commit(pool.clone(), keys.clone(), queue));
         Ok(SqlStore {
             pool,
             keys,
             hasher: Hasher::new(salt.to_vec()),
+            writes,
         })
+    }
+
+    /// Queues a write for the group commit and waits for its transaction.
+    async fn queue(&self, op: WriteOp) -> Result<(), StoreError> {
+        let (done, result) = oneshot::channel();
+        self.writes
+            .send(Write { op, done })
+            .map_err(|_| StoreError::WriterGone)?;
+        result.await.map_err(|_| StoreError::WriterGone)?
     }
 
     /// Seals rows an older version stored in plain text (SQLite only: the
@@ -159,45 +173,45 @@ impl SqlStore {
         );
         Ok(())
     }
+}
 
-    fn open_installed(
-        &self,
-        key: &InstanceKey,
-        section: &str,
-        entry: &str,
-        sealed: &Sealed,
-    ) -> Result<Value, StoreError> {
-        let plain = self
-            .keys
-            .open(
-                &Aad::installed(&key.namespace, &key.name, section, entry),
-                sealed,
-            )
-            .map_err(|source| StoreError::Sealed {
-                what: format!("installed entry {section}.{entry} of {key}"),
-                source,
-            })?;
-        serde_json::from_slice(&plain).map_err(corrupt("installed entry", key))
-    }
+fn open_installed(
+    keys: &Keyring,
+    key: &InstanceKey,
+    section: &str,
+    entry: &str,
+    sealed: &Sealed,
+) -> Result<Value, StoreError> {
+    let plain = keys
+        .open(
+            &Aad::installed(&key.namespace, &key.name, section, entry),
+            sealed,
+        )
+        .map_err(|source| StoreError::Sealed {
+            what: format!("installed entry {section}.{entry} of {key}"),
+            source,
+        })?;
+    serde_json::from_slice(&plain).map_err(corrupt("installed entry", key))
+}
 
-    fn open_secret(
-        &self,
-        namespace: &str,
-        name: &str,
-        sealed: &Sealed,
-    ) -> Result<SecretValue, StoreError> {
-        let plain = self
-            .keys
-            .open(&Aad::secret(namespace, name), sealed)
-            .map_err(|source| StoreError::Sealed {
-                what: format!("secret {name} in namespace {namespace}"),
-                source,
-            })?;
-        let value: String = serde_json::from_slice(&plain)
-            .map_err(corrupt("secret", &InstanceKey::new(namespace, name)))?;
-        Ok(SecretValue::new(value))
-    }
+fn open_secret(
+    keys: &Keyring,
+    namespace: &str,
+    name: &str,
+    sealed: &Sealed,
+) -> Result<SecretValue, StoreError> {
+    let plain = keys
+        .open(&Aad::secret(namespace, name), sealed)
+        .map_err(|source| StoreError::Sealed {
+            what: format!("secret {name} in namespace {namespace}"),
+            source,
+        })?;
+    let value: String = serde_json::from_slice(&plain)
+        .map_err(corrupt("secret", &InstanceKey::new(namespace, name)))?;
+    Ok(SecretValue::new(value))
+}
 
+impl SqlStore {
     fn put_installed(
         &self,
         state: &mut InstanceState,
@@ -209,7 +223,7 @@ impl SqlStore {
         let Some(s) = Section::from_key(&section) else {
             return Ok(());
         };
-        let value = self.open_installed(key, &section, &entry, &sealed(row)?)?;
+        let value = open_installed(&self.keys, key, &section, &entry, &sealed(row)?)?;
         state.installed[s].insert(entry, value);
         Ok(())
     }
@@ -374,7 +388,7 @@ fn parse_pending(key: &InstanceKey, row: &AnyRow) -> Result<Option<LedgerEntries
 }
 
 /// A secret's value sealed for its place (as a JSON string, which
-/// [`SqlStore::open_secret`] reads back).
+/// [`open_secret`] reads back).
 fn seal_secret(keys: &Keyring, namespace: &str, name: &str, value: &SecretValue) -> Sealed {
     let plain = Zeroizing::new(serde_json::to_vec(value.expose()).expect("strings serialize"));
     keys.seal(&Aad::secret(namespace, name), &plain)
@@ -464,6 +478,178 @@ async fn insert_audit(
     Ok(())
 }
 
+async fn save_in(
+    tx: &mut Tx<'_>,
+    keys: &Keyring,
+    key: &InstanceKey,
+    state: &InstanceState,
+    audit: &AuditRecord,
+) -> Result<(), StoreError> {
+    match &state.ledger {
+        Some(l) => {
+            let entries = serde_json::to_string(&StoredEntries(l.entries.clone()))
+                .expect("ledger entries serialize");
+            sqlx::query(
+                    "INSERT INTO ledger (namespace, name, entries, content_hash, written_at) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (namespace, name) DO UPDATE SET entries = excluded.entries,
+                     content_hash = excluded.content_hash, written_at = excluded.written_at, pending = NULL",
+                )
+                .bind(&key.namespace)
+                .bind(&key.name)
+                .bind(entries)
+                .bind(&l.content_hash)
+                .bind(l.written_at.to_string())
+                .execute(&mut **tx)
+                .await
+                .map_err(q("saving a ledger"))?;
+        }
+        None => {
+            sqlx::query("DELETE FROM ledger WHERE namespace = $1 AND name = $2")
+                .bind(&key.namespace)
+                .bind(&key.name)
+                .execute(&mut **tx)
+                .await
+                .map_err(q("deleting a ledger"))?;
+        }
+    }
+    // Rewrite only rows whose value changed, so `adopted_at` keeps the
+    // first adoption and unchanged rows keep their nonce.
+    let existing = sqlx::query("SELECT * FROM installed WHERE namespace = $1 AND name = $2")
+        .bind(&key.namespace)
+        .bind(&key.name)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(q("loading installed entries"))?;
+    let mut kept: Vec<(Section, String)> = Vec::new();
+    for row in &existing {
+        let (section, entry): (String, String) = (col(row, "section")?, col(row, "entry")?);
+        let wanted = Section::from_key(&section).and_then(|s| state.installed[s].get(&entry));
+        match wanted {
+            None => {
+                sqlx::query(
+                        "DELETE FROM installed WHERE namespace = $1 AND name = $2 AND section = $3 AND entry = $4",
+                    )
+                    .bind(&key.namespace)
+                    .bind(&key.name)
+                    .bind(&section)
+                    .bind(&entry)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(q("forgetting an installed entry"))?;
+            }
+            Some(v) if open_installed(keys, key, &section, &entry, &sealed(row)?)? == *v => {
+                let s = Section::from_key(&section).expect("matched above");
+                kept.push((s, entry));
+            }
+            Some(_) => {}
+        }
+    }
+    let now = audit.at.to_string();
+    for (section, entries) in state.installed.iter() {
+        for (entry, value) in entries {
+            if kept.iter().any(|(s, e)| *s == section && e == entry) {
+                continue;
+            }
+            let sealed = seal_installed(keys, key, section.key(), entry, value);
+            insert_installed(tx, key, section.key(), entry, &sealed, &now).await?;
+        }
+    }
+    insert_audit(tx, key, audit).await?;
+    Ok(())
+}
+
+async fn save_pending_in(
+    tx: &mut Tx<'_>,
+    key: &InstanceKey,
+    pending: &LedgerEntries,
+) -> Result<(), StoreError> {
+    // A first render has no ledger row yet: an empty one carries the pending entries.
+    sqlx::query(
+        "INSERT INTO ledger (namespace, name, entries, content_hash, written_at, pending)
+             VALUES ($1, $2, $3, '', $4, $5)
+             ON CONFLICT (namespace, name) DO UPDATE SET pending = excluded.pending",
+    )
+    .bind(&key.namespace)
+    .bind(&key.name)
+    .bind(
+        serde_json::to_string(&StoredEntries(LedgerEntries::default()))
+            .expect("ledger entries serialize"),
+    )
+    .bind(crate::time::now().to_string())
+    .bind(serde_json::to_string(&StoredEntries(pending.clone())).expect("ledger entries serialize"))
+    .execute(&mut **tx)
+    .await
+    .map_err(q("recording what is about to be written"))?;
+    Ok(())
+}
+
+/// Writes queued by concurrent instance passes, committed together.
+struct Write {
+    op: WriteOp,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+enum WriteOp {
+    Save {
+        key: InstanceKey,
+        state: Box<InstanceState>,
+        audit: Box<AuditRecord>,
+    },
+    Pending {
+        key: InstanceKey,
+        entries: LedgerEntries,
+    },
+    Audit(Vec<(InstanceKey, AuditRecord)>),
+}
+
+/// Most writes committed in one transaction.
+const MAX_GROUP: usize = 512;
+
+/// The one writer of the database (group commit): every write waiting when
+/// a transaction starts goes into it. One transaction for many instances
+/// instead of one each, and no two connections of this process contending
+/// for SQLite's write lock (whose busy handler sleeps).
+async fn group_commit(pool: AnyPool, keys: Keyring, mut queue: mpsc::UnboundedReceiver<Write>) {
+    while let Some(first) = queue.recv().await {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP
+            && let Ok(w) = queue.try_recv()
+        {
+            group.push(w);
+        }
+        let ops: Vec<&WriteOp> = group.iter().map(|w| &w.op).collect();
+        if group.len() == 1 || commit(&pool, &keys, &ops).await.is_err() {
+            // One failing write fails the whole group: each alone, so only it fails.
+            for w in group {
+                let result = commit(&pool, &keys, &[&w.op]).await;
+                let _ = w.done.send(result);
+            }
+        } else {
+            for w in group {
+                let _ = w.done.send(Ok(()));
+            }
+        }
+    }
+}
+
+async fn commit(pool: &AnyPool, keys: &Keyring, ops: &[&WriteOp]) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await.map_err(q("starting a transaction"))?;
+    for op in ops {
+        match op {
+            WriteOp::Save { key, state, audit } => {
+                save_in(&mut tx, keys, key, state, audit).await?
+            }
+            WriteOp::Pending { key, entries } => save_pending_in(&mut tx, key, entries).await?,
+            WriteOp::Audit(records) => {
+                for (key, audit) in records {
+                    insert_audit(&mut tx, key, audit).await?;
+                }
+            }
+        }
+    }
+    tx.commit().await.map_err(q("committing"))
+}
+
 #[async_trait]
 impl StateStore for SqlStore {
     fn hasher(&self) -> &Hasher {
@@ -526,83 +712,12 @@ impl StateStore for SqlStore {
         state: &InstanceState,
         audit: &AuditRecord,
     ) -> Result<(), StoreError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(q("starting a transaction"))?;
-        match &state.ledger {
-            Some(l) => {
-                let entries = serde_json::to_string(&StoredEntries(l.entries.clone()))
-                    .expect("ledger entries serialize");
-                sqlx::query(
-                    "INSERT INTO ledger (namespace, name, entries, content_hash, written_at) VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT (namespace, name) DO UPDATE SET entries = excluded.entries,
-                     content_hash = excluded.content_hash, written_at = excluded.written_at, pending = NULL",
-                )
-                .bind(&key.namespace)
-                .bind(&key.name)
-                .bind(entries)
-                .bind(&l.content_hash)
-                .bind(l.written_at.to_string())
-                .execute(&mut *tx)
-                .await
-                .map_err(q("saving a ledger"))?;
-            }
-            None => {
-                sqlx::query("DELETE FROM ledger WHERE namespace = $1 AND name = $2")
-                    .bind(&key.namespace)
-                    .bind(&key.name)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(q("deleting a ledger"))?;
-            }
-        }
-        // Rewrite only rows whose value changed, so `adopted_at` keeps the
-        // first adoption and unchanged rows keep their nonce.
-        let existing = sqlx::query("SELECT * FROM installed WHERE namespace = $1 AND name = $2")
-            .bind(&key.namespace)
-            .bind(&key.name)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(q("loading installed entries"))?;
-        let mut kept: Vec<(Section, String)> = Vec::new();
-        for row in &existing {
-            let (section, entry): (String, String) = (col(row, "section")?, col(row, "entry")?);
-            let wanted = Section::from_key(&section).and_then(|s| state.installed[s].get(&entry));
-            match wanted {
-                None => {
-                    sqlx::query(
-                        "DELETE FROM installed WHERE namespace = $1 AND name = $2 AND section = $3 AND entry = $4",
-                    )
-                    .bind(&key.namespace)
-                    .bind(&key.name)
-                    .bind(&section)
-                    .bind(&entry)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(q("forgetting an installed entry"))?;
-                }
-                Some(v) if self.open_installed(key, &section, &entry, &sealed(row)?)? == *v => {
-                    let s = Section::from_key(&section).expect("matched above");
-                    kept.push((s, entry));
-                }
-                Some(_) => {}
-            }
-        }
-        let now = audit.at.to_string();
-        for (section, entries) in state.installed.iter() {
-            for (entry, value) in entries {
-                if kept.iter().any(|(s, e)| *s == section && e == entry) {
-                    continue;
-                }
-                let sealed = seal_installed(&self.keys, key, section.key(), entry, value);
-                insert_installed(&mut tx, key, section.key(), entry, &sealed, &now).await?;
-            }
-        }
-        insert_audit(&mut tx, key, audit).await?;
-        tx.commit().await.map_err(q("committing"))?;
-        Ok(())
+        self.queue(WriteOp::Save {
+            key: key.clone(),
+            state: Box::new(state.clone()),
+            audit: Box::new(audit.clone()),
+        })
+        .await
     }
 
     async fn save_pending(
@@ -610,42 +725,18 @@ impl StateStore for SqlStore {
         key: &InstanceKey,
         pending: &LedgerEntries,
     ) -> Result<(), StoreError> {
-        // A first render has no ledger row yet: an empty one carries the pending entries.
-        sqlx::query(
-            "INSERT INTO ledger (namespace, name, entries, content_hash, written_at, pending)
-             VALUES ($1, $2, $3, '', $4, $5)
-             ON CONFLICT (namespace, name) DO UPDATE SET pending = excluded.pending",
-        )
-        .bind(&key.namespace)
-        .bind(&key.name)
-        .bind(
-            serde_json::to_string(&StoredEntries(LedgerEntries::default()))
-                .expect("ledger entries serialize"),
-        )
-        .bind(crate::time::now().to_string())
-        .bind(
-            serde_json::to_string(&StoredEntries(pending.clone()))
-                .expect("ledger entries serialize"),
-        )
-        .execute(&self.pool)
+        self.queue(WriteOp::Pending {
+            key: key.clone(),
+            entries: pending.clone(),
+        })
         .await
-        .map_err(q("recording what is about to be written"))?;
-        Ok(())
     }
 
     async fn audit(&self, records: &[(InstanceKey, AuditRecord)]) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
         }
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(q("starting a transaction"))?;
-        for (key, audit) in records {
-            insert_audit(&mut tx, key, audit).await?;
-        }
-        tx.commit().await.map_err(q("committing"))
+        self.queue(WriteOp::Audit(records.to_vec())).await
     }
 
     async fn history(&self, key: &InstanceKey) -> Result<Vec<AuditRecord>, StoreError> {
@@ -705,7 +796,7 @@ impl StateStore for SqlStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(q("reading a secret"))?;
-        row.map(|r| self.open_secret(namespace, name, &sealed(&r)?))
+        row.map(|r| open_secret(&self.keys, namespace, name, &sealed(&r)?))
             .transpose()
     }
 
@@ -721,7 +812,7 @@ impl StateStore for SqlStore {
         rows.iter()
             .map(|r| {
                 let name: String = col(r, "name")?;
-                let value = self.open_secret(namespace, &name, &sealed(r)?)?;
+                let value = open_secret(&self.keys, namespace, &name, &sealed(r)?)?;
                 Ok((name, value))
             })
             .collect()
@@ -763,11 +854,7 @@ impl StateStore for SqlStore {
     async fn rotate_key(&self, new: &MasterKey) -> Result<Rotation, StoreError> {
         // Opens with every key known, the new one included: rows a replica
         // already running with the new key sealed are simply re-sealed.
-        let opener = SqlStore {
-            pool: self.pool.clone(),
-            keys: self.keys.clone().also_opening(new),
-            hasher: self.hasher.clone(),
-        };
+        let opener = self.keys.clone().also_opening(new);
         let sealer = Keyring::new(new.clone(), None);
         let mut tx = self
             .pool
@@ -781,7 +868,7 @@ impl StateStore for SqlStore {
             .map_err(q("reading secrets"))?;
         for r in &rows {
             let key = row_key(r)?;
-            let value = opener.open_secret(&key.namespace, &key.name, &sealed(r)?)?;
+            let value = open_secret(&opener, &key.namespace, &key.name, &sealed(r)?)?;
             let s = seal_secret(&sealer, &key.namespace, &key.name, &value);
             sqlx::query(
                 "UPDATE secrets SET key_id = $1, nonce = $2, ciphertext = $3 WHERE namespace = $4 AND name = $5",
@@ -804,7 +891,7 @@ impl StateStore for SqlStore {
         for r in &rows {
             let key = row_key(r)?;
             let (section, entry): (String, String) = (col(r, "section")?, col(r, "entry")?);
-            let value = opener.open_installed(&key, &section, &entry, &sealed(r)?)?;
+            let value = open_installed(&opener, &key, &section, &entry, &sealed(r)?)?;
             let s = seal_installed(&sealer, &key, &section, &entry, &value);
             insert_installed(
                 &mut tx,
