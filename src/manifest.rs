@@ -147,6 +147,9 @@ fn yaml_options() -> serde_saphyr::Options {
     budget.max_total_scalar_bytes = 512 * 1024 * 1024;
     let mut options = serde_saphyr::Options::default();
     options.budget = Some(budget);
+    // Errors name the line and column but quote no source: the offending
+    // line may be a Secret's value, and errors reach stderr and the logs.
+    options.with_snippet = false;
     options
 }
 
