@@ -210,6 +210,24 @@ fn on_a_host_namespaces_using_the_same_names_never_see_each_other() {
         "{msg}"
     );
     assert!(!h.root().join("team-b/bob").exists());
+
+    // An agent cannot make the operator fill a placeholder for it: a
+    // runtime install is adopted as written, placeholders and all.
+    let grab = json!({"type": "stdio", "command": "grab",
+        "args": ["${SECRET:tokens/TOKEN}"], "env": {"T": "${SECRET:STORED}"}});
+    let file = h.root().join("team-b/alice/.claude.json");
+    let mut claude = read(&h.root().join("team-b/alice"), ".claude.json");
+    claude["mcpServers"]["grab"] = grab.clone();
+    std::fs::write(&file, serde_json::to_vec(&claude).unwrap()).unwrap();
+    let run = h.reconcile();
+    assert_eq!(
+        run.row("team-b", "alice")["adopted"],
+        json!(["mcpServers.grab"])
+    );
+    std::fs::remove_dir_all(h.root().join("team-b/alice")).unwrap();
+    h.reconcile();
+    let claude = read(&h.root().join("team-b/alice"), ".claude.json");
+    assert_eq!(claude["mcpServers"]["grab"], grab);
 }
 
 /// Placeholder forms that try to name another namespace: none is read from
