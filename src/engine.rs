@@ -229,7 +229,7 @@ impl Engine {
             }
         };
         let index = snapshot.index();
-        let collisions = env_dir_collisions(snapshot);
+        let collisions = snapshot::env_dir_clashes(snapshot);
 
         // A plain loop, not iterator closures: the futures must be `Send` for
         // any lifetime, which closures over borrowed keys defeat.
@@ -287,12 +287,10 @@ impl Engine {
                 ..out
             };
         }
-        if let Some(other) = collision {
+        if let Some(clash) = collision {
             return out.fail(
                 reason::INVALID_OBJECT,
-                format!(
-                    "field spec.envDir.path: env dir {rel} is also used by AgentInstance {other}"
-                ),
+                format!("field spec.envDir.path: env dir {rel} {clash}"),
             );
         }
         let blockers = index.blockers(&key.namespace, &spec.agent_type, &key.name);
@@ -576,23 +574,4 @@ fn audit_record(out: &Outcome) -> AuditRecord {
         repeats: 1,
         last_at: None,
     }
-}
-
-/// Instances whose env dirs would be the same directory, each mapped to one other user of it.
-fn env_dir_collisions(snapshot: &Snapshot) -> HashMap<ObjectKey, String> {
-    let mut by_path: HashMap<String, Vec<&ObjectKey>> = HashMap::new();
-    for (key, inst) in &snapshot.instances {
-        by_path
-            .entry(snapshot::env_dir_key(key, inst))
-            .or_default()
-            .push(key);
-    }
-    let mut out = HashMap::new();
-    for keys in by_path.values().filter(|k| k.len() > 1) {
-        for k in keys {
-            let other = keys.iter().find(|o| *o != k).expect("more than one");
-            out.insert((*k).clone(), other.to_string());
-        }
-    }
-    out
 }

@@ -147,6 +147,9 @@ fn yaml_options() -> serde_saphyr::Options {
     budget.max_total_scalar_bytes = 512 * 1024 * 1024;
     let mut options = serde_saphyr::Options::default();
     options.budget = Some(budget);
+    // Errors name the line and column but quote no source: the offending
+    // line may be a Secret's value, and errors reach stderr and the logs.
+    options.with_snippet = false;
     options
 }
 
@@ -335,7 +338,8 @@ pub enum Object {
 #[allow(clippy::result_large_err)] // built once per object change; boxing buys nothing
 pub fn validate(kind: &str, doc: &Value, source: &str) -> Result<Object, InvalidObject> {
     let result = match kind {
-        "AgentInstance" => typed::<AgentInstance>(doc, &CEL.instance).map(Object::Instance),
+        "AgentInstance" => typed::<AgentInstance>(doc, &CEL.instance)
+            .and_then(|o| check_instance(&o, doc).map(|()| Object::Instance(o))),
         "PluginBinding" => typed::<PluginBinding>(doc, &CEL.binding)
             .and_then(|o| check_binding(&o).map(|()| Object::Binding(o))),
         "PluginMarketplace" => {
@@ -436,6 +440,26 @@ fn check_binding(o: &PluginBinding) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A namespace owns `<namespace>/` of the env root: the default env dir is
+/// `<namespace>/<name>`, and a cluster can hand each namespace that directory
+/// as its own volume. A path elsewhere would let one namespace's objects and
+/// secrets be written where another namespace's agents read, or hold back
+/// another namespace's instance by claiming its dir. CEL cannot say this: a
+/// CRD rule does not see `metadata.namespace`.
+fn check_instance(o: &AgentInstance, doc: &Value) -> Result<(), String> {
+    let Some(path) = o.spec.env_dir.as_ref().and_then(|e| e.path.as_deref()) else {
+        return Ok(());
+    };
+    let namespace = doc["metadata"]["namespace"].as_str().unwrap_or_default();
+    let mut segments = path.split('/').filter(|s| !s.is_empty());
+    if segments.next() == Some(namespace) && segments.next().is_some() {
+        return Ok(());
+    }
+    Err(format!(
+        "field spec.envDir.path: must lie under {namespace}/, the part of the env root that belongs to the instance's namespace"
+    ))
 }
 
 fn check_mcp(o: &McpServer) -> Result<(), String> {

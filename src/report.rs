@@ -144,7 +144,9 @@ pub fn aligned(header: &[&str], rows: &[(Vec<String>, Vec<String>)]) -> String {
 
 /// Shows a value with secrets hidden: every `env` and `headers` value of an
 /// MCP server is masked (runtime installs may carry tokens there too), and
-/// any used secret elsewhere is replaced by its placeholder.
+/// any used secret elsewhere is replaced by its placeholder. Each string is
+/// masked before the value is serialized: a secret with a quote, backslash
+/// or newline in it looks different once JSON-escaped.
 fn show(section: Section, v: &Value, used: &UsedSecrets) -> String {
     let mut v = v.clone();
     if section == Section::McpServers
@@ -165,7 +167,43 @@ fn show(section: Section, v: &Value, used: &UsedSecrets) -> String {
             *val = Value::String("***".into());
         }
     }
-    used.mask(&serde_json::to_string(&v).expect("values serialize"))
+    mask_strings(&mut v, used);
+    serde_json::to_string(&v).expect("values serialize")
+}
+
+fn mask_strings(v: &mut Value, used: &UsedSecrets) {
+    match v {
+        Value::String(s) => *s = used.mask(s),
+        Value::Array(items) => items.iter_mut().for_each(|x| mask_strings(x, used)),
+        Value::Object(m) => m.values_mut().for_each(|x| mask_strings(x, used)),
+        _ => {}
+    }
+}
+
+/// The old value of a changed entry, as far as `diff` may show it. An MCP
+/// server on disk may hold secrets this pass no longer uses (a Secret's value
+/// changed, a placeholder was dropped), which no mask knows: its `url` and
+/// each of its `args` is shown only where it equals the new value's, `***`
+/// elsewhere.
+fn old_shown(section: Section, old: &Value, new: &Value) -> Value {
+    let mut old = old.clone();
+    if section != Section::McpServers {
+        return old;
+    }
+    let hidden = || Value::String("***".into());
+    if let Some(url) = old.get_mut("url")
+        && Some(&*url) != new.get("url")
+    {
+        *url = hidden();
+    }
+    if let Some(Value::Array(args)) = old.get_mut("args") {
+        for (i, a) in args.iter_mut().enumerate() {
+            if new.get("args").and_then(|n| n.get(i)) != Some(&*a) {
+                *a = hidden();
+            }
+        }
+    }
+    old
 }
 
 /// `diff` output: per instance, per file and key, what a pass would change.
@@ -204,7 +242,7 @@ pub fn diff(outcomes: &[Outcome]) -> String {
                     (Some(_), None) => format!("    - {at}"),
                     (Some(old), Some(n)) => format!(
                         "    ~ {at}: {} -> {}",
-                        show(c.section, old, &o.used_secrets),
+                        show(c.section, &old_shown(c.section, old, n), &o.used_secrets),
                         show(c.section, n, &o.used_secrets)
                     ),
                     (None, None) => continue,
@@ -218,4 +256,35 @@ pub fn diff(outcomes: &[Outcome]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secrets::{SecretRef, SecretValue};
+    use serde_json::json;
+
+    #[test]
+    fn diff_values_hide_escaped_secrets_and_old_ones_no_mask_knows() {
+        let value = "q\"uo\\te\nnl";
+        let used = UsedSecrets(vec![(
+            SecretRef::Bare("Q".into()),
+            SecretValue::new(value.into()),
+        )]);
+        let new = json!({"type": "stdio", "command": "x",
+            "args": [format!("--t={value}"), "--v"], "env": {"E": value}});
+        let shown = show(Section::McpServers, &new, &used);
+        assert_eq!(
+            shown,
+            r#"{"type":"stdio","command":"x","args":["--t=${SECRET:Q}","--v"],"env":{"E":"***"}}"#
+        );
+        let old = json!({"type": "stdio", "command": "x", "args": ["--t=old-secret", "--v"]});
+        assert_eq!(
+            old_shown(Section::McpServers, &old, &new)["args"],
+            json!(["***", "--v"])
+        );
+        let old = json!({"type": "http", "url": "https://x/?t=old-secret"});
+        let new = json!({"type": "http", "url": "https://x/?t=new-secret"});
+        assert_eq!(old_shown(Section::McpServers, &old, &new)["url"], "***");
+    }
 }

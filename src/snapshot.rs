@@ -175,17 +175,77 @@ pub fn env_path(key: &ObjectKey, instance: &AgentInstance) -> String {
         .unwrap_or_else(|| format!("{}/{}", key.namespace, key.name))
 }
 
-/// An env dir's identity: its path without a trailing slash, so `a/b/` and
-/// `a/b` are one directory (for collisions and for mapping file events).
+/// An env dir's identity (for collisions and for mapping file events): its
+/// path with empty segments dropped, so `a/b/`, `a//b` and `a/b` are one
+/// directory, and in ASCII lower case, because the env root may be on a
+/// case-insensitive filesystem (an NFS export of one, a host volume on a
+/// laptop) where `a/B` and `a/b` are one directory too. (`.` and `..`
+/// segments never get this far: the path rules refuse them.)
 pub fn env_dir_key(key: &ObjectKey, instance: &AgentInstance) -> String {
-    env_path(key, instance).trim_end_matches('/').to_owned()
+    dir_identity(&env_path(key, instance))
+}
+
+fn dir_identity(path: &str) -> String {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    segments.join("/").to_ascii_lowercase()
+}
+
+/// [`dir_identity`] without a copy for a path that already is one (file
+/// events are matched against every env dir).
+fn as_identity(path: &str) -> std::borrow::Cow<'_, str> {
+    let plain = !path.starts_with('/')
+        && !path.ends_with('/')
+        && !path.contains("//")
+        && !path.bytes().any(|b| b.is_ascii_uppercase());
+    if plain {
+        std::borrow::Cow::Borrowed(path)
+    } else {
+        std::borrow::Cow::Owned(dir_identity(path))
+    }
+}
+
+/// Every instance whose env dir is the same directory as another's or lies
+/// inside another's (or holds one), mapped to how, naming one other
+/// instance. Such an instance is never written: two writers of one dir would
+/// take each other's files for drift and runtime installs, and an env dir
+/// inside another would be part of what that other agent reads.
+pub fn env_dir_clashes(snapshot: &Snapshot) -> HashMap<ObjectKey, String> {
+    let mut by_dir: BTreeMap<String, Vec<&ObjectKey>> = BTreeMap::new();
+    for (key, inst) in &snapshot.instances {
+        by_dir.entry(env_dir_key(key, inst)).or_default().push(key);
+    }
+    let mut out = HashMap::new();
+    for (dir, keys) in &by_dir {
+        for k in keys {
+            if let Some(other) = keys.iter().find(|o| *o != k) {
+                out.entry((*k).clone())
+                    .or_insert_with(|| format!("is also used by AgentInstance {other}"));
+            }
+        }
+        // Only ancestors need looking up: each pair is met from its inner dir.
+        for (i, _) in dir.match_indices('/') {
+            let Some(outer) = by_dir.get(&dir[..i]) else {
+                continue;
+            };
+            for k in keys {
+                out.entry((*k).clone()).or_insert_with(|| {
+                    format!("lies inside the env dir of AgentInstance {}", outer[0])
+                });
+            }
+            for o in outer {
+                out.entry((*o).clone())
+                    .or_insert_with(|| format!("holds the env dir of AgentInstance {}", keys[0]));
+            }
+        }
+    }
+    out
 }
 
 /// Whether a filesystem change at `rel` (relative to the env root) touches
 /// the env dir `dir` (an [`env_dir_key`]): it is the dir, lies in it, or
 /// holds it (a parent removed or replaced).
 pub fn touches(dir: &str, rel: &str) -> bool {
-    let rel = rel.trim_end_matches('/');
+    let rel = &*as_identity(rel);
     let within = |outer: &str, inner: &str| {
         inner
             .strip_prefix(outer)
@@ -268,5 +328,7 @@ mod path_tests {
         assert!(!touches("ns/a", "ns/ab"));
         assert!(!touches("ns/ab", "ns/a"));
         assert!(!touches("ns/a", "other/a"));
+        assert!(touches("ns/a", "ns//a/settings.json"));
+        assert!(touches("ns/a", "NS/A"));
     }
 }

@@ -83,7 +83,9 @@ struct Inner {
     unscoped: HashMap<String, BTreeSet<(Kind, ObjectKey)>>,
     by_type: HashMap<(String, String), BTreeSet<String>>,
     by_namespace: HashMap<String, BTreeSet<String>>,
-    env_paths: HashMap<String, BTreeSet<ObjectKey>>,
+    /// Instances by [`crate::snapshot::env_dir_key`]; ordered, so the env
+    /// dirs inside one are a range.
+    env_paths: BTreeMap<String, BTreeSet<ObjectKey>>,
     secrets: HashMap<String, BTreeMap<String, BTreeMap<String, SecretValue>>>,
     secret_refs: HashMap<ObjectKey, BTreeSet<SecretRef>>,
     /// Per namespace, bumped by every Secret change: a pass that read an
@@ -210,8 +212,10 @@ impl Catalog {
         };
         add(&mut snap, key, entry);
         if let Ok(Object::Instance(inst)) = &entry.validated {
+            // One instance whose env dir clashes with this one's is enough
+            // for the pass to refuse it and name the other.
             let path = crate::snapshot::env_dir_key(key, inst);
-            for other in inner.env_paths.get(&path).into_iter().flatten() {
+            for other in inner.clashing(&path) {
                 if other != key
                     && let Some(e) = inner.objects.get(&(Kind::Instance, other.clone()))
                 {
@@ -632,17 +636,37 @@ impl Inner {
         self.by_scope.retain(|_, v| !v.is_empty());
     }
 
+    /// Instances whose env dir is `path` (an env dir key), holds it or lies
+    /// inside it.
+    fn clashing<'a>(&'a self, path: &'a str) -> impl Iterator<Item = &'a ObjectKey> + 'a {
+        let holders = path
+            .match_indices('/')
+            .filter_map(|(i, _)| self.env_paths.get(&path[..i]));
+        let inner = format!("{path}/");
+        let within = self
+            .env_paths
+            .range(inner.clone()..)
+            .take_while(move |(dir, _)| dir.starts_with(&inner))
+            .map(|(_, keys)| keys);
+        self.env_paths
+            .get(path)
+            .into_iter()
+            .chain(holders)
+            .chain(within)
+            .flatten()
+    }
+
     /// Instances one version of an object affects.
     fn affected(&self, kind: Kind, key: &ObjectKey, entry: &Entry) -> Vec<ObjectKey> {
         let ns = &key.namespace;
         let in_ns = |name: &String| ObjectKey::new(ns, name);
         if kind == Kind::Instance {
             let mut out = vec![key.clone()];
-            // Instances sharing its env dir report (or stop reporting) the collision.
-            if let Ok(Object::Instance(i)) = &entry.validated
-                && let Some(keys) = self.env_paths.get(&crate::snapshot::env_dir_key(key, i))
-            {
-                out.extend(keys.iter().cloned());
+            // Instances whose env dir clashes with its own report (or stop
+            // reporting) the clash.
+            if let Ok(Object::Instance(i)) = &entry.validated {
+                let path = crate::snapshot::env_dir_key(key, i);
+                out.extend(self.clashing(&path).cloned());
             }
             return out;
         }

@@ -69,8 +69,10 @@ pub struct AgentInstanceSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct EnvDir {
-    /// Path relative to the env root. Defaults to `<namespace>/<name>`. Never
-    /// absolute, never with `.` or `..` segments, never under `.agent-env`.
+    /// Path relative to the env root. Defaults to `<namespace>/<name>`. Must
+    /// lie under `<namespace>/`; never absolute, never with `.` or `..`
+    /// segments, never under `.agent-env`, never the env dir of another
+    /// instance, inside one or holding one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.size() > 0 && self.size() <= 1024").message("must be 1 to 1024 characters"))]
     #[x_kube(validation = Rule::new("!self.startsWith('/')").message("must be relative to the env root"))]

@@ -172,6 +172,25 @@ impl ApiServer {
             .cloned()
     }
 
+    /// Every version of every object written since start (or the last
+    /// [`Self::compact`]; at most the last 100,000 writes), oldest first, as (group, resource, namespace or ""
+    /// when cluster-scoped, the object): what a scan of everything clients
+    /// wrote needs, including versions replaced or deleted since.
+    pub fn history(&self) -> Vec<(String, String, String, Value)> {
+        self.shared
+            .store()
+            .retained()
+            .map(|e| {
+                (
+                    e.key.0.clone(),
+                    e.key.1.clone(),
+                    e.key.2.clone(),
+                    e.object.clone(),
+                )
+            })
+            .collect()
+    }
+
     /// The stored objects of one resource, in one namespace or (None) all.
     pub fn list(&self, group: &str, resource: &str, namespace: Option<&str>) -> Vec<Value> {
         self.shared

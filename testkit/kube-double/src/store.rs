@@ -145,6 +145,11 @@ impl Store {
         Since::Events(self.history.iter().filter(|e| e.rv > rv).cloned().collect())
     }
 
+    /// Every retained event, oldest first.
+    pub fn retained(&self) -> impl Iterator<Item = &Arc<Event>> {
+        self.history.iter()
+    }
+
     /// Whether a list snapshot taken at `rv` can still be continued.
     pub fn retains(&self, rv: u64) -> bool {
         rv >= self.floor
