@@ -31,9 +31,26 @@ impl Marker {
 
 /// Reads the marker of an env dir, as `agent-env wait` does in the agent's
 /// pod; `None` when absent or unreadable (a write in progress is atomic, so
-/// unreadable means not ours yet).
+/// unreadable means not ours yet). The env dir is the agent's: something
+/// other than a small regular file there (a FIFO would block the read, and
+/// the wait's timeout with it) counts as no marker.
 pub fn read(env_dir: &Path) -> Option<Marker> {
-    let bytes = std::fs::read(env_dir.join(BOOT_MARKER)).ok()?;
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOFOLLOW;
+    let f = std::fs::File::options()
+        .read(true)
+        .custom_flags(flags.bits() as i32)
+        .open(env_dir.join(BOOT_MARKER))
+        .ok()?;
+    let meta = f.metadata().ok()?;
+    if !meta.is_file() || meta.len() > crate::envdir::MAX_FILE_BYTES {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    f.take(crate::envdir::MAX_FILE_BYTES)
+        .read_to_end(&mut bytes)
+        .ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 

@@ -781,6 +781,31 @@ fn a_fifo_or_a_lock_that_is_no_lock_is_refused_without_waiting() {
     assert_eq!(h.reconcile().code, 0);
 }
 
+#[test]
+fn agent_env_wait_is_not_held_up_by_a_fifo_as_the_marker() {
+    // The init container reads the marker in the agent's own env dir: a FIFO
+    // left there would block the read, and the timeout with it.
+    let h = Host::new();
+    let env_dir = h.env_file("dev/alice");
+    std::fs::create_dir_all(&env_dir).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        env_dir.join(".agent-env-ready"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    let mut cmd = agent_env();
+    cmd.args(["wait", "--env-dir"])
+        .arg(&env_dir)
+        .args(["--pod-uid", "u-1", "--timeout", "1s"]);
+    let (run, took) = timed(cmd, Duration::from_secs(30));
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("timed out after 1s"), "{}", run.stderr);
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
 // ---------------------------------------------------------------------------
 // The continuous loop meets the same refusals
 
