@@ -972,6 +972,17 @@ mod tests {
             "{err}"
         );
         assert!(err.is_escape());
+        // A write replaces the link by rename: the other file is not written through.
+        let seen = d.current_stamp(".claude.json").unwrap();
+        let w = d.write(EnvFile::ClaudeJson, b"{}\n", seen, 0o600, Owner::default());
+        assert_eq!(w.unwrap(), WriteOutcome::Written);
+        assert_eq!(std::fs::read(&outside).unwrap(), b"{\"token\": \"t\"}");
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::nlink(
+                &std::fs::metadata(dir.join(".claude.json")).unwrap()
+            ),
+            1
+        );
 
         // Over the limit: refused from its size, before a byte is read (the
         // file is sparse: reading it would mean gigabytes of zeros).
