@@ -906,6 +906,15 @@ mod tests {
         }
         assert!(!root.remove_instance("ns/a").is_ok_and(|r| r));
         assert!(tmp.path().join("other/a").is_dir());
+        // A dangling one is refused too, not taken for a missing env dir.
+        std::fs::create_dir(tmp.path().join("ns2")).unwrap();
+        std::os::unix::fs::symlink("/nonexistent", tmp.path().join("ns2/a")).unwrap();
+        for create in [false, true] {
+            let err = root
+                .instance("ns2/a", create, Owner::default())
+                .unwrap_err();
+            assert_eq!(refusal(&err), Some(&Refusal::Symlink), "{err}");
+        }
     }
 
     #[test]
