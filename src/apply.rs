@@ -8,9 +8,9 @@ use serde_json::{Map, Value};
 
 use crate::crd::RuntimeInstalls;
 use crate::drift::{self, Findings};
-use crate::envdir::{EnvDirError, EnvRoot, InstanceDir, Owner, Stamp, WriteOutcome};
+use crate::envdir::{EnvDirError, EnvRoot, InstanceDir, Owner, Refusal, Stamp, WriteOutcome};
 use crate::ledger::{Hasher, Ledger, LedgerEntry};
-use crate::merge::Document;
+use crate::merge::{Document, OwnedError};
 use crate::resolve::{self, Entries, Installed, Origin};
 use crate::section::{EnvFile, PerSection, Section};
 use crate::state::InstanceState;
@@ -287,7 +287,15 @@ fn observe(
             Ok(None) => {
                 o.learn.insert(section, Some(Map::new()));
             }
-            Err(wrong) => {
+            // Valid JSON, only deeper than we parse: neither damaged nor ours
+            // to replace, so the file is left exactly as it is.
+            Err(OwnedError::TooDeep { key, limit }) => {
+                return Err(EnvDirError::Refused {
+                    path: dir.display(file.file_name()),
+                    why: Refusal::TooDeep { key, limit },
+                });
+            }
+            Err(wrong @ OwnedError::WrongType { .. }) => {
                 let note = if dry_run {
                     format!(
                         "{}: {wrong}; it would be replaced",

@@ -1,13 +1,24 @@
 //! The env root on disk. Every access goes through a directory handle of the
 //! root (cap-std), so no path or symlink can lead a read or write outside it.
+//!
+//! Agents write into their env dirs too, so nothing found there is trusted:
+//! env dirs are opened one component at a time without following a symlink,
+//! files are looked at before they are opened (a FIFO would block, a device
+//! could react to being opened) and again through the open handle, a file
+//! with a second hard link is not read (it may be a file outside the root),
+//! and no file larger than [`MAX_FILE_BYTES`] is read into memory.
 
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use cap_fs_ext::DirExt;
 use cap_fs_ext::{FollowSymlinks, OpenOptionsFollowExt};
 use cap_std::ambient_authority;
-use cap_std::fs::{Dir, DirBuilder, DirBuilderExt, MetadataExt, OpenOptions, OpenOptionsExt};
+use cap_std::fs::{
+    Dir, DirBuilder, DirBuilderExt, FileType, FileTypeExt, Metadata, MetadataExt, OpenOptions,
+    OpenOptionsExt,
+};
 
 use crate::section::EnvFile;
 
@@ -16,6 +27,10 @@ pub const STATE_DIR: &str = ".agent-env";
 /// In an env dir: the pods the operator checked the env dir for, read by
 /// `agent-env wait` in the pod's init container.
 pub const BOOT_MARKER: &str = ".agent-env-ready";
+/// Largest file in an env dir the operator reads (16 MiB). A pass holds a
+/// few copies of a file in memory while it merges, per instance in flight;
+/// larger files are refused and left as they are, never read.
+pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// An env dir operation failed. Paths are shown relative to the env root.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +64,14 @@ pub enum EnvDirError {
         /// Why.
         reason: String,
     },
+    /// A path in an env dir the operator will not read or write through.
+    #[error("{path} {why}; left as it is")]
+    Refused {
+        /// The path, relative to the env root.
+        path: String,
+        /// Why.
+        why: Refusal,
+    },
     /// A file kept changing under us while we tried to write it.
     #[error("{path} kept changing while it was being written; gave up after {attempts} attempts")]
     Contended {
@@ -68,14 +91,133 @@ impl EnvDirError {
         }
     }
 
-    /// Whether the error comes from a path leading outside the env root.
+    fn refused(path: impl Into<String>, why: Refusal) -> Self {
+        EnvDirError::Refused {
+            path: path.into(),
+            why,
+        }
+    }
+
+    /// Whether the error comes from a path that leads, or may lead, outside
+    /// the env root.
     pub fn is_escape(&self) -> bool {
         match self {
             EnvDirError::Io { source, .. } => {
                 source.kind() == io::ErrorKind::PermissionDenied
                     && source.to_string().contains("outside")
             }
+            EnvDirError::Refused { why, .. } => {
+                matches!(why, Refusal::Symlink | Refusal::HardLinked { .. })
+            }
             _ => false,
+        }
+    }
+}
+
+/// Why a path in an env dir is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// A symlink where a directory or file of an env dir belongs.
+    #[error(
+        "is a symbolic link; env dirs, the directories above them and their files must not be links"
+    )]
+    Symlink,
+    /// A file that also has a name elsewhere, perhaps outside the env root:
+    /// what is read from it would end up in a file the agent can read.
+    #[error(
+        "has {links} hard links, so it may be a file outside the env root; it is not read (copy it to break the link)"
+    )]
+    HardLinked {
+        /// Its link count.
+        links: u64,
+    },
+    /// Something other than a regular file where a file belongs.
+    #[error("is a {kind}, not a regular file")]
+    NotAFile {
+        /// What it is.
+        kind: &'static str,
+    },
+    /// Something other than a directory where a directory belongs.
+    #[error("is a {kind}, not a directory")]
+    NotADirectory {
+        /// What it is.
+        kind: &'static str,
+    },
+    /// A file over [`MAX_FILE_BYTES`].
+    #[error(
+        "is {size} bytes, over the limit of {limit} bytes ({} MiB) for a file in an env dir",
+        limit / (1024 * 1024)
+    )]
+    TooLarge {
+        /// Its size (at least), in bytes.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// An owned key nested deeper than [`crate::merge::MAX_OWNED_DEPTH`].
+    #[error("nests {key} deeper than {limit} levels, the limit for an owned key")]
+    TooDeep {
+        /// The owned key.
+        key: &'static str,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+fn kind_of(t: FileType) -> &'static str {
+    if t.is_symlink() {
+        "symbolic link"
+    } else if t.is_dir() {
+        "directory"
+    } else if t.is_file() {
+        "regular file"
+    } else if t.is_fifo() {
+        "named pipe"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "device"
+    } else {
+        "special file"
+    }
+}
+
+/// Whether `m` is a file the operator may read: a regular file with one
+/// name, within [`MAX_FILE_BYTES`].
+fn check_file(m: &Metadata, shown: &str) -> Result<(), EnvDirError> {
+    let t = m.file_type();
+    let why = if t.is_symlink() {
+        Refusal::Symlink
+    } else if !t.is_file() {
+        Refusal::NotAFile { kind: kind_of(t) }
+    } else if m.nlink() > 1 {
+        Refusal::HardLinked { links: m.nlink() }
+    } else if m.len() > MAX_FILE_BYTES {
+        Refusal::TooLarge {
+            size: m.len(),
+            limit: MAX_FILE_BYTES,
+        }
+    } else {
+        return Ok(());
+    };
+    Err(EnvDirError::refused(shown, why))
+}
+
+/// Opens the directory `name` in `dir` without following a symlink;
+/// `Ok(None)` when it does not exist. `shown` names it in errors.
+fn open_dir_nofollow(dir: &Dir, name: &str, shown: &str) -> Result<Option<Dir>, EnvDirError> {
+    match dir.open_dir_nofollow(name) {
+        Ok(d) => Ok(Some(d)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => {
+            let t = dir.symlink_metadata(name).map(|m| m.file_type());
+            Err(match t {
+                Ok(t) if t.is_symlink() => EnvDirError::refused(shown, Refusal::Symlink),
+                Ok(t) if !t.is_dir() => {
+                    EnvDirError::refused(shown, Refusal::NotADirectory { kind: kind_of(t) })
+                }
+                _ => EnvDirError::io("cannot open env dir", shown, e),
+            })
         }
     }
 }
@@ -200,7 +342,11 @@ impl EnvRoot {
     }
 
     /// Opens an instance's env dir at `rel` (already validated as relative).
-    /// `Ok(None)` when it does not exist and `create` is off.
+    /// `Ok(None)` when it does not exist and `create` is off. Every component
+    /// is opened through its parent's handle without following a symlink:
+    /// the handle returned stays on the directory it opened whatever is
+    /// renamed or swapped in at `rel` afterwards, so a write through it can
+    /// only land there.
     pub fn instance(
         &self,
         rel: &str,
@@ -210,25 +356,47 @@ impl EnvRoot {
         let Some(root) = &self.dir else {
             return Ok(None);
         };
-        let dir = match root.open_dir(rel) {
-            Ok(dir) => dir,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !create => return Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let mut b = DirBuilder::new();
-                b.recursive(true).mode(0o755);
-                root.create_dir_with(rel, &b)
-                    .map_err(|e| EnvDirError::io("cannot create env dir", rel, e))?;
-                let dir = root
-                    .open_dir(rel)
-                    .map_err(|e| EnvDirError::io("cannot open env dir", rel, e))?;
-                if owner.uid.is_some() || owner.gid.is_some() {
-                    chown_dir(root, rel, owner)
-                        .map_err(|e| EnvDirError::io("cannot chown env dir", rel, e))?;
-                }
-                dir
+        let segments: Vec<&str> = rel.split('/').filter(|s| !s.is_empty()).collect();
+        let mut dir = root
+            .try_clone()
+            .map_err(|e| EnvDirError::io("cannot open env dir", rel, e))?;
+        let mut walked = String::new();
+        for (i, seg) in segments.iter().enumerate() {
+            if !walked.is_empty() {
+                walked.push('/');
             }
-            Err(e) => return Err(EnvDirError::io("cannot open env dir", rel, e)),
-        };
+            walked.push_str(seg);
+            dir = match open_dir_nofollow(&dir, seg, &walked)? {
+                Some(d) => d,
+                None if !create => return Ok(None),
+                None => {
+                    let mut b = DirBuilder::new();
+                    b.mode(0o755);
+                    match dir.create_dir_with(seg, &b) {
+                        Ok(()) => {
+                            let leaf = i + 1 == segments.len();
+                            if leaf && (owner.uid.is_some() || owner.gid.is_some()) {
+                                chown_at(&dir, seg, owner).map_err(|e| {
+                                    EnvDirError::io("cannot chown env dir", walked.as_str(), e)
+                                })?;
+                            }
+                        }
+                        // Made by someone else meanwhile: opened below like any other.
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                        Err(e) => {
+                            return Err(EnvDirError::io("cannot create env dir", walked, e));
+                        }
+                    }
+                    open_dir_nofollow(&dir, seg, &walked)?.ok_or_else(|| {
+                        EnvDirError::io(
+                            "cannot open env dir",
+                            walked.as_str(),
+                            io::Error::from(io::ErrorKind::NotFound),
+                        )
+                    })?
+                }
+            };
+        }
         Ok(Some(InstanceDir {
             dir,
             rel: rel.to_owned(),
@@ -247,13 +415,15 @@ fn temp_name(name: &str) -> String {
 
 impl EnvRoot {
     /// Removes an instance's env dir and everything in it (deletion policy
-    /// `Delete`). Symlinks inside are removed, never followed. False when
-    /// there was nothing to remove.
+    /// `Delete`). Symlinks inside, and on the way to it, are never followed;
+    /// one at `rel` itself is removed. False when there was nothing to remove.
     pub fn remove_instance(&self, rel: &str) -> Result<bool, EnvDirError> {
-        let Some(root) = &self.dir else {
+        let rel = rel.trim_end_matches('/');
+        let (parent, leaf) = rel.rsplit_once('/').unwrap_or(("", rel));
+        let Some(parent) = self.instance(parent, false, Owner::default())? else {
             return Ok(false);
         };
-        match root.remove_dir_all(rel) {
+        match parent.dir.remove_dir_all(leaf) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(EnvDirError::io("cannot remove env dir", rel, e)),
@@ -261,17 +431,12 @@ impl EnvRoot {
     }
 }
 
-/// Directory handles are `O_PATH`, which `fchown` refuses: change the leaf
+/// Directory handles are `O_PATH`, which `fchown` refuses: change the entry
 /// through its parent's handle instead, never following a symlink.
-fn chown_dir(root: &Dir, rel: &str, owner: Owner) -> io::Result<()> {
-    let rel = rel.trim_end_matches('/');
-    let (parent, leaf) = match rel.rsplit_once('/') {
-        Some((p, l)) => (root.open_dir(p)?, l),
-        None => (root.try_clone()?, rel),
-    };
+fn chown_at(parent: &Dir, name: &str, owner: Owner) -> io::Result<()> {
     rustix::fs::chownat(
-        &parent,
-        leaf,
+        parent,
+        name,
         owner.uid.map(rustix::fs::Uid::from_raw),
         owner.gid.map(rustix::fs::Gid::from_raw),
         rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
@@ -302,22 +467,61 @@ impl InstanceDir {
         format!("{}/{}", self.rel, name)
     }
 
-    /// Reads a file; `Ok(None)` when it does not exist. Never follows a symlink.
+    /// Reads a file; `Ok(None)` when it does not exist. Never follows a
+    /// symlink; refuses anything but a regular file with one name of at most
+    /// [`MAX_FILE_BYTES`].
     pub fn read(&self, file: EnvFile) -> Result<Option<FileRead>, EnvDirError> {
-        let name = file.file_name();
+        self.read_file(file.file_name())
+    }
+
+    /// [`InstanceDir::read`] for any file name in the env dir.
+    pub fn read_file(&self, name: &str) -> Result<Option<FileRead>, EnvDirError> {
+        let shown = self.display(name);
+        // Looked at before it is opened: opening a FIFO blocks until a writer
+        // comes, opening a device can make it do something.
+        match self.dir.symlink_metadata(name) {
+            Ok(m) => check_file(&m, &shown)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(EnvDirError::io("cannot stat", shown, e)),
+        }
         let mut opts = OpenOptions::new();
-        opts.read(true).follow(FollowSymlinks::No);
-        let mut f = match self.dir.open_with(name, &opts) {
+        opts.read(true)
+            .follow(FollowSymlinks::No)
+            // In case a FIFO was swapped in since: an open that would wait
+            // for a writer returns at once, and is refused below.
+            .custom_flags(
+                (rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOCTTY).bits() as i32,
+            );
+        let f = match self.dir.open_with(name, &opts) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(EnvDirError::io("cannot open", self.display(name), e)),
+            Err(e) => {
+                // Most likely swapped for a symlink since it was looked at.
+                let refused = (self.dir.symlink_metadata(name).ok())
+                    .and_then(|m| check_file(&m, &shown).err());
+                return Err(refused.unwrap_or_else(|| EnvDirError::io("cannot open", shown, e)));
+            }
         };
+        // What was opened may not be what was looked at.
         let meta = f
             .metadata()
-            .map_err(|e| EnvDirError::io("cannot stat", self.display(name), e))?;
+            .map_err(|e| EnvDirError::io("cannot stat", shown.as_str(), e))?;
+        check_file(&meta, &shown)?;
         let mut bytes = Vec::with_capacity(meta.len() as usize);
-        f.read_to_end(&mut bytes)
-            .map_err(|e| EnvDirError::io("cannot read", self.display(name), e))?;
+        // A file growing while it is read is still cut at the limit.
+        (&f).take(MAX_FILE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| EnvDirError::io("cannot read", shown.as_str(), e))?;
+        if bytes.len() as u64 > MAX_FILE_BYTES {
+            let size = bytes.len() as u64;
+            return Err(EnvDirError::refused(
+                shown,
+                Refusal::TooLarge {
+                    size,
+                    limit: MAX_FILE_BYTES,
+                },
+            ));
+        }
         Ok(Some(FileRead {
             bytes,
             stamp: Stamp::of(&meta),
@@ -439,10 +643,9 @@ impl InstanceDir {
             .create_new(true)
             .mode(mode)
             .follow(FollowSymlinks::No);
-        let mut f = self
-            .dir
-            .open_with(tmp, &opts)
-            .map_err(|e| EnvDirError::io("cannot create", self.display(tmp), e))?;
+        let mut f = self.dir.open_with(tmp, &opts).map_err(|e| {
+            EnvDirError::io("cannot create a temp file beside", self.display(name), e)
+        })?;
         let io_err = |op, e| EnvDirError::io(op, self.display(name), e);
         // The umask may have narrowed the mode given at creation.
         f.set_permissions(cap_std::fs::Permissions::from_std(
@@ -475,16 +678,36 @@ impl InstanceDir {
                     }));
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    let stale = self
-                        .dir
-                        .symlink_metadata(&lock)
-                        .and_then(|m| m.modified())
-                        .ok()
+                    let meta = self.dir.symlink_metadata(&lock).ok();
+                    if let Some(m) = &meta
+                        && !m.is_dir()
+                    {
+                        // No writer's lock (those are directories) and nobody
+                        // would ever release it: waiting cannot help.
+                        return Err(EnvDirError::refused(
+                            self.display(&lock),
+                            Refusal::NotADirectory {
+                                kind: kind_of(m.file_type()),
+                            },
+                        ));
+                    }
+                    let stale = meta
+                        .and_then(|m| m.modified().ok())
                         .and_then(|t| t.into_std().elapsed().ok())
                         .is_some_and(|age| age > LOCK_STALE);
                     if stale {
-                        let _ = self.dir.remove_dir(&lock);
-                        continue;
+                        match self.dir.remove_dir(&lock) {
+                            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                                // A lock that cannot go would make every
+                                // write wait for it again: say so instead.
+                                return Err(EnvDirError::io(
+                                    "cannot remove the stale lock",
+                                    self.display(&lock),
+                                    e,
+                                ));
+                            }
+                            _ => continue,
+                        }
                     }
                     if started.elapsed() > LOCK_WAIT {
                         return Ok(None);
@@ -582,6 +805,259 @@ mod tests {
             .unwrap()
             .collect();
         assert_eq!(leftovers.len(), 1, "no temp file is left behind");
+    }
+
+    fn refusal(e: &EnvDirError) -> Option<&Refusal> {
+        match e {
+            EnvDirError::Refused { why, .. } => Some(why),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_handle_stays_on_its_directory_when_a_symlink_is_swapped_in() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let root = EnvRoot::open(&tmp.path().join("root"), true).unwrap();
+        let d = root
+            .instance("ns/a", true, Owner::default())
+            .unwrap()
+            .unwrap();
+        // Between the check (the open) and the write, the env dir is moved
+        // away and a symlink out of the root takes its place.
+        std::fs::rename(
+            tmp.path().join("root/ns/a"),
+            tmp.path().join("root/ns/moved"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(outside.path(), tmp.path().join("root/ns/a")).unwrap();
+        let w = d.write(EnvFile::Settings, b"{}\n", None, 0o644, Owner::default());
+        assert_eq!(w.unwrap(), WriteOutcome::Written);
+        assert_eq!(
+            std::fs::read(tmp.path().join("root/ns/moved/settings.json")).unwrap(),
+            b"{}\n",
+            "the write went to the directory the handle was opened on"
+        );
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+        // The next open sees the symlink and refuses it.
+        let err = root.instance("ns/a", true, Owner::default()).unwrap_err();
+        assert_eq!(refusal(&err), Some(&Refusal::Symlink), "{err}");
+        assert!(err.is_escape());
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_file_swapped_for_a_symlink_is_never_written_through() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim.json");
+        std::fs::write(&victim, b"{\"keep\": true}").unwrap();
+        let root = EnvRoot::open(tmp.path(), true).unwrap();
+        let d = root
+            .instance("ns/a", true, Owner::default())
+            .unwrap()
+            .unwrap();
+        let path = tmp.path().join("ns/a/settings.json");
+        std::fs::write(&path, b"{}").unwrap();
+        let r = d.read(EnvFile::Settings).unwrap().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        // Swapped before the check: the check sees another file.
+        let w = d.write(
+            EnvFile::Settings,
+            b"{\"x\": 1}",
+            Some(r.stamp),
+            0o644,
+            Owner::default(),
+        );
+        assert_eq!(w.unwrap(), WriteOutcome::Raced);
+        // Read again: refused, not followed.
+        let err = d.read(EnvFile::Settings).unwrap_err();
+        assert_eq!(refusal(&err), Some(&Refusal::Symlink), "{err}");
+        assert!(err.is_escape());
+        // Swapped after the check: the rename replaces the link itself.
+        let seen = d.current_stamp("settings.json").unwrap();
+        let w = d.write(
+            EnvFile::Settings,
+            b"{\"x\": 1}",
+            seen,
+            0o644,
+            Owner::default(),
+        );
+        assert_eq!(w.unwrap(), WriteOutcome::Written);
+        assert!(!std::fs::symlink_metadata(&path).unwrap().is_symlink());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"{\"keep\": true}");
+    }
+
+    #[test]
+    fn no_symlink_is_followed_on_the_way_to_an_env_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("other/a")).unwrap();
+        // Inside the root, but leading into another namespace's env dirs.
+        std::os::unix::fs::symlink("other", tmp.path().join("ns")).unwrap();
+        let root = EnvRoot::open(tmp.path(), false).unwrap();
+        for create in [false, true] {
+            let err = root.instance("ns/a", create, Owner::default()).unwrap_err();
+            assert_eq!(refusal(&err), Some(&Refusal::Symlink), "{err}");
+            assert!(
+                err.to_string().starts_with("ns is a symbolic link"),
+                "{err}"
+            );
+        }
+        assert!(!root.remove_instance("ns/a").is_ok_and(|r| r));
+        assert!(tmp.path().join("other/a").is_dir());
+        // A dangling one is refused too, not taken for a missing env dir.
+        std::fs::create_dir(tmp.path().join("ns2")).unwrap();
+        std::os::unix::fs::symlink("/nonexistent", tmp.path().join("ns2/a")).unwrap();
+        for create in [false, true] {
+            let err = root
+                .instance("ns2/a", create, Owner::default())
+                .unwrap_err();
+            assert_eq!(refusal(&err), Some(&Refusal::Symlink), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_env_dir_that_is_a_file_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("ns")).unwrap();
+        std::fs::write(tmp.path().join("ns/a"), b"not a dir").unwrap();
+        let root = EnvRoot::open(tmp.path(), false).unwrap();
+        let err = root.instance("ns/a", true, Owner::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "ns/a is a regular file, not a directory; left as it is"
+        );
+        assert!(!err.is_escape());
+        assert_eq!(
+            std::fs::read(tmp.path().join("ns/a")).unwrap(),
+            b"not a dir"
+        );
+    }
+
+    #[test]
+    fn fifos_hard_links_and_oversized_files_are_refused_unread() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = EnvRoot::open(tmp.path(), true).unwrap();
+        let d = root
+            .instance("ns/a", true, Owner::default())
+            .unwrap()
+            .unwrap();
+        let dir = tmp.path().join("ns/a");
+
+        // A FIFO: opening it for reading would wait for a writer forever.
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            dir.join("settings.json"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d2 = root
+            .instance("ns/a", false, Owner::default())
+            .unwrap()
+            .unwrap();
+        std::thread::spawn(move || tx.send(d2.read(EnvFile::Settings).map(|_| ())));
+        let err = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("reading a FIFO must not block")
+            .unwrap_err();
+        assert_eq!(
+            refusal(&err),
+            Some(&Refusal::NotAFile { kind: "named pipe" }),
+            "{err}"
+        );
+
+        // A hard link to a file elsewhere.
+        let outside = tmp.path().join("outside.json");
+        std::fs::write(&outside, b"{\"token\": \"t\"}").unwrap();
+        std::fs::hard_link(&outside, dir.join(".claude.json")).unwrap();
+        let err = d.read(EnvFile::ClaudeJson).unwrap_err();
+        assert_eq!(
+            refusal(&err),
+            Some(&Refusal::HardLinked { links: 2 }),
+            "{err}"
+        );
+        assert!(err.is_escape());
+        // A write replaces the link by rename: the other file is not written through.
+        let seen = d.current_stamp(".claude.json").unwrap();
+        let w = d.write(EnvFile::ClaudeJson, b"{}\n", seen, 0o600, Owner::default());
+        assert_eq!(w.unwrap(), WriteOutcome::Written);
+        assert_eq!(std::fs::read(&outside).unwrap(), b"{\"token\": \"t\"}");
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::nlink(
+                &std::fs::metadata(dir.join(".claude.json")).unwrap()
+            ),
+            1
+        );
+
+        // Over the limit: refused from its size, before a byte is read (the
+        // file is sparse: reading it would mean gigabytes of zeros).
+        std::fs::remove_file(dir.join(".claude.json")).unwrap();
+        let f = std::fs::File::create(dir.join(".claude.json")).unwrap();
+        f.set_len(8 << 30).unwrap();
+        let err = d.read(EnvFile::ClaudeJson).unwrap_err();
+        assert_eq!(
+            refusal(&err),
+            Some(&Refusal::TooLarge {
+                size: 8 << 30,
+                limit: MAX_FILE_BYTES
+            })
+        );
+        assert!(err.to_string().contains("16 MiB"), "{err}");
+        // At the limit is fine.
+        f.set_len(MAX_FILE_BYTES).unwrap();
+        assert_eq!(
+            d.read(EnvFile::ClaudeJson).unwrap().unwrap().bytes.len() as u64,
+            MAX_FILE_BYTES
+        );
+    }
+
+    #[test]
+    fn a_lock_that_is_no_lock_fails_the_write_at_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = EnvRoot::open(tmp.path(), true).unwrap();
+        let d = root
+            .instance("ns/a", true, Owner::default())
+            .unwrap()
+            .unwrap();
+        let lock = tmp.path().join("ns/a/settings.json.lock");
+        let old = std::time::SystemTime::now() - LOCK_STALE * 10;
+        let d = std::sync::Arc::new(d);
+        for make in ["file", "dir with a file in it"] {
+            if make == "file" {
+                std::fs::write(&lock, b"").unwrap();
+            } else {
+                std::fs::remove_file(&lock).unwrap();
+                std::fs::create_dir(&lock).unwrap();
+                std::fs::write(lock.join("x"), b"").unwrap();
+            }
+            let times = std::fs::FileTimes::new().set_modified(old);
+            std::fs::File::open(&lock)
+                .unwrap()
+                .set_times(times)
+                .unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let d2 = d.clone();
+            std::thread::spawn(move || {
+                tx.send(d2.write(EnvFile::Settings, b"{}", None, 0o644, Owner::default()))
+            });
+            let err = rx
+                .recv_timeout(LOCK_WAIT)
+                .unwrap_or_else(|_| panic!("{make}: waited for a lock nobody holds"))
+                .unwrap_err();
+            assert!(
+                err.to_string().contains("ns/a/settings.json.lock"),
+                "{make}: {err}"
+            );
+            assert!(!tmp.path().join("ns/a/settings.json").exists());
+            let left: Vec<_> = std::fs::read_dir(tmp.path().join("ns/a"))
+                .unwrap()
+                .collect();
+            assert_eq!(left.len(), 1, "{make}: the temp file is removed");
+        }
     }
 
     #[test]

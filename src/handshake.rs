@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::envdir::BOOT_MARKER;
+use crate::envdir::{BOOT_MARKER, InstanceDir};
 
 /// The marker's content.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,11 +29,38 @@ impl Marker {
     }
 }
 
-/// Reads the marker of an env dir; `None` when absent or unreadable (a
-/// write in progress is atomic, so unreadable means not ours yet).
+/// Reads the marker of an env dir, as `agent-env wait` does in the agent's
+/// pod; `None` when absent or unreadable (a write in progress is atomic, so
+/// unreadable means not ours yet). The env dir is the agent's: something
+/// other than a small regular file there (a FIFO would block the read, and
+/// the wait's timeout with it) counts as no marker.
 pub fn read(env_dir: &Path) -> Option<Marker> {
-    let bytes = std::fs::read(env_dir.join(BOOT_MARKER)).ok()?;
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOFOLLOW;
+    let f = std::fs::File::options()
+        .read(true)
+        .custom_flags(flags.bits() as i32)
+        .open(env_dir.join(BOOT_MARKER))
+        .ok()?;
+    let meta = f.metadata().ok()?;
+    if !meta.is_file() || meta.len() > crate::envdir::MAX_FILE_BYTES {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    f.take(crate::envdir::MAX_FILE_BYTES)
+        .read_to_end(&mut bytes)
+        .ok()?;
     serde_json::from_slice(&bytes).ok()
+}
+
+/// Reads the marker through the env dir's handle, as the operator does: the
+/// agent can write its env dir, so no symlink is followed and nothing but a
+/// regular file within [`crate::envdir::MAX_FILE_BYTES`] is read. `None`
+/// when absent, refused or not a marker (the next write replaces it).
+pub fn read_in(dir: &InstanceDir) -> Option<Marker> {
+    let read = dir.read_file(BOOT_MARKER).ok()??;
+    serde_json::from_slice(&read.bytes).ok()
 }
 
 /// `agent-env wait` gave up.

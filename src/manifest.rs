@@ -65,6 +65,42 @@ pub enum ManifestError {
         /// What is wrong, naming the field.
         message: String,
     },
+    /// A file is larger than [`MAX_MANIFEST_FILE_BYTES`].
+    #[error(
+        "{} is {size} bytes, over the limit of {limit} bytes ({} MiB) per manifest file",
+        .file.display(),
+        .limit / (1024 * 1024)
+    )]
+    FileTooLarge {
+        /// The file.
+        file: PathBuf,
+        /// Its size (at least), in bytes.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A file holds more than [`MAX_DOCUMENTS_PER_FILE`] documents.
+    #[error(
+        "{}: more than {limit} YAML documents, the limit per manifest file",
+        .file.display()
+    )]
+    TooManyDocuments {
+        /// The file.
+        file: PathBuf,
+        /// The limit.
+        limit: usize,
+    },
+    /// The files together hold more than [`MAX_OBJECTS`] objects.
+    #[error(
+        "{}: the manifests hold more than {limit} objects, the limit for all manifest files together",
+        .file.display()
+    )]
+    TooManyObjects {
+        /// The file in which the count went over.
+        file: PathBuf,
+        /// The limit.
+        limit: usize,
+    },
     /// The same object appears twice.
     #[error("{kind} {key} is defined twice: in {first} and in {second}")]
     Duplicate {
@@ -91,13 +127,38 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Snapshot, ManifestError> {
     }
     let mut loader = Loader::default();
     for file in files {
-        let text = std::fs::read_to_string(&file).map_err(|source| ManifestError::Read {
-            path: file.clone(),
-            source,
-        })?;
+        let text = read_manifest(&file)?;
         loader.add_file(&file, &text)?;
     }
     Ok(loader.finish())
+}
+
+/// Reads one manifest file, refusing one over [`MAX_MANIFEST_FILE_BYTES`]
+/// before reading it (and one that grows past it while being read).
+fn read_manifest(file: &Path) -> Result<String, ManifestError> {
+    use std::io::Read;
+    let read_err = |source| ManifestError::Read {
+        path: file.to_owned(),
+        source,
+    };
+    let too_large = |size| ManifestError::FileTooLarge {
+        file: file.to_owned(),
+        size,
+        limit: MAX_MANIFEST_FILE_BYTES,
+    };
+    let f = std::fs::File::open(file).map_err(read_err)?;
+    let size = f.metadata().map_err(read_err)?.len();
+    if size > MAX_MANIFEST_FILE_BYTES {
+        return Err(too_large(size));
+    }
+    let mut text = String::with_capacity(size as usize);
+    f.take(MAX_MANIFEST_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read_err)?;
+    if text.len() as u64 > MAX_MANIFEST_FILE_BYTES {
+        return Err(too_large(text.len() as u64));
+    }
+    Ok(text)
 }
 
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), ManifestError> {
@@ -138,6 +199,12 @@ fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), ManifestErro
 /// Most documents one manifest file may hold (a generated fleet file can
 /// hold thousands; the parser's own default of 1,024 is too low).
 pub const MAX_DOCUMENTS_PER_FILE: usize = 100_000;
+/// Largest manifest file read (32 MiB). Parsed YAML takes about twenty times
+/// its text in memory, and a file is parsed whole before any of it is used.
+pub const MAX_MANIFEST_FILE_BYTES: u64 = 32 * 1024 * 1024;
+/// Most objects (non-empty documents, Secrets included) all manifest files
+/// may hold together. A pass over 100,000 instances takes about 400 MB.
+pub const MAX_OBJECTS: usize = 100_000;
 
 fn yaml_options() -> serde_saphyr::Options {
     let mut budget = serde_saphyr::budget::Budget::default();
@@ -154,23 +221,63 @@ fn yaml_options() -> serde_saphyr::Options {
 }
 
 /// Builds a snapshot document by document.
-#[derive(Default)]
 pub struct Loader {
     snapshot: Snapshot,
     seen: BTreeMap<(String, ObjectKey), Source>,
+    objects: usize,
+    max_objects: usize,
+}
+
+impl Default for Loader {
+    fn default() -> Self {
+        Loader::with_max_objects(MAX_OBJECTS)
+    }
 }
 
 impl Loader {
+    /// A loader that takes at most `max` objects ([`MAX_OBJECTS`] by default).
+    pub fn with_max_objects(max: usize) -> Self {
+        Loader {
+            snapshot: Snapshot::default(),
+            seen: BTreeMap::new(),
+            objects: 0,
+            max_objects: max,
+        }
+    }
+
     /// Adds every document of one YAML file.
     pub fn add_file(&mut self, file: &Path, text: &str) -> Result<(), ManifestError> {
         let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, yaml_options())
-            .map_err(|e| ManifestError::Yaml {
-                file: file.to_owned(),
-                message: e.to_string(),
+            .map_err(|e| {
+                let too_many = matches!(
+                    e.without_snippet(),
+                    serde_saphyr::Error::Budget {
+                        breach: serde_saphyr::budget::BudgetBreach::Documents { .. },
+                        ..
+                    }
+                );
+                if too_many {
+                    ManifestError::TooManyDocuments {
+                        file: file.to_owned(),
+                        limit: MAX_DOCUMENTS_PER_FILE,
+                    }
+                } else {
+                    ManifestError::Yaml {
+                        file: file.to_owned(),
+                        message: e.to_string(),
+                    }
+                }
             })?;
         for (i, doc) in docs.into_iter().enumerate() {
             if doc.is_null() {
                 continue;
+            }
+            self.objects += 1;
+            if self.objects > self.max_objects {
+                return Err(ManifestError::TooManyObjects {
+                    file: file.to_owned(),
+                    limit: self.max_objects,
+                });
             }
             let source = Source {
                 file: file.to_owned(),
@@ -493,6 +600,36 @@ mod tests {
             .add_file(Path::new("fleet.yaml"), &text.join("---\n"))
             .unwrap();
         assert_eq!(loader.finish().instances.len(), 5000);
+    }
+
+    #[test]
+    fn document_and_object_limits_name_the_file_and_the_limit() {
+        let mut loader = Loader::default();
+        let err = loader
+            .add_file(
+                Path::new("storm.yaml"),
+                &"---\n".repeat(MAX_DOCUMENTS_PER_FILE + 1),
+            )
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "storm.yaml: more than 100000 YAML documents, the limit per manifest file"
+        );
+
+        let doc = |i: usize| {
+            format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: s{i}, namespace: ns}}\n")
+        };
+        let text = |range: std::ops::Range<usize>| range.map(doc).collect::<Vec<_>>().join("---\n");
+        let mut loader = Loader::with_max_objects(10);
+        loader.add_file(Path::new("a.yaml"), &text(0..6)).unwrap();
+        // Empty documents are not objects.
+        loader.add_file(Path::new("b.yaml"), "---\n---\n").unwrap();
+        loader.add_file(Path::new("c.yaml"), &text(6..10)).unwrap();
+        let err = loader.add_file(Path::new("d.yaml"), &doc(10)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "d.yaml: the manifests hold more than 10 objects, the limit for all manifest files together"
+        );
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //!
 //! Top-level values are kept as raw text: keys the operator does not own keep
 //! their bytes, position and formatting, and are never parsed further, which
-//! also keeps large `.claude.json` files cheap to rewrite.
+//! also keeps large `.claude.json` files cheap to rewrite. Skipping over raw
+//! values does not recurse, so foreign keys may nest to any depth; only the
+//! owned keys are parsed into trees, and only up to [`MAX_OWNED_DEPTH`].
 
 use indexmap::IndexMap;
 use serde_json::value::RawValue;
@@ -25,26 +27,49 @@ pub enum CorruptReason {
     NotAnObject,
 }
 
-/// An owned key holds something other than an object.
+/// Deepest nesting of arrays and objects in an owned key's value (the
+/// value itself is level 1). Real entries nest a few levels; the limit keeps
+/// well below serde_json's recursion limit (128), so a deep value is reported
+/// as too deep, never as a parse error that would get the file treated as
+/// damaged.
+pub const MAX_OWNED_DEPTH: usize = 64;
+
+/// An owned key cannot be read.
 #[derive(Debug, thiserror::Error)]
-#[error("key {key} is not a JSON object")]
-pub struct WrongType {
-    /// The key.
-    pub key: &'static str,
+pub enum OwnedError {
+    /// It holds something other than an object: replaced, old file kept aside.
+    #[error("key {key} is not a JSON object")]
+    WrongType {
+        /// The key.
+        key: &'static str,
+    },
+    /// Valid JSON nested deeper than [`MAX_OWNED_DEPTH`]: left alone.
+    #[error("key {key} nests deeper than {limit} levels")]
+    TooDeep {
+        /// The key.
+        key: &'static str,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 impl Document {
     /// Parses a file. Empty or blank content is an empty object (a freshly
     /// created file), not corruption.
     pub fn parse(bytes: &[u8]) -> Result<Document, CorruptReason> {
-        if bytes.iter().all(u8::is_ascii_whitespace) {
+        let Some(first) = bytes.iter().find(|b| !b.is_ascii_whitespace()) else {
             return Ok(Document::empty());
+        };
+        if *first != b'{' {
+            return Err(
+                match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+                    Ok(_) => CorruptReason::NotAnObject,
+                    Err(e) => CorruptReason::Syntax(e),
+                },
+            );
         }
-        let value: Box<RawValue> = serde_json::from_slice(bytes).map_err(CorruptReason::Syntax)?;
-        if !value.get().starts_with('{') {
-            return Err(CorruptReason::NotAnObject);
-        }
-        let entries = serde_json::from_str(value.get()).map_err(CorruptReason::Syntax)?;
+        // Straight into the map: no second copy of a large file.
+        let entries = serde_json::from_slice(bytes).map_err(CorruptReason::Syntax)?;
         Ok(Document { entries })
     }
 
@@ -56,13 +81,19 @@ impl Document {
     }
 
     /// The value of an owned key: `Ok(None)` when absent.
-    pub fn owned(&self, key: &'static str) -> Result<Option<Map<String, Value>>, WrongType> {
-        match self.entries.get(key) {
-            None => Ok(None),
-            Some(raw) => match serde_json::from_str::<Value>(raw.get()) {
-                Ok(Value::Object(m)) => Ok(Some(m)),
-                _ => Err(WrongType { key }),
-            },
+    pub fn owned(&self, key: &'static str) -> Result<Option<Map<String, Value>>, OwnedError> {
+        let Some(raw) = self.entries.get(key) else {
+            return Ok(None);
+        };
+        if depth(raw.get()) > MAX_OWNED_DEPTH {
+            return Err(OwnedError::TooDeep {
+                key,
+                limit: MAX_OWNED_DEPTH,
+            });
+        }
+        match serde_json::from_str::<Value>(raw.get()) {
+            Ok(Value::Object(m)) => Ok(Some(m)),
+            _ => Err(OwnedError::WrongType { key }),
         }
     }
 
@@ -70,13 +101,18 @@ impl Document {
     /// every other key untouched and in place. Formatted like Claude Code
     /// writes it (two-space indent).
     pub fn render(&self, owned: &[(&'static str, &Map<String, Value>)]) -> Vec<u8> {
-        let mut rendered: IndexMap<&str, String> = self
+        let owned: Vec<(&str, String)> = owned
+            .iter()
+            .map(|(key, map)| (*key, pretty_nested(map)))
+            .collect();
+        // Borrowed: a large file is not copied once more before it is written.
+        let mut rendered: IndexMap<&str, &str> = self
             .entries
             .iter()
-            .map(|(k, v)| (k.as_str(), v.get().to_owned()))
+            .map(|(k, v)| (k.as_str(), v.get()))
             .collect();
-        for (key, map) in owned {
-            rendered.insert(key, pretty_nested(map));
+        for (key, text) in &owned {
+            rendered.insert(key, text);
         }
         let mut out = String::with_capacity(rendered.values().map(|v| v.len() + 16).sum());
         if rendered.is_empty() {
@@ -95,6 +131,34 @@ impl Document {
         out.push('\n');
         out.into_bytes()
     }
+}
+
+/// The deepest nesting of arrays and objects in valid JSON text, counted in
+/// one pass without recursion.
+fn depth(json: &str) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
 }
 
 /// Pretty JSON whose continuation lines sit one level in, for a value at the top level.
@@ -153,6 +217,50 @@ mod tests {
             .unwrap()
             .render(&[("enabledPlugins", &owned)]);
         assert_eq!(once, twice);
+    }
+
+    fn nested(levels: usize) -> String {
+        format!("{}{}", "[".repeat(levels), "]".repeat(levels))
+    }
+
+    #[test]
+    fn foreign_keys_nest_to_any_depth_and_keep_their_bytes() {
+        for levels in [10_000, 1_000_000] {
+            let deep = nested(levels);
+            let src = format!("{{\"projects\": {deep}, \"mcpServers\": {{}}}}");
+            let doc = Document::parse(src.as_bytes()).unwrap();
+            assert!(doc.owned("mcpServers").unwrap().unwrap().is_empty());
+            let out = String::from_utf8(doc.render(&[("mcpServers", &Map::new())])).unwrap();
+            assert!(out.contains(&format!("\"projects\": {deep},")), "{levels}");
+        }
+    }
+
+    #[test]
+    fn owned_keys_deeper_than_the_limit_are_too_deep_not_damaged() {
+        // The value of the key is level 1.
+        let at = |levels: usize| format!("{{\"mcpServers\": {{\"x\": {}}}}}", nested(levels - 1));
+        let doc = Document::parse(at(MAX_OWNED_DEPTH).as_bytes()).unwrap();
+        assert!(doc.owned("mcpServers").unwrap().is_some());
+        for levels in [MAX_OWNED_DEPTH + 1, 200, 10_000] {
+            let doc = Document::parse(at(levels).as_bytes()).unwrap();
+            assert!(
+                matches!(
+                    doc.owned("mcpServers"),
+                    Err(OwnedError::TooDeep {
+                        key: "mcpServers",
+                        limit: MAX_OWNED_DEPTH
+                    })
+                ),
+                "{levels}"
+            );
+        }
+    }
+
+    #[test]
+    fn depth_skips_brackets_in_strings() {
+        assert_eq!(depth(r#"{"a": "[[[\"{{", "b": [{}]}"#), 3);
+        assert_eq!(depth(r#""\\""#), 0);
+        assert_eq!(depth(r#"["\\", [1]]"#), 2);
     }
 
     #[test]

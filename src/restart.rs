@@ -29,6 +29,20 @@ pub const SETTLE: Duration = Duration::from_secs(1);
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(2);
 /// Longest retry delay.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Least time between two restarts of one workload whatever
+/// `restart.minInterval` says (`0s` passes its validation): a flood of drift
+/// or edits restarts a workload at most this often.
+pub const MIN_INTERVAL_FLOOR: Duration = Duration::from_secs(1);
+
+/// Wait before retrying a restart that failed `failures` times in a row.
+fn backoff(failures: u32) -> Duration {
+    match failures {
+        0 => Duration::ZERO,
+        n => FIRST_BACKOFF
+            .saturating_mul(1 << (n - 1).min(8))
+            .min(MAX_BACKOFF),
+    }
+}
 
 /// A `--restart-command` template, split like a shell would (no shell runs it).
 #[derive(Clone, Debug)]
@@ -168,13 +182,14 @@ pub fn decide(policy: &RestartPolicy, outcome: &crate::engine::Outcome) -> Optio
     }
 }
 
-/// Parses `restart.minInterval`.
+/// Parses `restart.minInterval`, at least [`MIN_INTERVAL_FLOOR`].
 pub fn min_interval(policy: &RestartPolicy) -> Duration {
     policy
         .min_interval
         .as_deref()
         .and_then(|s| humantime::parse_duration(s).ok())
         .unwrap_or(DEFAULT_MIN_INTERVAL)
+        .max(MIN_INTERVAL_FLOOR)
 }
 
 struct Request {
@@ -241,14 +256,23 @@ async fn run(
                 None => open = false,
                 Some(req) => {
                     let p = pending.entry(req.target.debounce_key()).or_default();
-                    let settle = SETTLE.min(req.min_interval);
-                    let earliest = p.last_run.map(|l| l + req.min_interval);
+                    // Enforced here too, so no caller can ask for a faster rate.
+                    let min_interval = req.min_interval.max(MIN_INTERVAL_FLOOR);
+                    let settle = SETTLE.min(min_interval);
+                    // A new request never cuts a failing restart's backoff
+                    // short: a flood of drift would otherwise retry it at
+                    // every request.
+                    let earliest = p
+                        .last_run
+                        .map(|l| l + min_interval.max(backoff(p.failures)));
                     let due = (Instant::now() + settle).max(earliest.unwrap_or_else(Instant::now));
                     p.due = Some(due);
-                    p.min_interval = req.min_interval;
+                    p.min_interval = min_interval;
                     p.target = Some(req.target);
-                    p.why.push(req.why);
-                    p.failures = 0;
+                    // One line per distinct reason however many requests came.
+                    if !p.why.contains(&req.why) {
+                        p.why.push(req.why);
+                    }
                 }
             },
             Some((key, ok)) = done_rx.recv() => {
@@ -262,10 +286,8 @@ async fn run(
                             pending.remove(&key);
                         }
                     } else {
-                        let backoff = FIRST_BACKOFF
-                            .saturating_mul(1 << p.failures.min(8))
-                            .min(MAX_BACKOFF);
                         p.failures += 1;
+                        let backoff = backoff(p.failures);
                         // A newer request keeps its own (later) due time.
                         p.due = Some(p.due.unwrap_or(Instant::now()).max(Instant::now() + backoff));
                         warn!(instance = %key, retry_in = ?backoff, "restart failed; retrying");
@@ -337,6 +359,96 @@ async fn run_command(key: &ObjectKey, argv: &[String], timeout: Duration, why: &
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    fn target() -> Target {
+        Target {
+            key: ObjectKey::new("dev", "alice"),
+            agent_type: "coder".into(),
+            env_dir: "/srv/env/dev/alice".into(),
+            workload: None,
+            strategy: RestartStrategy::Evict,
+        }
+    }
+
+    /// Records when it ran and why; succeeds as told.
+    struct Recorder {
+        ok: bool,
+        runs: Mutex<Vec<(Instant, String)>>,
+    }
+
+    #[async_trait]
+    impl RestartAction for Recorder {
+        async fn restart(&self, _: &Target, why: &str) -> bool {
+            self.runs
+                .lock()
+                .unwrap()
+                .push((Instant::now(), why.to_owned()));
+            self.ok
+        }
+    }
+
+    /// Requests a restart every `every` for `for_`, with `minInterval: 0s`
+    /// (which passes validation), and returns the runs.
+    async fn flood(ok: bool, every: Duration, for_: Duration) -> Vec<(Instant, String)> {
+        let action = Arc::new(Recorder {
+            ok,
+            runs: Mutex::new(Vec::new()),
+        });
+        let r = Restarter::spawn(action.clone(), Arc::new(Metrics::default()));
+        let started = Instant::now();
+        let mut i = 0;
+        while started.elapsed() < for_ {
+            let why = if i % 2 == 0 {
+                "drift corrected"
+            } else {
+                "config changed"
+            };
+            r.request(target(), Duration::ZERO, why.into());
+            i += 1;
+            tokio::time::sleep(every).await;
+        }
+        drop(r);
+        tokio::time::sleep(MAX_BACKOFF).await;
+        action.runs.lock().unwrap().clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_of_requests_gives_one_restart_after_it() {
+        // 6,000 requests in 60 s: `0s` would restart at every one of them.
+        let runs = flood(true, Duration::from_millis(10), Duration::from_secs(60)).await;
+        assert_eq!(runs.len(), 1, "{runs:?}");
+        // One line per distinct reason, not one per request.
+        assert_eq!(runs[0].1, "drift corrected; config changed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_do_not_cut_a_failing_restarts_backoff_short() {
+        // Each request is followed by a quiet second, so the debounce alone
+        // would retry after every one of them.
+        let runs = flood(false, Duration::from_millis(1500), Duration::from_secs(600)).await;
+        // Retries 2 s, 4 s, ... 256 s after each failure, then 300 s.
+        for (i, w) in runs.windows(2).enumerate() {
+            let gap = w[1].0 - w[0].0;
+            assert!(gap >= backoff(i as u32 + 1), "retry {}: {gap:?}", i + 1);
+        }
+        assert!((8..=12).contains(&runs.len()), "{} attempts", runs.len());
+    }
+
+    #[test]
+    fn min_interval_has_a_floor() {
+        let policy = |s: &str| RestartPolicy {
+            min_interval: Some(s.into()),
+            ..RestartPolicy::default()
+        };
+        assert_eq!(min_interval(&policy("0s")), MIN_INTERVAL_FLOOR);
+        assert_eq!(min_interval(&policy("1ms")), MIN_INTERVAL_FLOOR);
+        assert_eq!(min_interval(&policy("5m")), Duration::from_secs(300));
+        assert_eq!(
+            min_interval(&RestartPolicy::default()),
+            DEFAULT_MIN_INTERVAL
+        );
+    }
 
     #[test]
     fn templates_split_without_a_shell_and_fill_placeholders() {

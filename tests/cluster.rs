@@ -553,3 +553,100 @@ async fn rbac_grants_exactly_what_the_operator_calls() {
     );
     assert!(missing.is_empty(), "called but not granted: {missing:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_env_dirs_meet_the_same_refusals_under_the_controller() {
+    let c = Cluster::start().await;
+    let _op = c.operator("a", &[]);
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools"],
+    ))
+    .await;
+    for name in ["alice", "bob"] {
+        c.apply(instance("team-a", name, "coder", json!({}))).await;
+        c.ready("team-a", name).await;
+    }
+    let not_ready = |name: &'static str, says: &'static str| {
+        let c = &c;
+        async move {
+            c.condition("team-a", name, "Ready").is_some_and(|r| {
+                r["status"] == "False" && r["message"].as_str().is_some_and(|m| m.contains(says))
+            })
+        }
+    };
+
+    // A FIFO where bob's boot marker belongs: reading it would block the
+    // controller for good. It is refused unread and replaced by the marker.
+    let marker = c.root().join("team-a/bob/.agent-env-ready");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &marker,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    c.apply(pod("team-a", "agent-bob-1", "bob")).await;
+    let env_dir = c.root().join("team-a/bob");
+    eventually("the FIFO replaced by bob's marker", || async {
+        std::fs::symlink_metadata(&marker).is_ok_and(|m| m.is_file())
+            && agent_env_operator::handshake::read(&env_dir).is_some_and(|m| m.pods.len() == 1)
+    })
+    .await;
+
+    // An oversized .claude.json for alice: not ready, retrying, the file
+    // left as it is; bob is unaffected.
+    let claude = c.root().join("team-a/alice/.claude.json");
+    std::fs::File::options()
+        .write(true)
+        .open(&claude)
+        .unwrap()
+        .set_len(8 << 30)
+        .unwrap();
+    eventually("alice refused for the file size", || {
+        not_ready(
+            "alice",
+            "team-a/alice/.claude.json is 8589934592 bytes, over the limit of 16777216 bytes (16 MiB)",
+        )
+    })
+    .await;
+    assert_eq!(
+        c.condition("team-a", "alice", "Reconciling").unwrap()["status"],
+        "True"
+    );
+    assert_eq!(std::fs::metadata(&claude).unwrap().len(), 8 << 30);
+    assert_eq!(
+        c.condition("team-a", "bob", "Ready").unwrap()["status"],
+        "True"
+    );
+    std::fs::write(&claude, "{}").unwrap();
+    c.ready("team-a", "alice").await;
+    assert_eq!(read_json(&claude)["mcpServers"], json!({}));
+
+    // bob's settings.json swapped for a symlink out of the root: refused,
+    // stalled, the outside file untouched.
+    let outside = c.dir.path().join("outside.json");
+    std::fs::write(&outside, "{\"outside\": true}\n").unwrap();
+    let settings = c.root().join("team-a/bob/settings.json");
+    let link = c.root().join("team-a/bob/link");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    std::fs::rename(&link, &settings).unwrap();
+    eventually("bob refused for the symlink", || {
+        not_ready("bob", "team-a/bob/settings.json is a symbolic link")
+    })
+    .await;
+    assert_eq!(
+        c.condition("team-a", "bob", "Stalled").unwrap()["reason"],
+        "UnsafePath"
+    );
+    assert_eq!(std::fs::read(&outside).unwrap(), b"{\"outside\": true}\n");
+    std::fs::remove_file(&settings).unwrap();
+    c.ready("team-a", "bob").await;
+    assert_eq!(
+        c.plugins("team-a/bob"),
+        BTreeSet::from(["lint@tools".to_owned()])
+    );
+}

@@ -647,10 +647,6 @@ impl Ctx {
         };
         let engine = self.engine();
         let rel = crate::snapshot::env_path(key, inst);
-        let current = crate::handshake::read(&engine.root().path().join(&rel));
-        if current.as_ref() == Some(&marker) || (current.is_none() && marker.pods.is_empty()) {
-            return;
-        }
         let owner = inst
             .spec
             .env_dir
@@ -659,15 +655,27 @@ impl Ctx {
                 uid: e.uid,
                 gid: e.gid,
             });
+        // Read and written through the env dir's handle: the agent can put a
+        // symlink, a FIFO or a huge file where the marker belongs.
         let written = engine
             .root()
             .instance(&rel, false, owner)
             .and_then(|d| match d {
-                Some(d) => d.put(BOOT_MARKER, &marker.to_bytes(), 0o644, owner),
-                None => Ok(()),
+                Some(d) => {
+                    let current = crate::handshake::read_in(&d);
+                    if current.as_ref() == Some(&marker)
+                        || (current.is_none() && marker.pods.is_empty())
+                    {
+                        return Ok(false);
+                    }
+                    d.put(BOOT_MARKER, &marker.to_bytes(), 0o644, owner)
+                        .map(|()| true)
+                }
+                None => Ok(false),
             });
         match written {
-            Ok(()) => info!(instance = %key, pods = marker.pods.len(), "boot marker written"),
+            Ok(false) => {}
+            Ok(true) => info!(instance = %key, pods = marker.pods.len(), "boot marker written"),
             Err(e) => {
                 warn!(instance = %key, error = %crate::error_chain(&e), "cannot write the boot marker")
             }

@@ -27,7 +27,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn from(out: Output) -> Run {
+    pub fn from(out: Output) -> Run {
         Run {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -166,11 +166,16 @@ impl Host {
     }
 
     pub fn reconcile_with(&self, extra: &[&str]) -> Run {
+        Run::from(self.reconcile_command(extra).output().unwrap())
+    }
+
+    /// The command of [`Host::reconcile_with`], to run some other way.
+    pub fn reconcile_command(&self, extra: &[&str]) -> Command {
         let mut cmd = agent_env();
         cmd.args(["reconcile", "--once", "-o", "json"]);
         self.base_args(&mut cmd);
         cmd.args(extra);
-        Run::from(cmd.output().unwrap())
+        cmd
     }
 
     /// `diff`.
