@@ -229,7 +229,7 @@ impl Engine {
             }
         };
         let index = snapshot.index();
-        let collisions = snapshot::env_dir_clashes(snapshot);
+        let collisions = snapshot.clashes();
 
         // A plain loop, not iterator closures: the futures must be `Send` for
         // any lifetime, which closures over borrowed keys defeat.
@@ -309,8 +309,8 @@ impl Engine {
         let declared = resolve::resolve_declared(
             &self.builtin,
             &spec.agent_type,
-            index.layer(&key.namespace, &Scope::Type(spec.agent_type.clone())),
-            index.layer(&key.namespace, &Scope::Instance(key.name.clone())),
+            &index.layer(&key.namespace, &Scope::Type(spec.agent_type.clone())),
+            &index.layer(&key.namespace, &Scope::Instance(key.name.clone())),
         );
         let mut out = out;
         out.warnings

@@ -86,12 +86,14 @@ pub enum LoopError {
 pub fn read_inputs(
     files: &[PathBuf],
     config: Option<&PathBuf>,
+    cache: &mut crate::manifest::ManifestCache,
 ) -> Result<(Builtin, Snapshot), String> {
     let builtin = match config {
         Some(dir) => Builtin::load_dir(dir).map_err(|e| crate::error_chain(&e))?,
         None => Builtin::default(),
     };
-    let snapshot = crate::manifest::load_paths(files).map_err(|e| crate::error_chain(&e))?;
+    let snapshot =
+        crate::manifest::load_paths_cached(files, cache).map_err(|e| crate::error_chain(&e))?;
     Ok((builtin, snapshot))
 }
 
@@ -107,8 +109,10 @@ struct Loop {
     settings: Settings,
     engine: Engine,
     snapshot: Arc<Snapshot>,
+    /// Checked documents per manifest file: a reload re-checks changed files only.
+    manifests: crate::manifest::ManifestCache,
     digests: HashMap<ObjectKey, InputDigest>,
-    env_dirs: HashMap<String, ObjectKey>,
+    env_dirs: std::collections::BTreeMap<String, ObjectKey>,
     metrics: Arc<Metrics>,
     restarter: Option<Restarter>,
     /// Instances to pass again at a time: files that did not parse, fights.
@@ -128,8 +132,10 @@ pub async fn run(
     let mut int = signal(SignalKind::interrupt()).map_err(LoopError::Signals)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
+    let mut manifests = crate::manifest::ManifestCache::default();
     let (builtin, snapshot) =
-        read_inputs(&settings.files, settings.config.as_ref()).map_err(LoopError::Input)?;
+        read_inputs(&settings.files, settings.config.as_ref(), &mut manifests)
+            .map_err(LoopError::Input)?;
     let engine = engine.with_builtin(builtin);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let _watch = FsWatch::start(
@@ -168,8 +174,9 @@ pub async fn run(
     let mut lp = Loop {
         engine,
         snapshot: Arc::new(Snapshot::default()),
+        manifests,
         digests: HashMap::new(),
-        env_dirs: HashMap::new(),
+        env_dirs: Default::default(),
         metrics,
         restarter,
         retry: HashMap::new(),
@@ -237,7 +244,11 @@ impl Loop {
 
     /// Reads the inputs again; on failure keeps the last good ones (and says so).
     fn reload(&mut self, config_too: bool) -> Option<HashSet<ObjectKey>> {
-        match read_inputs(&self.settings.files, self.settings.config.as_ref()) {
+        match read_inputs(
+            &self.settings.files,
+            self.settings.config.as_ref(),
+            &mut self.manifests,
+        ) {
             Ok((builtin, snapshot)) => {
                 if config_too {
                     self.engine = self.engine.with_builtin(builtin);
@@ -283,10 +294,9 @@ impl Loop {
 
     /// Instances whose env dir a change at `rel` touches.
     fn instances_at(&self, rel: &str) -> Vec<ObjectKey> {
-        self.env_dirs
-            .iter()
-            .filter(|(dir, _)| crate::snapshot::touches(dir, rel))
-            .map(|(_, k)| k.clone())
+        crate::snapshot::touched(&self.env_dirs, rel)
+            .into_iter()
+            .cloned()
             .collect()
     }
 

@@ -7,7 +7,7 @@
 //! schema or CEL rules is kept as [`InvalidObject`], so only the instances it
 //! targets are held back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 
@@ -133,6 +133,45 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Snapshot, ManifestError> {
     Ok(loader.finish())
 }
 
+/// The checked documents of every manifest file read last time, by file.
+#[derive(Default)]
+pub struct ManifestCache {
+    files: HashMap<PathBuf, CachedFile>,
+}
+
+struct CachedFile {
+    hash: u64,
+    docs: Vec<(Prepared, Source)>,
+}
+
+fn text_hash(text: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    // A fixed-key hash: equal texts hash equal within the process, which is
+    // all a cache of files this process read needs.
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(text)
+}
+
+/// [`load_paths`], reusing the checked documents of files whose text is
+/// unchanged since the last call with the same cache. The cache is replaced
+/// only when the load succeeds.
+pub fn load_paths_cached(
+    paths: &[PathBuf],
+    cache: &mut ManifestCache,
+) -> Result<Snapshot, ManifestError> {
+    let mut files = Vec::new();
+    for p in paths {
+        collect_files(p, &mut files)?;
+    }
+    let mut loader = Loader::default();
+    let mut next = ManifestCache::default();
+    for file in files {
+        let text = read_manifest(&file)?;
+        loader.add_file_cached(&file, &text, cache, &mut next)?;
+    }
+    *cache = next;
+    Ok(loader.finish())
+}
+
 /// Reads one manifest file, refusing one over [`MAX_MANIFEST_FILE_BYTES`]
 /// before reading it (and one that grows past it while being read).
 fn read_manifest(file: &Path) -> Result<String, ManifestError> {
@@ -247,6 +286,19 @@ impl Loader {
 
     /// Adds every document of one YAML file.
     pub fn add_file(&mut self, file: &Path, text: &str) -> Result<(), ManifestError> {
+        for (p, source) in self.parse_file(file, text)? {
+            self.insert(p, source)?;
+        }
+        Ok(())
+    }
+
+    /// Checks every document of one YAML file, counting them against the
+    /// object limit.
+    fn parse_file(
+        &mut self,
+        file: &Path,
+        text: &str,
+    ) -> Result<Vec<(Prepared, Source)>, ManifestError> {
         let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, yaml_options())
             .map_err(|e| {
                 let too_many = matches!(
@@ -268,154 +320,103 @@ impl Loader {
                     }
                 }
             })?;
+        let mut out = Vec::with_capacity(docs.len());
         for (i, doc) in docs.into_iter().enumerate() {
             if doc.is_null() {
                 continue;
             }
-            self.objects += 1;
-            if self.objects > self.max_objects {
-                return Err(ManifestError::TooManyObjects {
-                    file: file.to_owned(),
-                    limit: self.max_objects,
-                });
-            }
+            self.count(file)?;
             let source = Source {
                 file: file.to_owned(),
                 document: i + 1,
             };
-            self.add_document(doc, source)?;
+            out.push((prepare(doc, &source)?, source));
         }
+        Ok(out)
+    }
+
+    fn count(&mut self, file: &Path) -> Result<(), ManifestError> {
+        self.objects += 1;
+        if self.objects > self.max_objects {
+            return Err(ManifestError::TooManyObjects {
+                file: file.to_owned(),
+                limit: self.max_objects,
+            });
+        }
+        Ok(())
+    }
+
+    /// Adds one file's documents, checked again only when its text changed
+    /// since `cache` saw it: a change to one file of a large fleet costs
+    /// that file, not every file.
+    fn add_file_cached(
+        &mut self,
+        file: &Path,
+        text: &str,
+        cache: &ManifestCache,
+        next: &mut ManifestCache,
+    ) -> Result<(), ManifestError> {
+        let hash = text_hash(text);
+        let docs = match cache.files.get(file).filter(|c| c.hash == hash) {
+            Some(c) => {
+                for _ in &c.docs {
+                    self.count(file)?;
+                }
+                c.docs.clone()
+            }
+            None => self.parse_file(file, text)?,
+        };
+        for (p, source) in &docs {
+            self.insert(p.clone(), source.clone())?;
+        }
+        next.files
+            .insert(file.to_owned(), CachedFile { hash, docs });
         Ok(())
     }
 
     /// Adds one parsed document.
     pub fn add_document(&mut self, doc: Value, source: Source) -> Result<(), ManifestError> {
-        let fail = |message: String| ManifestError::Document {
-            source_doc: source.clone(),
-            message,
-        };
-        let Some(obj) = doc.as_object() else {
-            return Err(fail("a manifest document must be a mapping".into()));
-        };
-        let text = |k: &str| {
-            obj.get(k)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned()
-        };
-        let (api_version, kind) = (text("apiVersion"), text("kind"));
-        let meta = obj.get("metadata").and_then(Value::as_object);
-        let name = meta
-            .and_then(|m| m.get("name"))
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
-        if name.is_empty() {
-            return Err(fail(format!(
-                "{} has no metadata.name",
-                if kind.is_empty() { "document" } else { &kind }
-            )));
-        }
-        let namespace = meta
-            .and_then(|m| m.get("namespace"))
-            .and_then(Value::as_str)
-            .filter(|n| !n.is_empty())
-            .unwrap_or(DEFAULT_NAMESPACE)
-            .to_owned();
-        let key = ObjectKey::new(&namespace, &name);
-        let ours = api_version == format!("{}/{}", crd::GROUP, crd::VERSION);
-        match (ours, kind.as_str(), api_version.as_str()) {
-            (true, "AgentInstance" | "PluginBinding" | "PluginMarketplace" | "McpServer", _)
-            | (false, "Secret", "v1") => {}
-            _ => {
-                return Err(fail(format!(
-                    "unknown kind {kind:?} (apiVersion {api_version:?}); expected one of {KINDS}"
-                )));
-            }
-        }
+        let prepared = prepare(doc, &source)?;
+        self.insert(prepared, source)
+    }
+
+    /// Adds one checked document, unless its object was seen before.
+    fn insert(&mut self, p: Prepared, source: Source) -> Result<(), ManifestError> {
         if let Some(first) = self
             .seen
-            .insert((kind.clone(), key.clone()), source.clone())
+            .insert((p.kind.clone(), p.key.clone()), source.clone())
         {
             return Err(ManifestError::Duplicate {
-                kind,
-                key: key.to_string(),
+                kind: p.kind,
+                key: p.key.to_string(),
                 first,
                 second: source,
             });
         }
-        let mut doc = doc;
-        // Objects read from files carry the namespace they will be applied to.
-        doc["metadata"]["namespace"] = Value::String(namespace.clone());
-        if kind == "Secret" {
-            return self.add_secret(&doc, &key, &source);
+        let key = p.key;
+        match p.item {
+            Item::Object(o) => match *o {
+                Object::Instance(o) => {
+                    self.snapshot.instances.insert(key, o);
+                }
+                Object::Binding(o) => {
+                    self.snapshot.bindings.insert(key, o);
+                }
+                Object::Marketplace(o) => {
+                    self.snapshot.marketplaces.insert(key, o);
+                }
+                Object::Mcp(o) => {
+                    self.snapshot.mcp_servers.insert(key, o);
+                }
+            },
+            Item::Invalid(inv) => self.snapshot.invalid.push(inv),
+            Item::Secret(Some(data)) => {
+                self.snapshot
+                    .secrets
+                    .insert(&key.namespace, &key.name, data);
+            }
+            Item::Secret(None) => {}
         }
-        match validate(&kind, &doc, &source.to_string()) {
-            Ok(Object::Instance(o)) => {
-                self.snapshot.instances.insert(key, o);
-            }
-            Ok(Object::Binding(o)) => {
-                self.snapshot.bindings.insert(key, o);
-            }
-            Ok(Object::Marketplace(o)) => {
-                self.snapshot.marketplaces.insert(key, o);
-            }
-            Ok(Object::Mcp(o)) => {
-                self.snapshot.mcp_servers.insert(key, o);
-            }
-            Err(inv) => self.snapshot.invalid.push(inv),
-        }
-        Ok(())
-    }
-
-    fn add_secret(
-        &mut self,
-        doc: &Value,
-        key: &ObjectKey,
-        source: &Source,
-    ) -> Result<(), ManifestError> {
-        let labelled = doc["metadata"]["labels"][crd::SECRETS_LABEL].as_str() == Some("true");
-        if !labelled {
-            return Ok(());
-        }
-        let fail = |message: String| ManifestError::Document {
-            source_doc: source.clone(),
-            message: format!("Secret {key}: {message}"),
-        };
-        let mut data = BTreeMap::new();
-        if let Some(d) = doc.get("data").filter(|d| !d.is_null()) {
-            let d = d
-                .as_object()
-                .ok_or_else(|| fail("data must be a mapping".into()))?;
-            for (k, v) in d {
-                let bytes = v
-                    .as_str()
-                    .and_then(|s| {
-                        base64::engine::general_purpose::STANDARD
-                            .decode(s.trim())
-                            .ok()
-                    })
-                    .ok_or_else(|| fail(format!("data.{k} is not valid base64")))?;
-                let text = String::from_utf8(bytes)
-                    .map_err(|_| fail(format!("data.{k} is not UTF-8 text")))?;
-                data.insert(k.clone(), SecretValue::new(text));
-            }
-        }
-        if let Some(d) = doc.get("stringData").filter(|d| !d.is_null()) {
-            let d = d
-                .as_object()
-                .ok_or_else(|| fail("stringData must be a mapping".into()))?;
-            for (k, v) in d {
-                let text = v
-                    .as_str()
-                    .ok_or_else(|| fail(format!("stringData.{k} must be a string")))?;
-                // As on the API server, stringData wins over data for one key.
-                data.insert(k.clone(), SecretValue::new(text.to_owned()));
-            }
-        }
-        self.snapshot
-            .secrets
-            .insert(&key.namespace, &key.name, data);
         Ok(())
     }
 
@@ -423,6 +424,129 @@ impl Loader {
     pub fn finish(self) -> Snapshot {
         self.snapshot
     }
+}
+
+/// A document checked on its own: what it is and what it adds.
+#[derive(Clone)]
+struct Prepared {
+    kind: String,
+    key: ObjectKey,
+    item: Item,
+}
+
+#[derive(Clone)]
+enum Item {
+    Object(Box<Object>),
+    Invalid(InvalidObject),
+    /// A Secret's data; `None` when it lacks the label (it is ignored).
+    Secret(Option<BTreeMap<String, SecretValue>>),
+}
+
+/// Checks one document by itself (schema, rules, Secret data); what spans
+/// documents, duplicates, is the loader's.
+fn prepare(doc: Value, source: &Source) -> Result<Prepared, ManifestError> {
+    let fail = |message: String| ManifestError::Document {
+        source_doc: source.clone(),
+        message,
+    };
+    let Some(obj) = doc.as_object() else {
+        return Err(fail("a manifest document must be a mapping".into()));
+    };
+    let text = |k: &str| {
+        obj.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (api_version, kind) = (text("apiVersion"), text("kind"));
+    let meta = obj.get("metadata").and_then(Value::as_object);
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    if name.is_empty() {
+        return Err(fail(format!(
+            "{} has no metadata.name",
+            if kind.is_empty() { "document" } else { &kind }
+        )));
+    }
+    let namespace = meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .unwrap_or(DEFAULT_NAMESPACE)
+        .to_owned();
+    let key = ObjectKey::new(&namespace, &name);
+    let ours = api_version == format!("{}/{}", crd::GROUP, crd::VERSION);
+    match (ours, kind.as_str(), api_version.as_str()) {
+        (true, "AgentInstance" | "PluginBinding" | "PluginMarketplace" | "McpServer", _)
+        | (false, "Secret", "v1") => {}
+        _ => {
+            return Err(fail(format!(
+                "unknown kind {kind:?} (apiVersion {api_version:?}); expected one of {KINDS}"
+            )));
+        }
+    }
+    let mut doc = doc;
+    // Objects read from files carry the namespace they will be applied to.
+    doc["metadata"]["namespace"] = Value::String(namespace.clone());
+    let item = if kind == "Secret" {
+        Item::Secret(secret_data(&doc, &key, source)?)
+    } else {
+        match validate(&kind, &doc, &source.to_string()) {
+            Ok(o) => Item::Object(Box::new(o)),
+            Err(inv) => Item::Invalid(inv),
+        }
+    };
+    Ok(Prepared { kind, key, item })
+}
+
+fn secret_data(
+    doc: &Value,
+    key: &ObjectKey,
+    source: &Source,
+) -> Result<Option<BTreeMap<String, SecretValue>>, ManifestError> {
+    let labelled = doc["metadata"]["labels"][crd::SECRETS_LABEL].as_str() == Some("true");
+    if !labelled {
+        return Ok(None);
+    }
+    let fail = |message: String| ManifestError::Document {
+        source_doc: source.clone(),
+        message: format!("Secret {key}: {message}"),
+    };
+    let mut data = BTreeMap::new();
+    if let Some(d) = doc.get("data").filter(|d| !d.is_null()) {
+        let d = d
+            .as_object()
+            .ok_or_else(|| fail("data must be a mapping".into()))?;
+        for (k, v) in d {
+            let bytes = v
+                .as_str()
+                .and_then(|s| {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(s.trim())
+                        .ok()
+                })
+                .ok_or_else(|| fail(format!("data.{k} is not valid base64")))?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| fail(format!("data.{k} is not UTF-8 text")))?;
+            data.insert(k.clone(), SecretValue::new(text));
+        }
+    }
+    if let Some(d) = doc.get("stringData").filter(|d| !d.is_null()) {
+        let d = d
+            .as_object()
+            .ok_or_else(|| fail("stringData must be a mapping".into()))?;
+        for (k, v) in d {
+            let text = v
+                .as_str()
+                .ok_or_else(|| fail(format!("stringData.{k} must be a string")))?;
+            // As on the API server, stringData wins over data for one key.
+            data.insert(k.clone(), SecretValue::new(text.to_owned()));
+        }
+    }
+    Ok(Some(data))
 }
 
 /// One of the four custom resources, validated.
@@ -586,6 +710,46 @@ fn check_mcp(o: &McpServer) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cached_load_equals_a_fresh_one_after_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.yaml");
+        let b = dir.path().join("b.yaml");
+        let inst = |name: &str, ty: &str| {
+            format!(
+                "apiVersion: agentenv.io/v1alpha1\nkind: AgentInstance\nmetadata: {{name: {name}, namespace: ns}}\nspec: {{agentType: {ty}}}\n"
+            )
+        };
+        let paths = vec![dir.path().to_owned()];
+        let mut cache = ManifestCache::default();
+        let same = |cache: &mut ManifestCache| {
+            let cached = load_paths_cached(&paths, cache).map(|s| format!("{s:?}"));
+            let fresh = load_paths(&paths).map(|s| format!("{s:?}"));
+            match (cached, fresh) {
+                (Ok(c), Ok(f)) => assert_eq!(c, f),
+                (Err(c), Err(f)) => assert_eq!(c.to_string(), f.to_string()),
+                (c, f) => panic!("cached {c:?} but fresh {f:?}"),
+            }
+        };
+        std::fs::write(&a, inst("xa", "t1")).unwrap();
+        std::fs::write(&b, inst("ya", "t1")).unwrap();
+        same(&mut cache);
+        std::fs::write(&b, inst("ya", "t2")).unwrap();
+        same(&mut cache);
+        // A duplicate across an unchanged file and a changed one is still found.
+        std::fs::write(&b, inst("xa", "t2")).unwrap();
+        same(&mut cache);
+        assert!(load_paths_cached(&paths, &mut cache).is_err());
+        std::fs::write(&b, inst("ya", "no spaces allowed here")).unwrap();
+        same(&mut cache);
+        std::fs::remove_file(&a).unwrap();
+        std::fs::write(&b, inst("ya", "t3")).unwrap();
+        same(&mut cache);
+        let s = load_paths_cached(&paths, &mut cache).unwrap();
+        assert_eq!(s.instances.len(), 1);
+        assert_eq!(s.instances.values().next().unwrap().spec.agent_type, "t3");
+    }
 
     #[test]
     fn a_file_may_hold_thousands_of_documents() {

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
@@ -62,7 +63,7 @@ impl fmt::Display for InvalidObject {
 }
 
 /// Every object of one pass.
-#[derive(Default, Debug, Clone)]
+#[derive(Default, Debug)]
 pub struct Snapshot {
     /// Valid AgentInstances.
     pub instances: BTreeMap<ObjectKey, AgentInstance>,
@@ -76,68 +77,149 @@ pub struct Snapshot {
     pub invalid: Vec<InvalidObject>,
     /// Labelled Secrets.
     pub secrets: LabelledSecrets,
+    derived: OnceLock<Derived>,
 }
 
-/// The objects of a snapshot grouped by (namespace, scope).
-#[derive(Default)]
+impl Clone for Snapshot {
+    /// A copy without the lookups: the copy may be changed before its first pass.
+    fn clone(&self) -> Snapshot {
+        Snapshot {
+            instances: self.instances.clone(),
+            bindings: self.bindings.clone(),
+            marketplaces: self.marketplaces.clone(),
+            mcp_servers: self.mcp_servers.clone(),
+            invalid: self.invalid.clone(),
+            secrets: self.secrets.clone(),
+            derived: OnceLock::new(),
+        }
+    }
+}
+
+/// The objects of a snapshot grouped by (namespace, scope), by key: built
+/// once per snapshot, so a pass over one instance of a large fleet costs
+/// lookups, not a rebuild.
+#[derive(Debug, Default)]
+struct Derived {
+    layers: HashMap<String, HashMap<Scope, LayerKeys>>,
+    /// Positions in [`Snapshot::invalid`].
+    invalid: HashMap<String, HashMap<Scope, Vec<usize>>>,
+    invalid_unscoped: HashMap<String, Vec<usize>>,
+    clashes: HashMap<ObjectKey, String>,
+}
+
+#[derive(Debug, Default)]
+struct LayerKeys {
+    bindings: Vec<ObjectKey>,
+    marketplaces: Vec<ObjectKey>,
+    mcp_servers: Vec<ObjectKey>,
+}
+
+/// Lookups by scope into one snapshot.
 pub struct ScopeIndex<'a> {
-    layers: HashMap<&'a str, HashMap<Scope, Layer<'a>>>,
-    invalid: HashMap<&'a str, HashMap<Scope, Vec<&'a InvalidObject>>>,
-    invalid_unscoped: HashMap<&'a str, Vec<&'a InvalidObject>>,
+    snapshot: &'a Snapshot,
+    derived: &'a Derived,
 }
-
-static EMPTY: std::sync::LazyLock<Layer<'static>> = std::sync::LazyLock::new(Layer::default);
 
 impl Snapshot {
-    /// Indexes the objects by the scope they apply at.
+    /// Indexes the objects by the scope they apply at (once per snapshot:
+    /// its objects must not change after the first call).
     pub fn index(&self) -> ScopeIndex<'_> {
-        let mut ix = ScopeIndex::default();
+        ScopeIndex {
+            snapshot: self,
+            derived: self.derived.get_or_init(|| self.derive()),
+        }
+    }
+
+    /// Instances whose env dir clashes with another's, with how (see
+    /// [`env_dir_clashes`]); computed once per snapshot.
+    pub fn clashes(&self) -> &HashMap<ObjectKey, String> {
+        &self.derived.get_or_init(|| self.derive()).clashes
+    }
+
+    fn derive(&self) -> Derived {
+        let mut d = Derived::default();
+        fn layer<'m>(
+            layers: &'m mut HashMap<String, HashMap<Scope, LayerKeys>>,
+            ns: &str,
+            scope: Scope,
+        ) -> &'m mut LayerKeys {
+            layers
+                .entry(ns.to_owned())
+                .or_default()
+                .entry(scope)
+                .or_default()
+        }
         for (k, b) in &self.bindings {
             if let Some(s) = b.spec.target.scope() {
-                ix.layer_mut(&k.namespace, s).bindings.push(b);
+                layer(&mut d.layers, &k.namespace, s)
+                    .bindings
+                    .push(k.clone());
             }
         }
         for (k, m) in &self.marketplaces {
             if let Some(s) = m.spec.target.scope() {
-                ix.layer_mut(&k.namespace, s).marketplaces.push(m);
+                layer(&mut d.layers, &k.namespace, s)
+                    .marketplaces
+                    .push(k.clone());
             }
         }
         for (k, m) in &self.mcp_servers {
             if let Some(s) = m.spec.target.scope() {
-                ix.layer_mut(&k.namespace, s).mcp_servers.push(m);
+                layer(&mut d.layers, &k.namespace, s)
+                    .mcp_servers
+                    .push(k.clone());
             }
         }
-        for inv in &self.invalid {
+        for (i, inv) in self.invalid.iter().enumerate() {
             if inv.scope.is_empty() {
-                ix.invalid_unscoped
-                    .entry(&inv.key.namespace)
+                d.invalid_unscoped
+                    .entry(inv.key.namespace.clone())
                     .or_default()
-                    .push(inv);
+                    .push(i);
             }
             for s in &inv.scope {
-                ix.invalid
-                    .entry(&inv.key.namespace)
+                d.invalid
+                    .entry(inv.key.namespace.clone())
                     .or_default()
                     .entry(s.clone())
                     .or_default()
-                    .push(inv);
+                    .push(i);
             }
         }
-        ix
+        d.clashes = env_dir_clashes(self);
+        d
     }
 }
 
 impl<'a> ScopeIndex<'a> {
-    fn layer_mut(&mut self, ns: &'a str, scope: Scope) -> &mut Layer<'a> {
-        self.layers.entry(ns).or_default().entry(scope).or_default()
-    }
-
     /// The objects of `namespace` at `scope`.
-    pub fn layer(&self, namespace: &str, scope: &Scope) -> &Layer<'a> {
-        self.layers
+    pub fn layer(&self, namespace: &str, scope: &Scope) -> Layer<'a> {
+        let Some(keys) = self
+            .derived
+            .layers
             .get(namespace)
             .and_then(|m| m.get(scope))
-            .unwrap_or(&EMPTY)
+        else {
+            return Layer::default();
+        };
+        let s = self.snapshot;
+        Layer {
+            bindings: keys
+                .bindings
+                .iter()
+                .filter_map(|k| s.bindings.get(k))
+                .collect(),
+            marketplaces: keys
+                .marketplaces
+                .iter()
+                .filter_map(|k| s.marketplaces.get(k))
+                .collect(),
+            mcp_servers: keys
+                .mcp_servers
+                .iter()
+                .filter_map(|k| s.mcp_servers.get(k))
+                .collect(),
+        }
     }
 
     /// Invalid objects that hold an instance back.
@@ -147,18 +229,19 @@ impl<'a> ScopeIndex<'a> {
         agent_type: &str,
         name: &str,
     ) -> Vec<&'a InvalidObject> {
-        let mut out: Vec<&InvalidObject> = Vec::new();
-        if let Some(by_scope) = self.invalid.get(namespace) {
+        let mut at: Vec<usize> = Vec::new();
+        if let Some(by_scope) = self.derived.invalid.get(namespace) {
             for scope in [
                 Scope::Type(agent_type.to_owned()),
                 Scope::Instance(name.to_owned()),
             ] {
-                out.extend(by_scope.get(&scope).into_iter().flatten());
+                at.extend(by_scope.get(&scope).into_iter().flatten());
             }
         }
-        if let Some(objs) = self.invalid_unscoped.get(namespace) {
-            out.extend(objs);
+        if let Some(objs) = self.derived.invalid_unscoped.get(namespace) {
+            at.extend(objs);
         }
+        let mut out: Vec<&InvalidObject> = at.iter().map(|i| &self.snapshot.invalid[*i]).collect();
         out.sort_by(|a, b| (&a.kind, &a.key).cmp(&(&b.kind, &b.key)));
         out.dedup_by(|a, b| a.kind == b.kind && a.key == b.key);
         out
@@ -254,6 +337,28 @@ pub fn touches(dir: &str, rel: &str) -> bool {
     dir == rel || within(dir, rel) || within(rel, dir)
 }
 
+/// The values of `dirs` (keyed by [`env_dir_key`]) whose env dir a change
+/// at `rel` [`touches`], found by lookups of `rel`'s ancestors and a range
+/// of its descendants rather than a scan: every file event of a large fleet
+/// goes through this.
+pub fn touched<'m, V>(dirs: &'m BTreeMap<String, V>, rel: &str) -> Vec<&'m V> {
+    let rel = &*as_identity(rel);
+    let mut out = Vec::new();
+    if rel.is_empty() {
+        return out;
+    }
+    for (i, _) in rel.match_indices('/') {
+        out.extend(dirs.get(&rel[..i]));
+    }
+    out.extend(dirs.get(rel));
+    // `0` follows `/`: the range is every key under `rel/`.
+    out.extend(
+        dirs.range(format!("{rel}/")..format!("{rel}0"))
+            .map(|(_, v)| v),
+    );
+    out
+}
+
 /// A digest of everything in a snapshot one instance's render depends on:
 /// its own spec, the objects at its type and instance scopes, the invalid
 /// objects holding it back and its namespace's labelled Secrets. Two
@@ -282,42 +387,83 @@ impl Snapshot {
         }
         let index = self.index();
         let mut secrets: HashMap<&str, [u8; 32]> = HashMap::new();
-        self.instances
-            .iter()
-            .map(|(key, inst)| {
-                let mut h = Sha256::new();
-                object(&mut h, "AgentInstance", &inst.metadata, &inst.spec);
-                for scope in [
-                    Scope::Type(inst.spec.agent_type.clone()),
-                    Scope::Instance(key.name.clone()),
-                ] {
-                    let layer = index.layer(&key.namespace, &scope);
-                    for b in &layer.bindings {
-                        object(&mut h, "PluginBinding", &b.metadata, &b.spec);
-                    }
-                    for m in &layer.marketplaces {
-                        object(&mut h, "PluginMarketplace", &m.metadata, &m.spec);
-                    }
-                    for m in &layer.mcp_servers {
-                        object(&mut h, "McpServer", &m.metadata, &m.spec);
-                    }
-                }
-                for b in index.blockers(&key.namespace, &inst.spec.agent_type, &key.name) {
-                    put(&mut h, b.to_string().as_bytes());
-                }
-                let ns = *secrets
-                    .entry(key.namespace.as_str())
-                    .or_insert_with(|| self.secrets.digest(&key.namespace));
-                put(&mut h, &ns);
-                (key.clone(), h.finalize().into())
-            })
-            .collect()
+        // A type layer is shared by every instance of the type: hashed once.
+        let mut layers: HashMap<(&str, Scope), [u8; 32]> = HashMap::new();
+        let mut out = HashMap::with_capacity(self.instances.len());
+        for (key, inst) in &self.instances {
+            let mut h = Sha256::new();
+            object(&mut h, "AgentInstance", &inst.metadata, &inst.spec);
+            for scope in [
+                Scope::Type(inst.spec.agent_type.clone()),
+                Scope::Instance(key.name.clone()),
+            ] {
+                let digest = layers
+                    .entry((key.namespace.as_str(), scope))
+                    .or_insert_with_key(|(ns, scope)| {
+                        let layer = index.layer(ns, scope);
+                        let mut h = Sha256::new();
+                        for b in &layer.bindings {
+                            object(&mut h, "PluginBinding", &b.metadata, &b.spec);
+                        }
+                        for m in &layer.marketplaces {
+                            object(&mut h, "PluginMarketplace", &m.metadata, &m.spec);
+                        }
+                        for m in &layer.mcp_servers {
+                            object(&mut h, "McpServer", &m.metadata, &m.spec);
+                        }
+                        h.finalize().into()
+                    });
+                put(&mut h, digest);
+            }
+            for b in index.blockers(&key.namespace, &inst.spec.agent_type, &key.name) {
+                put(&mut h, b.to_string().as_bytes());
+            }
+            let ns = *secrets
+                .entry(key.namespace.as_str())
+                .or_insert_with(|| self.secrets.digest(&key.namespace));
+            put(&mut h, &ns);
+            out.insert(key.clone(), h.finalize().into());
+        }
+        out
     }
 }
 
 #[cfg(test)]
 mod path_tests {
     use super::touches;
+
+    #[test]
+    fn touched_finds_exactly_what_touches_accepts() {
+        let dirs: std::collections::BTreeMap<String, usize> = [
+            "ns/a", "ns/ab", "ns/a/b", "ns", "other/a", "ns/a0", "ns/a.b",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.to_string(), i))
+        .collect();
+        for rel in [
+            "ns/a",
+            "ns/a/settings.json",
+            "ns",
+            "ns/a/",
+            "NS/A",
+            "ns//a",
+            "ns/ab",
+            "x",
+            "",
+        ] {
+            let mut got: Vec<usize> = super::touched(&dirs, rel).into_iter().copied().collect();
+            got.sort();
+            let want: Vec<usize> = dirs
+                .iter()
+                .filter(|(d, _)| touches(d, rel))
+                .map(|(_, v)| *v)
+                .collect();
+            let mut want = want;
+            want.sort();
+            assert_eq!(got, want, "{rel:?}");
+        }
+    }
 
     #[test]
     fn a_change_touches_its_dir_what_is_in_it_and_what_holds_it() {

@@ -264,11 +264,9 @@ impl Catalog {
     /// Instances whose env dir a change at `rel` touches.
     pub fn instances_at(&self, rel: &str) -> Vec<ObjectKey> {
         let inner = self.inner.read().expect("catalog lock");
-        inner
-            .env_paths
-            .iter()
-            .filter(|(dir, _)| crate::snapshot::touches(dir, rel))
-            .flat_map(|(_, keys)| keys.iter().cloned())
+        crate::snapshot::touched(&inner.env_paths, rel)
+            .into_iter()
+            .flat_map(|keys| keys.iter().cloned())
             .collect()
     }
 
