@@ -343,7 +343,13 @@ impl Loop {
             .filter(|o| o.reason == reason::RENDERED)
             .count();
         if written > 0 || opts.only.is_none() {
-            info!(instances = outcomes.len(), written, took = ?started.elapsed(), full = opts.only.is_none(), "pass done");
+            info!(
+                instances = outcomes.len(),
+                written,
+                pass_ms = started.elapsed().as_millis() as u64,
+                full = opts.only.is_none(),
+                "pass done"
+            );
         }
         for o in &outcomes {
             self.after(o);

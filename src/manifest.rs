@@ -320,19 +320,47 @@ impl Loader {
                     }
                 }
             })?;
-        let mut out = Vec::with_capacity(docs.len());
-        for (i, doc) in docs.into_iter().enumerate() {
-            if doc.is_null() {
-                continue;
-            }
+        let mut docs: Vec<(Value, Source)> = docs
+            .into_iter()
+            .enumerate()
+            .filter(|(_, d)| !d.is_null())
+            .map(|(i, doc)| {
+                let source = Source {
+                    file: file.to_owned(),
+                    document: i + 1,
+                };
+                (doc, source)
+            })
+            .collect();
+        for _ in &docs {
             self.count(file)?;
-            let source = Source {
-                file: file.to_owned(),
-                document: i + 1,
-            };
-            out.push((prepare(doc, &source)?, source));
         }
-        Ok(out)
+        // Checking a document (schema, CEL) is most of loading a large
+        // fleet, and documents are independent: spread over the cores, in
+        // order, so the first error is the one a serial load would give.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = docs.len().div_ceil(threads).max(64);
+        let mut checked: Vec<Result<Prepared, ManifestError>> = Vec::with_capacity(docs.len());
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = docs
+                .chunks_mut(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter_mut()
+                            .map(|(doc, source)| prepare(std::mem::take(doc), source))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            for w in workers {
+                checked.extend(w.join().expect("checking a document does not panic"));
+            }
+        });
+        checked
+            .into_iter()
+            .zip(docs)
+            .map(|(p, (_, source))| p.map(|p| (p, source)))
+            .collect()
     }
 
     fn count(&mut self, file: &Path) -> Result<(), ManifestError> {

@@ -264,12 +264,26 @@ async fn load(input: &InputArgs, mode: Mode) -> Result<Loaded, ExitCode> {
 }
 
 async fn pass(input: &InputArgs, mode: Mode) -> Result<Vec<Outcome>, ExitCode> {
+    let started = std::time::Instant::now();
     let loaded = load(input, mode).await?;
-    loaded
+    let loaded_in = started.elapsed();
+    let outcomes = loaded
         .engine
         .pass(&loaded.snapshot, loaded.secrets.as_ref(), mode)
         .await
-        .map_err(|e| fail(&e))
+        .map_err(|e| fail(&e))?;
+    let written = outcomes
+        .iter()
+        .filter(|o| o.reason == crate::engine::reason::RENDERED)
+        .count();
+    tracing::info!(
+        instances = outcomes.len(),
+        written,
+        load_ms = loaded_in.as_millis() as u64,
+        pass_ms = (started.elapsed() - loaded_in).as_millis() as u64,
+        "pass done"
+    );
+    Ok(outcomes)
 }
 
 async fn reconcile(args: ReconcileArgs) -> ExitCode {
