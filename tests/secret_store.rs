@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::db::{Backend, backends, dump_postgres};
@@ -423,22 +423,27 @@ fn a_rotation_killed_at_random_moments_loses_nothing() {
         const N: usize = 1500;
         populate(&h, &b, &ka, N);
 
-        // A full rotation's duration bounds the random kill delays.
-        let started = Instant::now();
-        let run = h.run(
-            &[
-                "secret",
-                "rotate-key",
-                "--master-key-file",
-                ka.to_str().unwrap(),
-                "--new-key-file",
-                kb.to_str().unwrap(),
-            ],
-            None,
-        );
-        assert_eq!(run.code, 0, "{}", run.stderr);
-        let full = started.elapsed();
-        assert_eq!(check_all_readable(&h, &ka, &kb, N), key_id(&kb));
+        // A full rotation's duration bounds the random kill delays: the
+        // shorter of two (the first pays for cold caches), and only most of
+        // it, so on a loaded machine most kills still land midway.
+        let mut full = Duration::MAX;
+        for (from, to) in [(&ka, &kb), (&kb, &ka)] {
+            let started = Instant::now();
+            let run = h.run(
+                &[
+                    "secret",
+                    "rotate-key",
+                    "--master-key-file",
+                    from.to_str().unwrap(),
+                    "--new-key-file",
+                    to.to_str().unwrap(),
+                ],
+                None,
+            );
+            assert_eq!(run.code, 0, "{}", run.stderr);
+            full = full.min(started.elapsed());
+            assert_eq!(check_all_readable(&h, &ka, &kb, N), key_id(to));
+        }
 
         let mut seed = 0x9e37_79b9_7f4a_7c15_u64 ^ u64::from(std::process::id());
         let (mut killed, mut finished) = (0, 0);
@@ -460,7 +465,7 @@ fn a_rotation_killed_at_random_moments_loses_nothing() {
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null());
             let mut child = cmd.spawn().unwrap();
-            std::thread::sleep(jitter(&mut seed, full.mul_f64(1.2)));
+            std::thread::sleep(jitter(&mut seed, full.mul_f64(0.8)));
             match child.try_wait().unwrap() {
                 Some(_) => finished += 1,
                 None => {
