@@ -7,6 +7,12 @@ use agent_env_operator::cli::{self, Cli, LogFormat};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+/// A pass over a large fleet makes and frees many small values on every
+/// worker thread: mimalloc does that faster than the system allocator and
+/// hands freed memory back instead of holding it in per-thread arenas.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info"));

@@ -158,12 +158,15 @@ fn drift_is_put_back_and_runtime_installs_adopted_without_a_resync() {
     // included. Moved out in one step: a file-by-file removal races with the
     // loop putting files back.
     std::fs::rename(h.env_file("dev/alice"), h.path("wiped-alice")).unwrap();
+    // The two files are written one after the other: wait for both.
     wait_until(
         "env dir re-rendered",
-        || plugins(&h, "dev/alice") == json!({"lint@tools": true, "mine@tools": true}),
+        || {
+            plugins(&h, "dev/alice") == json!({"lint@tools": true, "mine@tools": true})
+                && h.env_file("dev/alice/.claude.json").exists()
+        },
         || lp.log(),
     );
-    assert!(h.env_file("dev/alice/.claude.json").exists());
 }
 
 /// (inode, mtime) of both files of an instance.

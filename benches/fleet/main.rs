@@ -7,6 +7,8 @@
 //! `cargo bench --bench fleet` (release build). Environment:
 //! - `FLEET_SIZES` (default `1000,10000`): fleet sizes, comma-separated;
 //! - `FLEET_BASELINE` (default `1`): `0` skips the jq baseline;
+//! - `FLEET_BASELINE_MAX` (default `1000`): largest fleet the jq baseline
+//!   runs on (it takes about 80 ms per instance and run here, three runs);
 //! - `FLEET_DIR` (default `target/bench-fleet`): where fleets are generated
 //!   (a real disk: fsync on tmpfs is free);
 //! - `FLEET_IDLE_SECS` (default `60`): the idle CPU window.
@@ -41,6 +43,10 @@ fn main() {
         .map(|s| s.trim().parse().expect("FLEET_SIZES: numbers"))
         .collect();
     let baseline = std::env::var("FLEET_BASELINE").map_or(true, |v| v != "0");
+    let baseline_max: usize = std::env::var("FLEET_BASELINE_MAX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
     let idle_secs: u64 = std::env::var("FLEET_IDLE_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -59,7 +65,7 @@ fn main() {
         fleet_gen::generate(&dir, n);
         eprintln!("== {n} instances");
         let mut r = measure_passes(&dir, n);
-        if baseline {
+        if baseline && n <= baseline_max {
             r["baseline"] = measure_baseline(&dir, n, &r);
         }
         if i == sizes.len() - 1 {
