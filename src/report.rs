@@ -165,7 +165,7 @@ fn show(section: Section, v: &Value, used: &UsedSecrets) -> String {
             *val = Value::String("***".into());
         }
     }
-    used.mask(&serde_json::to_string(&v).expect("values serialize"))
+    used.mask_json(&v)
 }
 
 /// `diff` output: per instance, per file and key, what a pass would change.
