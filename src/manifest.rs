@@ -245,12 +245,20 @@ pub const MAX_MANIFEST_FILE_BYTES: u64 = 32 * 1024 * 1024;
 /// may hold together. A pass over 100,000 instances takes about 400 MB.
 pub const MAX_OBJECTS: usize = 100_000;
 
-fn yaml_options() -> serde_saphyr::Options {
+/// How many parsed nodes (and scalar bytes) a manifest may hold per byte of
+/// its text. Without aliases a document has fewer nodes than bytes; aliases
+/// repeat what was written, which stays useful up to a small multiple. Past
+/// that it is an alias bomb: a few hundred bytes of nested aliases expand to
+/// millions of nodes and gigabytes of memory.
+pub const MAX_EXPANSION: usize = 16;
+
+fn yaml_options(text_len: usize) -> serde_saphyr::Options {
+    let allowed = text_len.saturating_mul(MAX_EXPANSION).saturating_add(4096);
     let mut budget = serde_saphyr::budget::Budget::default();
     budget.max_documents = MAX_DOCUMENTS_PER_FILE;
-    budget.max_nodes = 50_000_000;
-    budget.max_events = 100_000_000;
-    budget.max_total_scalar_bytes = 512 * 1024 * 1024;
+    budget.max_nodes = allowed.min(50_000_000);
+    budget.max_events = allowed.saturating_mul(2).min(100_000_000);
+    budget.max_total_scalar_bytes = allowed.min(512 * 1024 * 1024);
     let mut options = serde_saphyr::Options::default();
     options.budget = Some(budget);
     // Errors name the line and column but quote no source: the offending
@@ -299,27 +307,29 @@ impl Loader {
         file: &Path,
         text: &str,
     ) -> Result<Vec<(Prepared, Source)>, ManifestError> {
-        let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, yaml_options())
-            .map_err(|e| {
-                let too_many = matches!(
-                    e.without_snippet(),
-                    serde_saphyr::Error::Budget {
-                        breach: serde_saphyr::budget::BudgetBreach::Documents { .. },
-                        ..
+        let docs: Vec<Value> =
+            serde_saphyr::from_multiple_with_options(text, yaml_options(text.len())).map_err(
+                |e| {
+                    let too_many = matches!(
+                        e.without_snippet(),
+                        serde_saphyr::Error::Budget {
+                            breach: serde_saphyr::budget::BudgetBreach::Documents { .. },
+                            ..
+                        }
+                    );
+                    if too_many {
+                        ManifestError::TooManyDocuments {
+                            file: file.to_owned(),
+                            limit: MAX_DOCUMENTS_PER_FILE,
+                        }
+                    } else {
+                        ManifestError::Yaml {
+                            file: file.to_owned(),
+                            message: e.to_string(),
+                        }
                     }
-                );
-                if too_many {
-                    ManifestError::TooManyDocuments {
-                        file: file.to_owned(),
-                        limit: MAX_DOCUMENTS_PER_FILE,
-                    }
-                } else {
-                    ManifestError::Yaml {
-                        file: file.to_owned(),
-                        message: e.to_string(),
-                    }
-                }
-            })?;
+                },
+            )?;
         let mut docs: Vec<(Value, Source)> = docs
             .into_iter()
             .enumerate()
@@ -505,6 +515,18 @@ fn prepare(doc: Value, source: &Source) -> Result<Prepared, ManifestError> {
         .filter(|n| !n.is_empty())
         .unwrap_or(DEFAULT_NAMESPACE)
         .to_owned();
+    // The API server refuses other names; here they would also steer the
+    // default env dir `<namespace>/<name>` (`..`, `/`, `.agent-env`).
+    if !crd::is_dns_subdomain(&name) {
+        return Err(fail(format!(
+            "field metadata.name: {name:?} is not a valid object name (lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters)"
+        )));
+    }
+    if !crd::is_dns_label(&namespace) {
+        return Err(fail(format!(
+            "field metadata.namespace: {namespace:?} is not a valid namespace (lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters)"
+        )));
+    }
     let key = ObjectKey::new(&namespace, &name);
     let ours = api_version == format!("{}/{}", crd::GROUP, crd::VERSION);
     match (ours, kind.as_str(), api_version.as_str()) {
@@ -599,14 +621,21 @@ pub fn validate(kind: &str, doc: &Value, source: &str) -> Result<Object, Invalid
     let result = match kind {
         "AgentInstance" => typed::<AgentInstance>(doc, &CEL.instance)
             .and_then(|o| check_instance(&o, doc).map(|()| Object::Instance(o))),
-        "PluginBinding" => typed::<PluginBinding>(doc, &CEL.binding)
-            .and_then(|o| check_binding(&o).map(|()| Object::Binding(o))),
-        "PluginMarketplace" => {
-            typed::<PluginMarketplace>(doc, &CEL.marketplace).map(Object::Marketplace)
-        }
-        "McpServer" => {
-            typed::<McpServer>(doc, &CEL.mcp).and_then(|o| check_mcp(&o).map(|()| Object::Mcp(o)))
-        }
+        "PluginBinding" => typed::<PluginBinding>(doc, &CEL.binding).and_then(|o| {
+            check_target(&o.spec.target)?;
+            check_binding(&o)?;
+            Ok(Object::Binding(o))
+        }),
+        "PluginMarketplace" => typed::<PluginMarketplace>(doc, &CEL.marketplace).and_then(|o| {
+            check_target(&o.spec.target)?;
+            check_source(&o.spec.source)?;
+            Ok(Object::Marketplace(o))
+        }),
+        "McpServer" => typed::<McpServer>(doc, &CEL.mcp).and_then(|o| {
+            check_target(&o.spec.target)?;
+            check_mcp(&o)?;
+            Ok(Object::Mcp(o))
+        }),
         other => Err(format!("unknown kind {other:?}; expected one of {KINDS}")),
     };
     result.map_err(|message| {
@@ -643,21 +672,31 @@ fn scope_hint(kind: &str, doc: &Value) -> Vec<Scope> {
     out
 }
 
-struct CompiledCel {
-    instance: kube::core::cel::CompiledSchema,
-    binding: kube::core::cel::CompiledSchema,
-    marketplace: kube::core::cel::CompiledSchema,
-    mcp: kube::core::cel::CompiledSchema,
+struct Compiled {
+    /// The CRD's OpenAPI schema, for the limits CEL does not check.
+    schema: Value,
+    cel: kube::core::cel::CompiledSchema,
 }
 
-fn compile<K: kube::CustomResourceExt>() -> kube::core::cel::CompiledSchema {
+struct CompiledCel {
+    instance: Compiled,
+    binding: Compiled,
+    marketplace: Compiled,
+    mcp: Compiled,
+}
+
+fn compile<K: kube::CustomResourceExt>() -> Compiled {
     let crd = K::crd();
     let schema = crd.spec.versions[0]
         .schema
         .as_ref()
         .and_then(|s| s.open_api_v3_schema.as_ref())
         .expect("derived CRDs have a schema");
-    kube::core::cel::compile_schema(&serde_json::to_value(schema).expect("schemas serialize"))
+    let schema = serde_json::to_value(schema).expect("schemas serialize");
+    Compiled {
+        cel: kube::core::cel::compile_schema(&schema),
+        schema,
+    }
 }
 
 // CEL rules are compiled once; they are the same rules the API server runs.
@@ -668,22 +707,94 @@ static CEL: LazyLock<CompiledCel> = LazyLock::new(|| CompiledCel {
     mcp: compile::<McpServer>(),
 });
 
-fn typed<K: serde::de::DeserializeOwned>(
-    doc: &Value,
-    cel: &kube::core::cel::CompiledSchema,
-) -> Result<K, String> {
+fn typed<K: serde::de::DeserializeOwned>(doc: &Value, compiled: &Compiled) -> Result<K, String> {
     let obj: K = serde_path_to_error::deserialize(doc).map_err(|e| {
         let path = e.path().to_string();
         format!("field {path}: {}", e.into_inner())
     })?;
-    if let Err(errors) = kube::core::cel::Validator::new().validate_compiled(cel, doc, None) {
-        let lines: Vec<String> = errors
-            .iter()
-            .map(|e| format!("field {}: {}", e.field_path, e.message))
-            .collect();
-        return Err(lines.join("; "));
+    let mut errors = Vec::new();
+    check_limits(&compiled.schema, doc, "", &mut errors);
+    if let Err(cel) = kube::core::cel::Validator::new().validate_compiled(&compiled.cel, doc, None)
+    {
+        errors.extend(
+            cel.iter()
+                .map(|e| format!("field {}: {}", e.field_path, e.message)),
+        );
+    }
+    if !errors.is_empty() {
+        return Err(errors.join("; "));
     }
     Ok(obj)
+}
+
+/// The OpenAPI limits the API server enforces besides CEL (`minLength`,
+/// `minimum`), which kube's CEL validator leaves out: without them an empty
+/// `target.agentType` or a `timeout: 0` would pass here and not in a cluster.
+fn check_limits(schema: &Value, v: &Value, path: &str, errors: &mut Vec<String>) {
+    let at = |k: &str| {
+        if path.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match v {
+        Value::String(s) => {
+            if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
+                && (s.chars().count() as u64) < min
+            {
+                errors.push(format!("field {path}: must be at least {min} characters"));
+            }
+        }
+        Value::Number(n) => {
+            if let (Some(min), Some(n)) =
+                (schema.get("minimum").and_then(Value::as_f64), n.as_f64())
+                && n < min
+            {
+                errors.push(format!("field {path}: must be at least {min}"));
+            }
+        }
+        Value::Object(m) => {
+            let extra = schema.get("additionalProperties").filter(|s| s.is_object());
+            for (k, x) in m {
+                if let Some(sub) = schema.get("properties").and_then(|p| p.get(k)).or(extra) {
+                    check_limits(sub, x, &at(k), errors);
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(sub) = schema.get("items") {
+                for (i, x) in items.iter().enumerate() {
+                    check_limits(sub, x, &format!("{path}[{i}]"), errors);
+                }
+            }
+        }
+        Value::Null | Value::Bool(_) => {}
+    }
+}
+
+/// A one-of field set to `null` passes CEL's `has()` but sets nothing, so the
+/// one-of rules are checked again on the typed object.
+fn check_target(t: &crate::crd::Target) -> Result<(), String> {
+    match t.scope() {
+        Some(_) => Ok(()),
+        None => Err("field spec.target: set exactly one of agentType or instance".into()),
+    }
+}
+
+fn check_source(s: &crate::crd::MarketplaceSource) -> Result<(), String> {
+    let set = [
+        s.github.is_some(),
+        s.git.is_some(),
+        s.url.is_some(),
+        s.directory.is_some(),
+        s.file.is_some(),
+    ];
+    if set.iter().filter(|x| **x).count() == 1 {
+        Ok(())
+    } else {
+        Err("field spec.source: set exactly one of github, git, url, directory or file".into())
+    }
 }
 
 /// `x-kubernetes-list-type: map` makes the API server refuse a plugin listed
@@ -722,6 +833,14 @@ fn check_instance(o: &AgentInstance, doc: &Value) -> Result<(), String> {
 }
 
 fn check_mcp(o: &McpServer) -> Result<(), String> {
+    let kinds = [
+        o.spec.stdio.is_some(),
+        o.spec.http.is_some(),
+        o.spec.sse.is_some(),
+    ];
+    if kinds.iter().filter(|x| **x).count() != 1 {
+        return Err("field spec: set exactly one of stdio, http or sse".into());
+    }
     let entry = shape::mcp_entry(&o.spec);
     secrets::check_entry_placeholders(&entry).map_err(|(field, e)| {
         let kind = if o.spec.stdio.is_some() {
@@ -792,6 +911,107 @@ mod tests {
             .add_file(Path::new("fleet.yaml"), &text.join("---\n"))
             .unwrap();
         assert_eq!(loader.finish().instances.len(), 5000);
+    }
+
+    fn invalid_message(spec: &str, kind: &str) -> String {
+        let text = format!(
+            "apiVersion: agentenv.io/v1alpha1\nkind: {kind}\nmetadata: {{name: o, namespace: dev}}\nspec: {spec}\n"
+        );
+        let mut loader = Loader::default();
+        loader.add_file(Path::new("x.yaml"), &text).unwrap();
+        let snap = loader.finish();
+        assert_eq!(snap.invalid.len(), 1, "{spec} was accepted");
+        snap.invalid[0].message.clone()
+    }
+
+    #[test]
+    fn a_one_of_set_to_null_or_a_too_short_value_is_invalid() {
+        let cases = [
+            (
+                "PluginMarketplace",
+                "{target: {agentType: t}, source: {directory: null}}",
+                "field spec.source: set exactly one of",
+            ),
+            (
+                "McpServer",
+                "{target: {agentType: t}, stdio: null}",
+                "field spec: set exactly one of stdio, http or sse",
+            ),
+            (
+                "PluginBinding",
+                "{target: {agentType: null}, plugins: []}",
+                "field spec.target: set exactly one of agentType or instance",
+            ),
+            (
+                "PluginBinding",
+                "{target: {agentType: ''}, plugins: []}",
+                "field spec.target.agentType: must be at least 1 characters",
+            ),
+            (
+                "McpServer",
+                "{target: {instance: i}, http: {url: 'https://x'}, timeout: 0}",
+                "field spec.timeout: must be at least 1",
+            ),
+            (
+                "AgentInstance",
+                "{agentType: ''}",
+                "field spec.agentType: must be at least 1 characters",
+            ),
+        ];
+        for (kind, spec, want) in cases {
+            let got = invalid_message(spec, kind);
+            assert!(got.starts_with(want), "{kind} {spec}: {got}");
+        }
+    }
+
+    #[test]
+    fn nested_aliases_cannot_expand_far_beyond_the_text() {
+        let mut text = String::from(
+            "apiVersion: agentenv.io/v1alpha1\nkind: PluginBinding\nmetadata: {name: b}\nspec:\n  target: {agentType: t}\n  plugins: []\n  x0: &x0 [a, a, a, a, a, a, a, a, a, a]\n",
+        );
+        for i in 1..6 {
+            let refs = vec![format!("*x{}", i - 1); 10].join(", ");
+            text.push_str(&format!("  x{i}: &x{i} [{refs}]\n"));
+        }
+        text.push_str(&format!("  y: [{}]\n", ["*x5"; 9].join(", ")));
+        // About 10^6 nodes from under 1 KiB.
+        assert!(text.len() < 1024);
+        let e = Loader::default()
+            .add_file(Path::new("bomb.yaml"), &text)
+            .unwrap_err();
+        assert!(matches!(e, ManifestError::Yaml { .. }), "{e}");
+        // A few aliases of a small anchor stay fine.
+        let shared = "apiVersion: agentenv.io/v1alpha1\nkind: PluginBinding\nmetadata: {name: b, labels: &l {team: x}, annotations: *l}\nspec:\n  target: {agentType: t}\n  plugins: [{name: a@m}]\n";
+        let mut loader = Loader::default();
+        loader.add_file(Path::new("ok.yaml"), shared).unwrap();
+        assert_eq!(loader.finish().bindings.len(), 1);
+    }
+
+    #[test]
+    fn names_that_could_steer_an_env_dir_are_refused() {
+        for (meta, field) in [
+            ("{name: '..'}", "metadata.name"),
+            ("{name: a/b}", "metadata.name"),
+            ("{name: Alice}", "metadata.name"),
+            ("{name: \"\\ufffdalice\"}", "metadata.name"),
+            ("{name: a, namespace: ..}", "metadata.namespace"),
+            ("{name: a, namespace: .agent-env}", "metadata.namespace"),
+            ("{name: a, namespace: a.b}", "metadata.namespace"),
+        ] {
+            let text = format!(
+                "apiVersion: agentenv.io/v1alpha1\nkind: AgentInstance\nmetadata: {meta}\nspec: {{agentType: t}}\n"
+            );
+            let e = Loader::default()
+                .add_file(Path::new("x.yaml"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!("x.yaml (document 1): field {field}: ")),
+                "{meta}: {e}"
+            );
+        }
+        let ok = "apiVersion: agentenv.io/v1alpha1\nkind: AgentInstance\nmetadata: {name: agent-1.team, namespace: team-a}\nspec: {agentType: t}\n";
+        Loader::default().add_file(Path::new("x.yaml"), ok).unwrap();
     }
 
     #[test]

@@ -91,7 +91,7 @@ impl Document {
                 limit: MAX_OWNED_DEPTH,
             });
         }
-        match serde_json::from_str::<Value>(raw.get()) {
+        match parse_value(raw.get().as_bytes()) {
             Ok(Value::Object(m)) => Ok(Some(m)),
             _ => Err(OwnedError::WrongType { key }),
         }
@@ -159,6 +159,76 @@ fn depth(json: &str) -> usize {
         }
     }
     max
+}
+
+/// Parses JSON into a [`Value`] taking every object key as plain text.
+///
+/// With serde_json's `raw_value` feature on (this crate needs it for
+/// [`Document`]), `Value`'s own deserializer takes an object whose first key
+/// is `$serde_json::private::RawValue` as a raw value and fails on it. Files
+/// and runtime installs are written by others, so such a key must read as
+/// any other: otherwise one crafted entry makes a whole owned key unreadable.
+pub fn parse_value(bytes: &[u8]) -> Result<Value, serde_json::Error> {
+    serde_json::from_slice::<PlainValue>(bytes).map(|v| v.0)
+}
+
+struct PlainValue(Value);
+
+impl<'de> serde::Deserialize<'de> for PlainValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(PlainVisitor).map(PlainValue)
+    }
+}
+
+struct PlainVisitor;
+
+impl<'de> serde::de::Visitor<'de> for PlainVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(PlainVisitor)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(PlainValue(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some((k, PlainValue(v))) = map.next_entry::<String, PlainValue>()? {
+            out.insert(k, v);
+        }
+        Ok(Value::Object(out))
+    }
 }
 
 /// Pretty JSON whose continuation lines sit one level in, for a value at the top level.
@@ -261,6 +331,24 @@ mod tests {
         assert_eq!(depth(r#"{"a": "[[[\"{{", "b": [{}]}"#), 3);
         assert_eq!(depth(r#""\\""#), 0);
         assert_eq!(depth(r#"["\\", [1]]"#), 2);
+    }
+
+    #[test]
+    fn a_key_named_like_serde_json_internals_is_a_key_like_any_other() {
+        let src = br#"{"mcpServers": {"$serde_json::private::RawValue": {"command": "x"}, "b": {"env": {"$serde_json::private::RawValue": 1}}}}"#;
+        let doc = Document::parse(src).unwrap();
+        let m = doc.owned("mcpServers").unwrap().unwrap();
+        assert_eq!(m["$serde_json::private::RawValue"], json!({"command": "x"}));
+        assert_eq!(m["b"]["env"]["$serde_json::private::RawValue"], json!(1));
+        let out = doc.render(&[("mcpServers", &m)]);
+        assert_eq!(
+            Document::parse(&out).unwrap().owned("mcpServers").unwrap(),
+            Some(m)
+        );
+        assert_eq!(
+            parse_value(br#"[1, -2, 0.5, "s", null, true, {"a": {}}]"#).unwrap(),
+            json!([1, -2, 0.5, "s", null, true, {"a": {}}])
+        );
     }
 
     #[test]

@@ -79,15 +79,6 @@ pub fn is_secret_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-fn is_dns_subdomain(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.'))
-        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
-}
-
 /// A parsed piece of a string: literal text or a placeholder.
 enum Piece<'a> {
     Text(&'a str),
@@ -119,7 +110,7 @@ fn pieces(s: &str) -> Result<Vec<Piece<'_>>, PlaceholderError> {
                 });
             }
             Some((secret, key)) => {
-                if !is_dns_subdomain(secret) || !is_secret_name(key) {
+                if !crate::crd::is_dns_subdomain(secret) || !is_secret_name(key) {
                     return Err(PlaceholderError {
                         placeholder: placeholder(),
                         reason: "expected <secret-name>/<key> naming a Secret in the instance's own namespace",
@@ -338,6 +329,28 @@ pub enum SecretError {
         /// The reference.
         name: String,
     },
+    /// A value joins the text next to it into `${` (a `$` before a value
+    /// starting with `{`, or the reverse), which Claude Code would expand.
+    #[error(
+        "secret {name} in field {field} joins the text next to it into '${{', which Claude Code would expand"
+    )]
+    UnsafeJoin {
+        /// The reference.
+        name: String,
+        /// The field it is filled into.
+        field: String,
+    },
+    /// A placeholder cannot be parsed. Objects and builtin files are checked
+    /// when loaded, so this is a caller's mistake; filling around it would
+    /// render a half-substituted field.
+    #[error("field {field}: {source}")]
+    Malformed {
+        /// The field holding it.
+        field: String,
+        /// What is wrong.
+        #[source]
+        source: PlaceholderError,
+    },
     /// A provider failed.
     #[error(transparent)]
     Provider(#[from] ProviderError),
@@ -349,7 +362,8 @@ impl SecretError {
         match self {
             SecretError::Missing { .. } => "MissingSecret",
             SecretError::Conflict { .. } => "SecretConflict",
-            SecretError::Unsafe { .. } => "UnsafeSecretValue",
+            SecretError::Unsafe { .. } | SecretError::UnsafeJoin { .. } => "UnsafeSecretValue",
+            SecretError::Malformed { .. } => "InvalidObject",
             SecretError::Provider(_) => "SecretProviderFailed",
         }
     }
@@ -361,21 +375,63 @@ pub struct UsedSecrets(pub Vec<(SecretRef, SecretValue)>);
 
 impl UsedSecrets {
     /// Replaces every used secret value in `text` with its placeholder.
+    ///
+    /// One pass, longest value first at each position: replacing values one
+    /// after another would mask a value inside a longer one first and leave
+    /// the rest of the longer one in the clear, and could mask inside a
+    /// placeholder already put in.
     pub fn mask(&self, text: &str) -> String {
-        let mut out = text.to_owned();
-        for (r, v) in &self.0 {
-            if !v.expose().is_empty() {
-                out = out.replace(v.expose(), &format!("{PLACEHOLDER_PREFIX}{r}}}"));
+        let mut values: Vec<(&str, String)> = self
+            .0
+            .iter()
+            .filter(|(_, v)| !v.expose().is_empty())
+            .map(|(r, v)| (v.expose(), format!("{PLACEHOLDER_PREFIX}{r}}}")))
+            .collect();
+        if values.is_empty() {
+            return text.to_owned();
+        }
+        values.sort_by_key(|(v, _)| std::cmp::Reverse(v.len()));
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(c) = rest.chars().next() {
+            match values.iter().find(|(v, _)| rest.starts_with(v)) {
+                Some((v, placeholder)) => {
+                    out.push_str(placeholder);
+                    rest = &rest[v.len()..];
+                }
+                None => {
+                    out.push(c);
+                    rest = &rest[c.len_utf8()..];
+                }
             }
         }
         out
+    }
+
+    /// A value as JSON text with every used secret value masked. Strings are
+    /// masked before serializing: in JSON text a value holding a quote, a
+    /// backslash or a control character is escaped and would not be found.
+    pub fn mask_json(&self, v: &Value) -> String {
+        serde_json::to_string(&self.mask_value(v)).expect("values serialize")
+    }
+
+    fn mask_value(&self, v: &Value) -> Value {
+        match v {
+            Value::String(s) => Value::String(self.mask(s)),
+            Value::Array(a) => Value::Array(a.iter().map(|x| self.mask_value(x)).collect()),
+            Value::Object(m) => Value::Object(
+                m.iter()
+                    .map(|(k, x)| (self.mask(k), self.mask_value(x)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
     }
 }
 
 /// Fills every placeholder in `entries` (declared `mcpServers` entries). Either
 /// every placeholder is filled, or nothing is changed and the error names every
-/// missing secret. Placeholders were checked when the objects were loaded, so a
-/// malformed one left here is passed through.
+/// missing secret (or the first other problem).
 pub async fn fill<'a>(
     namespace: &str,
     entries: impl IntoIterator<Item = &'a mut Value>,
@@ -383,10 +439,20 @@ pub async fn fill<'a>(
 ) -> Result<UsedSecrets, SecretError> {
     let mut entries: Vec<&mut Value> = entries.into_iter().collect();
     let mut wanted = BTreeSet::new();
+    let mut malformed = None;
     for e in entries.iter_mut() {
-        for_each_secret_field(e, |_, text| {
-            wanted.extend(references(text).unwrap_or_default());
+        for_each_secret_field(e, |field, text| match references(text) {
+            Ok(refs) => wanted.extend(refs),
+            Err(source) => {
+                malformed.get_or_insert_with(|| SecretError::Malformed {
+                    field: field.to_owned(),
+                    source,
+                });
+            }
         });
+    }
+    if let Some(e) = malformed {
+        return Err(e);
     }
     let mut found = BTreeMap::new();
     let mut missing = Vec::new();
@@ -412,23 +478,69 @@ pub async fn fill<'a>(
     if !missing.is_empty() {
         return Err(SecretError::Missing { names: missing });
     }
-    for e in entries {
-        for_each_secret_field(e, |_, text| {
-            if let Ok(ps) = pieces(text)
-                && ps.iter().any(|p| matches!(p, Piece::Secret(_)))
-            {
-                let mut out = String::with_capacity(text.len());
-                for p in ps {
-                    match p {
-                        Piece::Text(t) => out.push_str(t),
-                        Piece::Secret(r) => out.push_str(found[&r].expose()),
-                    }
+    // Filled on copies, so a refusal half-way leaves every entry as it was.
+    let mut filled: Vec<Value> = entries.iter().map(|e| (**e).clone()).collect();
+    let mut refused = None;
+    for e in &mut filled {
+        for_each_secret_field(e, |field, text| {
+            if refused.is_some() {
+                return;
+            }
+            match substitute(text, &found) {
+                Ok(Some(out)) => *text = out,
+                Ok(None) => {}
+                Err(r) => {
+                    refused = Some(SecretError::UnsafeJoin {
+                        name: r.to_string(),
+                        field: field.to_owned(),
+                    });
                 }
-                *text = out;
             }
         });
     }
+    if let Some(e) = refused {
+        return Err(e);
+    }
+    for (e, f) in entries.into_iter().zip(filled) {
+        *e = f;
+    }
     Ok(UsedSecrets(found.into_iter().collect()))
+}
+
+/// `text` with its placeholders filled (`None`: it has none), or the
+/// reference whose value would form a `${` with the text next to it.
+fn substitute<'r>(
+    text: &str,
+    found: &'r BTreeMap<SecretRef, SecretValue>,
+) -> Result<Option<String>, &'r SecretRef> {
+    let Ok(pieces) = pieces(text) else {
+        unreachable!("fill refuses malformed placeholders before substituting")
+    };
+    if !pieces.iter().any(|p| matches!(p, Piece::Secret(_))) {
+        return Ok(None);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut last_secret = None;
+    for p in &pieces {
+        let (s, secret) = match p {
+            Piece::Text(t) => (*t, None),
+            Piece::Secret(r) => {
+                let (r, v) = found.get_key_value(r).expect("every reference was found");
+                (v.expose(), Some(r))
+            }
+        };
+        // Two pieces meet only where a secret stands (or stood, if empty).
+        if out.ends_with('$') && s.starts_with('{') {
+            return Err(secret
+                .or(last_secret)
+                .expect("text pieces meet only around a secret"));
+        }
+        out.push_str(s);
+        if secret.is_some() {
+            last_secret = secret;
+        }
+    }
+    Ok(Some(out))
 }
 
 #[cfg(test)]
@@ -529,6 +641,71 @@ mod tests {
             fill("dev", [&mut e], &chain).await.unwrap_err().reason(),
             "SecretConflict"
         );
+    }
+
+    #[tokio::test]
+    async fn a_malformed_placeholder_fails_the_fill_and_changes_nothing() {
+        let mut ok = json!({"url": "${SECRET:FORGEJO_TOKEN_DEV}"});
+        let mut bad = json!({"args": ["${SECRET:FORGEJO_TOKEN_DEV} ${SECRET:a b}"]});
+        let before = (ok.clone(), bad.clone());
+        let err = fill("dev", [&mut ok, &mut bad], &secrets())
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "InvalidObject");
+        assert!(
+            err.to_string()
+                .starts_with("field args[0]: malformed secret placeholder"),
+            "{err}"
+        );
+        assert_eq!((ok, bad), before);
+    }
+
+    #[tokio::test]
+    async fn a_value_that_joins_its_neighbours_into_an_expansion_is_refused() {
+        let mut s = secrets();
+        let v = |x: &str| SecretValue::new(x.into());
+        s.insert(
+            "dev",
+            "join",
+            BTreeMap::from([
+                ("BRACE".into(), v("{HOME}")),
+                ("DOLLAR".into(), v("x$")),
+                ("EMPTY".into(), v("")),
+            ]),
+        );
+        for text in [
+            "$${SECRET:BRACE}",
+            "${SECRET:DOLLAR}{HOME}",
+            "${SECRET:DOLLAR}${SECRET:BRACE}",
+            "$${SECRET:EMPTY}{HOME}",
+        ] {
+            let mut first = json!({"url": "${SECRET:FORGEJO_TOKEN_DEV}"});
+            let mut e = json!({"env": {"E": text}});
+            let before = (first.clone(), e.clone());
+            let err = fill("dev", [&mut first, &mut e], &s).await.unwrap_err();
+            assert_eq!(err.reason(), "UnsafeSecretValue", "{text}");
+            assert!(err.to_string().contains("field env.E"), "{err}");
+            assert_eq!((first, e), before, "{text}: a refused fill changed entries");
+        }
+        // Apart, the same values are fine.
+        let mut e = json!({"args": ["${SECRET:DOLLAR} ${SECRET:BRACE}", "$ ${SECRET:BRACE}"]});
+        fill("dev", [&mut e], &s).await.unwrap();
+        assert_eq!(e["args"], json!(["x$ {HOME}", "$ {HOME}"]));
+    }
+
+    #[test]
+    fn masking_takes_the_longest_value_and_sees_through_json_escapes() {
+        let v = |x: &str| SecretValue::new(x.into());
+        let used = UsedSecrets(vec![
+            (SecretRef::Bare("A".into()), v("b")),
+            (SecretRef::Bare("B".into()), v("abc")),
+            (SecretRef::Bare("Q".into()), v("p\"w\\d")),
+        ]);
+        // One after the other, `b` would be masked inside `abc` first,
+        // leaving `a` and `c` in the clear.
+        assert_eq!(used.mask("abc b"), "${SECRET:B} ${SECRET:A}");
+        let shown = used.mask_json(&json!({"args": ["--t=p\"w\\d"], "abc": 1}));
+        assert_eq!(shown, r#"{"args":["--t=${SECRET:Q}"],"${SECRET:B}":1}"#);
     }
 
     #[tokio::test]

@@ -11,7 +11,10 @@ mod marketplace;
 mod mcp;
 
 pub use binding::{PluginBinding, PluginBindingSpec, PluginRef};
-pub use common::{CATEGORY, GROUP, ObjectStatus, SECRETS_LABEL, Scope, Target, VERSION};
+pub use common::{
+    CATEGORY, GROUP, ObjectStatus, SECRETS_LABEL, Scope, Target, VERSION, is_dns_label,
+    is_dns_subdomain,
+};
 pub use instance::{
     AgentInstance, AgentInstanceSpec, AgentInstanceStatus, DeletionPolicy, DriftRecord,
     EntrySource, EnvDir, RenderSummary, RestartPolicy, RestartRecord, RestartStrategy,

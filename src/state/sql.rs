@@ -191,7 +191,7 @@ fn open_installed(
             what: format!("installed entry {section}.{entry} of {key}"),
             source,
         })?;
-    serde_json::from_slice(&plain).map_err(corrupt("installed entry", key))
+    crate::merge::parse_value(&plain).map_err(corrupt("installed entry", key))
 }
 
 fn open_secret(
