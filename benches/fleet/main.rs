@@ -345,6 +345,8 @@ fn measure_loop(dir: &Path, n: usize, idle_secs: u64) -> Value {
             "1h",
             "--log",
             "info",
+            "--log-format",
+            "json",
             "-f",
         ])
         .arg(dir.join("manifests"))
