@@ -74,18 +74,8 @@ pub struct RotateArgs {
     pub state: StateArgs,
 }
 
-/// A Kubernetes namespace name: a DNS label.
-fn is_namespace(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 fn check_names(a: &NamedArgs) -> Result<(), ExitCode> {
-    if !is_namespace(&a.namespace) {
+    if !crate::crd::is_dns_label(&a.namespace) {
         eprintln!(
             "error: namespace {:?} is not a valid namespace name (lowercase letters, digits and '-', at most 63)",
             a.namespace
