@@ -145,6 +145,14 @@ impl Outcome {
     }
 }
 
+/// How many instances of a pass had files written.
+pub fn written(outcomes: &[Outcome]) -> usize {
+    outcomes
+        .iter()
+        .filter(|o| o.reason == reason::RENDERED)
+        .count()
+}
+
 /// A pass could not run at all.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

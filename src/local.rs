@@ -338,10 +338,7 @@ impl Loop {
             }
         };
         self.metrics.record(&outcomes);
-        let written = outcomes
-            .iter()
-            .filter(|o| o.reason == reason::RENDERED)
-            .count();
+        let written = crate::engine::written(&outcomes);
         if written > 0 || opts.only.is_none() {
             info!(
                 instances = outcomes.len(),

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::LazyLock;
 
 use base64::Engine as _;
@@ -141,7 +142,8 @@ pub struct ManifestCache {
 
 struct CachedFile {
     hash: u64,
-    docs: Vec<(Prepared, Source)>,
+    /// Shared with the next cache: each reload copies a document once, into the snapshot.
+    docs: Arc<Vec<(Prepared, Source)>>,
 }
 
 fn text_hash(text: &str) -> u64 {
@@ -397,14 +399,14 @@ impl Loader {
         let hash = text_hash(text);
         let docs = match cache.files.get(file).filter(|c| c.hash == hash) {
             Some(c) => {
-                for _ in &c.docs {
+                for _ in c.docs.iter() {
                     self.count(file)?;
                 }
-                c.docs.clone()
+                Arc::clone(&c.docs)
             }
-            None => self.parse_file(file, text)?,
+            None => Arc::new(self.parse_file(file, text)?),
         };
-        for (p, source) in &docs {
+        for (p, source) in docs.iter() {
             self.insert(p.clone(), source.clone())?;
         }
         next.files

@@ -272,10 +272,7 @@ async fn pass(input: &InputArgs, mode: Mode) -> Result<Vec<Outcome>, ExitCode> {
         .pass(&loaded.snapshot, loaded.secrets.as_ref(), mode)
         .await
         .map_err(|e| fail(&e))?;
-    let written = outcomes
-        .iter()
-        .filter(|o| o.reason == crate::engine::reason::RENDERED)
-        .count();
+    let written = crate::engine::written(&outcomes);
     tracing::info!(
         instances = outcomes.len(),
         written,
