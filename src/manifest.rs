@@ -688,7 +688,7 @@ struct CompiledCel {
 }
 
 fn compile<K: kube::CustomResourceExt>() -> Compiled {
-    let crd = K::crd();
+    let crd = crd::definition::<K>();
     let schema = crd.spec.versions[0]
         .schema
         .as_ref()
@@ -729,9 +729,11 @@ fn typed<K: serde::de::DeserializeOwned>(doc: &Value, compiled: &Compiled) -> Re
     Ok(obj)
 }
 
-/// The OpenAPI limits the API server enforces besides CEL (`minLength`,
-/// `minimum`), which kube's CEL validator leaves out: without them an empty
-/// `target.agentType` or a `timeout: 0` would pass here and not in a cluster.
+/// The OpenAPI bounds the API server enforces besides CEL (`minLength`,
+/// `maxLength`, `minimum`, `maximum`, `maxItems`, `maxProperties`), which
+/// kube's CEL validator leaves out: without them an empty
+/// `target.agentType`, a `timeout: 0` or a 2,000-plugin binding would pass
+/// here and not in a cluster. Lengths count characters, as the server does.
 fn check_limits(schema: &Value, v: &Value, path: &str, errors: &mut Vec<String>) {
     let at = |k: &str| {
         if path.is_empty() {
@@ -740,23 +742,46 @@ fn check_limits(schema: &Value, v: &Value, path: &str, errors: &mut Vec<String>)
             format!("{path}.{k}")
         }
     };
-    match v {
-        Value::String(s) => {
-            if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
-                && (s.chars().count() as u64) < min
-            {
-                errors.push(format!("field {path}: must be at least {min} characters"));
-            }
+    let bound = |k: &str| schema.get(k).and_then(Value::as_f64);
+    // `verb` is "be" for a string's length, "have" for a list's or map's size.
+    let mut count = |n: usize, min: &str, max: &str, verb: &str, what: &str| {
+        if let Some(m) = bound(min)
+            && (n as f64) < m
+        {
+            errors.push(format!("field {path}: must {verb} at least {m} {what}"));
         }
+        if let Some(m) = bound(max)
+            && (n as f64) > m
+        {
+            errors.push(format!(
+                "field {path}: must {verb} at most {m} {what}, not {n}"
+            ));
+        }
+    };
+    match v {
+        Value::String(s) => count(
+            s.chars().count(),
+            "minLength",
+            "maxLength",
+            "be",
+            "characters",
+        ),
         Value::Number(n) => {
-            if let (Some(min), Some(n)) =
-                (schema.get("minimum").and_then(Value::as_f64), n.as_f64())
-                && n < min
-            {
-                errors.push(format!("field {path}: must be at least {min}"));
+            if let Some(n) = n.as_f64() {
+                if let Some(min) = bound("minimum")
+                    && n < min
+                {
+                    errors.push(format!("field {path}: must be at least {min}"));
+                }
+                if let Some(max) = bound("maximum")
+                    && n > max
+                {
+                    errors.push(format!("field {path}: must be at most {max}"));
+                }
             }
         }
         Value::Object(m) => {
+            count(m.len(), "minProperties", "maxProperties", "have", "entries");
             let extra = schema.get("additionalProperties").filter(|s| s.is_object());
             for (k, x) in m {
                 if let Some(sub) = schema.get("properties").and_then(|p| p.get(k)).or(extra) {
@@ -765,6 +790,7 @@ fn check_limits(schema: &Value, v: &Value, path: &str, errors: &mut Vec<String>)
             }
         }
         Value::Array(items) => {
+            count(items.len(), "minItems", "maxItems", "have", "items");
             if let Some(sub) = schema.get("items") {
                 for (i, x) in items.iter().enumerate() {
                     check_limits(sub, x, &format!("{path}[{i}]"), errors);
@@ -964,6 +990,62 @@ mod tests {
             let got = invalid_message(spec, kind);
             assert!(got.starts_with(want), "{kind} {spec}: {got}");
         }
+    }
+
+    #[test]
+    fn the_crds_bounds_are_enforced_as_on_the_api_server() {
+        let plugins: Vec<String> = (0..=crd::MAX_PLUGINS_PER_BINDING)
+            .map(|i| format!("{{name: p{i}@m}}"))
+            .collect();
+        let headers: Vec<String> = (0..=crd::MAX_HEADERS).map(|i| format!("h{i}: v")).collect();
+        let cases = [
+            (
+                "AgentInstance",
+                "{agentType: t, envDir: {uid: 4294967296}}".to_owned(),
+                "field spec.envDir.uid: invalid value: integer `4294967296`",
+            ),
+            (
+                "AgentInstance",
+                format!("{{agentType: {}}}", "t".repeat(254)),
+                "field spec.agentType: must be at most 253 characters, not 254",
+            ),
+            (
+                "PluginBinding",
+                format!(
+                    "{{target: {{agentType: t}}, plugins: [{}]}}",
+                    plugins.join(", ")
+                ),
+                "field spec.plugins: must have at most 1024 items, not 1025",
+            ),
+            (
+                "McpServer",
+                format!(
+                    "{{target: {{agentType: t}}, http: {{url: 'https://x', headers: {{{}}}}}}}",
+                    headers.join(", ")
+                ),
+                "field spec.http.headers: must have at most 64 entries, not 65",
+            ),
+            (
+                "McpServer",
+                "{target: {instance: i}, http: {url: 'https://x'}, timeout: 86400001}".to_owned(),
+                "field spec.timeout: must be at most 86400000",
+            ),
+        ];
+        for (kind, spec, want) in cases {
+            let got = invalid_message(&spec, kind);
+            assert!(got.starts_with(want), "{kind}: {got}");
+        }
+        // The bounds themselves are fine.
+        let at_limit = format!(
+            "{{agentType: {}, envDir: {{uid: 4294967295}}}}",
+            "t".repeat(253)
+        );
+        let text = format!(
+            "apiVersion: agentenv.io/v1alpha1\nkind: AgentInstance\nmetadata: {{name: o, namespace: dev}}\nspec: {at_limit}\n"
+        );
+        let mut loader = Loader::default();
+        loader.add_file(Path::new("x.yaml"), &text).unwrap();
+        assert_eq!(loader.finish().instances.len(), 1);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use super::common::{ObjectStatus, Target};
+use super::common::{MAX_PLUGIN_ID_LENGTH, MAX_PLUGINS_PER_BINDING, ObjectStatus, Target};
 
 /// Enables or disables Claude Code plugins for every instance of an agent type
 /// or for one instance.
@@ -42,6 +42,7 @@ pub struct PluginBindingSpec {
     pub target: Target,
     /// Plugins to enable or disable; each name at most once.
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    #[schemars(length(max = MAX_PLUGINS_PER_BINDING))]
     pub plugins: Vec<PluginRef>,
 }
 
@@ -50,6 +51,7 @@ pub struct PluginBindingSpec {
 #[serde(rename_all = "camelCase")]
 pub struct PluginRef {
     /// Plugin id, `<plugin>@<marketplace>`.
+    #[schemars(length(max = MAX_PLUGIN_ID_LENGTH))]
     #[x_kube(validation = Rule::new(r"self.matches('^[^@\\s]+@[^@\\s]+$')").message("must be <plugin>@<marketplace> with no spaces and exactly one @"))]
     pub name: String,
     /// `true` renders `"<id>": true`, `false` renders `"<id>": false`.

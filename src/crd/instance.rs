@@ -5,6 +5,8 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::common::{MAX_ENV_DIR_PATH_LENGTH, MAX_NAME_LENGTH, MAX_SHORT_LENGTH};
+
 /// One Claude Code agent whose env dir (`CLAUDE_CONFIG_DIR`) the operator renders.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
@@ -44,7 +46,7 @@ pub struct AgentInstanceSpec {
     /// The agent type; PluginBindings, PluginMarketplaces and McpServers with
     /// `target.agentType` equal to this value apply to the instance, as do the
     /// builtin plugins of this type.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = MAX_NAME_LENGTH))]
     pub agent_type: String,
     /// Where the env dir lives under the operator's env root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -74,7 +76,7 @@ pub struct EnvDir {
     /// segments, never under `.agent-env`, never the env dir of another
     /// instance, inside one or holding one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self.size() > 0 && self.size() <= 1024").message("must be 1 to 1024 characters"))]
+    #[schemars(length(min = 1, max = MAX_ENV_DIR_PATH_LENGTH))]
     #[x_kube(validation = Rule::new("!self.startsWith('/')").message("must be relative to the env root"))]
     #[x_kube(validation = Rule::new("!self.matches('(^|/)[.][.]?(/|$)')").message("must not contain '.' or '..' segments"))]
     #[x_kube(validation = Rule::new("!self.matches('^[.]agent-env(/|$)')").message("must not be under .agent-env, which holds the operator's state"))]
@@ -108,7 +110,7 @@ pub struct WorkloadRef {
     /// Kind of the workload.
     pub kind: WorkloadKind,
     /// Name of the workload in the instance's namespace.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = MAX_NAME_LENGTH))]
     pub name: String,
 }
 
@@ -138,6 +140,7 @@ pub struct RestartPolicy {
     pub strategy: RestartStrategy,
     /// Least time between two restarts of the workload, e.g. `30s` or `5m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_SHORT_LENGTH))]
     #[x_kube(validation = Rule::new("self.matches('^([0-9]+(ms|s|m|h))+$')").message("must be a duration such as 500ms, 30s, 5m or 1h"))]
     pub min_interval: Option<String>,
 }

@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use super::common::{ObjectStatus, Target};
+use super::common::{
+    MAX_HEADERS, MAX_NAME_LENGTH, MAX_PATH_LENGTH, MAX_SHORT_LENGTH, MAX_URL_LENGTH,
+    MAX_VALUE_LENGTH, MapBounds, ObjectStatus, Target,
+};
 
 /// Makes a plugin marketplace known (`extraKnownMarketplaces`) to every
 /// instance of an agent type or to one instance.
@@ -46,6 +49,7 @@ pub struct PluginMarketplaceSpec {
     /// `metadata.name`. Must equal the `name` in the marketplace's own
     /// `marketplace.json`: Claude Code registers it under that name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_NAME_LENGTH))]
     #[x_kube(validation = Rule::new(r"self.matches('^[^@\\s/]+$')").message("must not be empty or contain @, / or whitespace"))]
     pub name: Option<String>,
     /// Where Claude Code fetches the marketplace from.
@@ -82,13 +86,16 @@ pub struct MarketplaceSource {
 #[serde(rename_all = "camelCase")]
 pub struct GithubSource {
     /// `<owner>/<repo>`.
+    #[schemars(length(max = MAX_SHORT_LENGTH))]
     #[x_kube(validation = Rule::new("self.matches('^[^/\\\\s]+/[^/\\\\s]+$')").message("must be <owner>/<repo>"))]
     pub repo: String,
     /// Branch, tag or commit.
     #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_SHORT_LENGTH))]
     pub git_ref: Option<String>,
     /// Path of the marketplace inside the repository.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_PATH_LENGTH))]
     pub path: Option<String>,
 }
 
@@ -97,13 +104,15 @@ pub struct GithubSource {
 #[serde(rename_all = "camelCase")]
 pub struct GitSource {
     /// Clone URL.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = MAX_URL_LENGTH))]
     pub url: String,
     /// Branch, tag or commit.
     #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_SHORT_LENGTH))]
     pub git_ref: Option<String>,
     /// Path of the marketplace inside the repository.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_PATH_LENGTH))]
     pub path: Option<String>,
 }
 
@@ -112,10 +121,11 @@ pub struct GitSource {
 #[serde(rename_all = "camelCase")]
 pub struct UrlSource {
     /// URL of the `marketplace.json`.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = MAX_URL_LENGTH))]
     pub url: String,
     /// HTTP headers sent with the request.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(transform = MapBounds { entries: MAX_HEADERS, value_length: MAX_VALUE_LENGTH })]
     pub headers: BTreeMap<String, String>,
 }
 
@@ -125,6 +135,7 @@ pub struct UrlSource {
 pub struct PathSource {
     /// Absolute path as the agent sees it (Claude Code would resolve a
     /// relative one against whatever directory the agent runs in).
+    #[schemars(length(max = MAX_PATH_LENGTH))]
     #[x_kube(validation = Rule::new("self.startsWith('/')").message("must be an absolute path as the agent sees it"))]
     pub path: String,
 }

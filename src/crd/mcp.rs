@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use super::common::{ObjectStatus, Target};
+use super::common::{
+    MAX_ARGS, MAX_HEADERS, MAX_NAME_LENGTH, MAX_PATH_LENGTH, MAX_TIMEOUT_MS, MAX_URL_LENGTH,
+    MAX_VALUE_LENGTH, MapBounds, ObjectStatus, Target,
+};
 
 /// An MCP server (`mcpServers` in `.claude.json`) for every instance of an
 /// agent type or for one instance. `${SECRET:NAME}` placeholders in `args`,
@@ -35,7 +38,7 @@ pub struct McpServerSpec {
     pub target: Target,
     /// Server name in `mcpServers`. Defaults to `metadata.name`; `workspace` is reserved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = MAX_NAME_LENGTH))]
     pub name: Option<String>,
     /// A server the agent starts as a child process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -48,7 +51,7 @@ pub struct McpServerSpec {
     pub sse: Option<RemoteServer>,
     /// Timeout in milliseconds, rendered as `"timeout": <ms>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_TIMEOUT_MS))]
     pub timeout: Option<u64>,
     /// `false` removes the server from the instances this object applies to.
     #[serde(default = "super::default_true")]
@@ -60,14 +63,16 @@ pub struct McpServerSpec {
 #[serde(rename_all = "camelCase")]
 pub struct StdioServer {
     /// Program to run. Secret placeholders are not allowed here.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = MAX_PATH_LENGTH))]
     #[x_kube(validation = Rule::new("!self.contains('${SECRET:')").message("secret placeholders are not allowed in command; pass secrets in args or env"))]
     pub command: String,
     /// Arguments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_ARGS), inner(length(max = MAX_VALUE_LENGTH)))]
     pub args: Vec<String>,
     /// Environment variables.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(transform = MapBounds { entries: MAX_ARGS, value_length: MAX_VALUE_LENGTH })]
     pub env: BTreeMap<String, String>,
 }
 
@@ -76,9 +81,10 @@ pub struct StdioServer {
 #[serde(rename_all = "camelCase")]
 pub struct RemoteServer {
     /// Server URL.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = MAX_URL_LENGTH))]
     pub url: String,
     /// HTTP headers sent with every request.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(transform = MapBounds { entries: MAX_HEADERS, value_length: MAX_VALUE_LENGTH })]
     pub headers: BTreeMap<String, String>,
 }
