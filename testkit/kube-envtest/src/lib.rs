@@ -422,7 +422,9 @@ impl ControlPlane {
         } else {
             PathBuf::from("kubectl")
         });
-        cmd.env("KUBECONFIG", self.kubeconfig());
+        cmd.env("KUBECONFIG", self.kubeconfig())
+            // Discovery cached per control plane, not in the user's home.
+            .env("KUBECACHEDIR", self.dir.join("kubectl-cache"));
         cmd
     }
 
