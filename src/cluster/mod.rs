@@ -169,6 +169,10 @@ struct Ctx {
     retries: Mutex<HashMap<ObjectKey, u32>>,
     queue: mpsc::UnboundedSender<ObjectKey>,
     objects_dirty: AtomicBool,
+    /// Statuses written whose echo the instance cache has not shown yet:
+    /// the resourceVersion the object had when it was written, and what
+    /// was written.
+    unechoed: Mutex<HashMap<ObjectKey, (Option<String>, AgentInstanceStatus)>>,
 }
 
 fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
@@ -268,6 +272,7 @@ pub async fn run(
         retries: Mutex::new(HashMap::new()),
         queue: queue.clone(),
         objects_dirty: AtomicBool::new(true),
+        unechoed: Mutex::new(HashMap::new()),
         settings: settings.clone(),
     });
 
@@ -729,6 +734,29 @@ impl Ctx {
         }
     }
 
+    /// The status the instance has on the server. A pass can start from a
+    /// cached object older than this replica's own last status write (a
+    /// file event of that very render queues it at once): then the status
+    /// written is the one to compare with, or every render would be written
+    /// twice.
+    fn previous_status(&self, key: &ObjectKey, obj: &DynamicObject) -> AgentInstanceStatus {
+        let mut unechoed = self.unechoed.lock().expect("unechoed lock");
+        match unechoed.get(key) {
+            Some((version, written)) if *version == obj.resource_version() => {
+                return written.clone();
+            }
+            // The cache has caught up with the write.
+            Some(_) => {
+                unechoed.remove(key);
+            }
+            None => {}
+        }
+        obj.data
+            .get("status")
+            .and_then(|s| serde_json::from_value(s.clone()).ok())
+            .unwrap_or_default()
+    }
+
     async fn patch_status<S: serde::Serialize>(
         &self,
         ar: &ApiResource,
@@ -807,11 +835,7 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
     }
     let action = ctx.next_pass(&outcome);
 
-    let previous: AgentInstanceStatus = obj
-        .data
-        .get("status")
-        .and_then(|s| serde_json::from_value(s.clone()).ok())
-        .unwrap_or_default();
+    let previous = ctx.previous_status(&key, &obj);
     let mut restart = None;
     if let Some(inst) = &inst
         && outcome.ready
@@ -836,6 +860,10 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
         ctx.patch_status(&ctx.resources.instance, &key, &new)
             .await
             .map_err(Ctx::api_err(&key, "patching the status"))?;
+        ctx.unechoed
+            .lock()
+            .expect("unechoed lock")
+            .insert(key.clone(), (obj.resource_version(), new));
     }
     let reference = obj.object_ref(&ctx.resources.instance);
     for note in status::instance_events(&report) {

@@ -60,6 +60,22 @@ fn condition(
     }
 }
 
+/// The `Ready` condition of the last pass that changed something, when
+/// this pass found the files exactly as that one left them at the same
+/// generation: the state is the same, so is its story. Without this the
+/// pass that sees the echo of a render's own status write (`UpToDate` after
+/// `Rendered`) would write the status a second time.
+fn settled<'a>(r: &InstanceReport<'a>) -> Option<&'a Condition> {
+    if r.outcome.reason != reason::UP_TO_DATE {
+        return None;
+    }
+    let last = r.previous.conditions.iter().find(|c| c.type_ == READY)?;
+    let same_render =
+        r.previous.rendered.as_ref().map(|x| &x.content_hash) == r.outcome.content_hash.as_ref();
+    (last.status == "True" && last.observed_generation == r.generation && same_render)
+        .then_some(last)
+}
+
 /// What an instance's status is computed from.
 pub struct InstanceReport<'a> {
     /// `metadata.generation`.
@@ -82,11 +98,14 @@ pub fn instance_status(r: &InstanceReport<'_>) -> AgentInstanceStatus {
     let o = r.outcome;
     let prev = r.previous;
     let g = r.generation;
-    let message = o.used_secrets.mask(&o.message);
     let cond = |t: &str, s: &str, why: &str, msg: &str| {
         condition(&prev.conditions, t, s, why, msg, g, &r.now)
     };
-    let (ready, why) = (o.ready, o.reason);
+    let ready = o.ready;
+    let (why, message) = match settled(r) {
+        Some(last) => (last.reason.as_str(), last.message.clone()),
+        None => (o.reason, o.used_secrets.mask(&o.message)),
+    };
     let mut conditions = vec![cond(
         READY,
         if ready { "True" } else { "False" },
@@ -364,6 +383,46 @@ mod tests {
             now: t(200),
         });
         assert_eq!(again, first, "times carry over; nothing to patch");
+    }
+
+    #[test]
+    fn the_pass_after_a_render_that_finds_it_in_place_changes_nothing() {
+        let rendered = instance_status(&InstanceReport {
+            generation: Some(1),
+            previous: &AgentInstanceStatus::default(),
+            outcome: &outcome(true, reason::RENDERED),
+            restart: None,
+            requested_at: None,
+            now: t(100),
+        });
+        let echo = InstanceReport {
+            generation: Some(1),
+            previous: &rendered,
+            outcome: &outcome(true, reason::UP_TO_DATE),
+            restart: None,
+            requested_at: None,
+            now: t(101),
+        };
+        assert_eq!(instance_status(&echo), rendered);
+        // A new generation is news even when the files are as they were.
+        let edited = instance_status(&InstanceReport {
+            generation: Some(2),
+            ..echo
+        });
+        assert_eq!(get(&edited, READY).reason, reason::UP_TO_DATE);
+        assert_eq!(edited.observed_generation, Some(2));
+        // So is a different render.
+        let mut other = outcome(true, reason::UP_TO_DATE);
+        other.content_hash = Some("h2".into());
+        let moved = instance_status(&InstanceReport {
+            generation: Some(1),
+            previous: &rendered,
+            outcome: &other,
+            restart: None,
+            requested_at: None,
+            now: t(102),
+        });
+        assert_eq!(get(&moved, READY).reason, reason::UP_TO_DATE);
     }
 
     #[test]

@@ -82,6 +82,7 @@ pub fn assets_or_skip(what: &str) -> Option<PathBuf> {
 #[derive(Clone, Debug, Default)]
 pub struct Options {
     apiserver_args: Vec<String>,
+    audit: bool,
 }
 
 impl Options {
@@ -90,7 +91,19 @@ impl Options {
         self.apiserver_args.push(arg.into());
         self
     }
+
+    /// Record every request in an audit log (metadata only: who, verb,
+    /// resource, subresource, object, response code), read with
+    /// [`ControlPlane::audit`].
+    pub fn audit(mut self) -> Self {
+        self.audit = true;
+        self
+    }
 }
+
+/// The audit policy of [`Options::audit`]: one event per request, when it
+/// completes (or, for a watch, also when it starts).
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n";
 
 #[derive(Clone, Copy, Debug)]
 struct Ports {
@@ -184,6 +197,10 @@ impl ControlPlane {
         )
         .expect("tokens.csv");
         self.write_kubeconfig(&self.kubeconfig(), "admin", ADMIN_TOKEN);
+        if self.options.audit {
+            std::fs::write(self.dir.join("audit-policy.yaml"), AUDIT_POLICY)
+                .expect("audit-policy.yaml");
+        }
     }
 
     fn write_kubeconfig(&self, path: &Path, user: &str, token: &str) {
@@ -252,12 +269,39 @@ impl ControlPlane {
             "--allow-privileged=true",
         ])
         .args(&self.options.apiserver_args)
+        .args(self.audit_args())
         .stdin(Stdio::null())
         .stdout(self.log("kube-apiserver.log"))
         .stderr(self.log("kube-apiserver.log"));
         let child = process::spawn(cmd).expect("kube-apiserver starts");
         *self.apiserver.lock().expect("apiserver lock") = Some(child);
         self.wait_ready().await;
+    }
+
+    fn audit_args(&self) -> Vec<String> {
+        if !self.options.audit {
+            return Vec::new();
+        }
+        vec![
+            format!(
+                "--audit-policy-file={}",
+                self.dir.join("audit-policy.yaml").display()
+            ),
+            format!("--audit-log-path={}", self.dir.join("audit.log").display()),
+            "--audit-log-format=json".into(),
+            // Written as each request completes, so a test reads what it just caused.
+            "--audit-log-mode=blocking".into(),
+        ]
+    }
+
+    /// Every audit event so far (with [`Options::audit`]): JSON objects
+    /// with `user.username`, `verb`, `objectRef` (`apiGroup`, `resource`,
+    /// `subresource`, `namespace`, `name`), `responseStatus.code`, `stage`.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.dir.join("audit.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// Stops the API server (SIGTERM, as in a rolling upgrade); etcd and
