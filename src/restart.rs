@@ -209,6 +209,9 @@ struct Pending {
     target: Option<Target>,
     min_interval: Duration,
     why: Vec<String>,
+    /// The reasons of the restart in flight: given back to `why` when it
+    /// fails, so the retry says why it restarts.
+    running_why: Vec<String>,
     due: Option<Instant>,
     last_run: Option<Instant>,
     running: bool,
@@ -280,6 +283,14 @@ async fn run(
                 if let Some(p) = pending.get_mut(&key) {
                     p.running = false;
                     p.last_run = Some(Instant::now());
+                    let tried = std::mem::take(&mut p.running_why);
+                    if !ok {
+                        for why in tried.into_iter().rev() {
+                            if !p.why.contains(&why) {
+                                p.why.insert(0, why);
+                            }
+                        }
+                    }
                     if ok {
                         p.failures = 0;
                         if p.due.is_none() {
@@ -303,7 +314,8 @@ async fn run(
                     p.due = None;
                     p.running = true;
                     let target = p.target.clone().expect("set with the request");
-                    let why = std::mem::take(&mut p.why).join("; ");
+                    p.running_why = std::mem::take(&mut p.why);
+                    let why = p.running_why.join("; ");
                     let done = done_tx.clone();
                     let key = key.clone();
                     let action = action.clone();
@@ -433,6 +445,25 @@ mod tests {
             assert!(gap >= backoff(i as u32 + 1), "retry {}: {gap:?}", i + 1);
         }
         assert!((8..=12).contains(&runs.len()), "{} attempts", runs.len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retried_restart_says_why_it_restarts() {
+        let action = Arc::new(Recorder {
+            ok: false,
+            runs: Mutex::new(Vec::new()),
+        });
+        let r = Restarter::spawn(action.clone(), Arc::new(Metrics::default()));
+        r.request(target(), Duration::ZERO, "config changed".into());
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        drop(r);
+        tokio::time::sleep(MAX_BACKOFF).await;
+        let runs = action.runs.lock().unwrap().clone();
+        assert!(runs.len() >= 3, "{runs:?}");
+        assert!(
+            runs.iter().all(|(_, why)| why == "config changed"),
+            "{runs:?}"
+        );
     }
 
     #[test]

@@ -6,15 +6,18 @@
 //! pill, and how many writes all of it costs. Each test has a control plane
 //! of its own, so request counts are its own.
 
+#[path = "common/rbac.rs"]
+mod rbac;
 #[path = "common/real.rs"]
 mod real;
 
+use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
 use real::*;
-use serde_json::json;
+use serde_json::{Value, json};
 
 fn stamp(p: &Path) -> (u64, i64, i64) {
     let m = std::fs::metadata(p).unwrap();
@@ -186,5 +189,594 @@ async fn one_status_write_per_instance_per_change_and_none_on_a_quiet_resync() {
         instance_status_writes(&c).await,
         2 * names.len() as u64,
         "one status write per instance for one change"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_secret_stalls_and_recovers_and_a_secret_change_renders_only_its_users() {
+    let Some(c) = Cluster::start("controller: secrets").await else {
+        return;
+    };
+    let _op = c.operator("a", &[]);
+    c.apply(instance("team-a", "alice", "coder", json!({})))
+        .await;
+    c.apply(instance("team-a", "carol", "researcher", json!({})))
+        .await;
+    c.apply(mcp(
+        "team-a",
+        "forgejo",
+        json!({"agentType": "coder"}),
+        "${SECRET:FORGEJO_TOKEN}",
+    ))
+    .await;
+    // Without the label the Secret is not the owner's consent: still missing.
+    c.apply(labelled_secret(
+        "team-a",
+        "plain",
+        "FORGEJO_TOKEN",
+        "nope",
+        false,
+    ))
+    .await;
+    eventually("alice stalls on MissingSecret", || async {
+        c.condition("team-a", "alice", "Stalled")
+            .await
+            .is_some_and(|s| s["status"] == "True" && s["reason"] == "MissingSecret")
+    })
+    .await;
+    let ready = c.condition("team-a", "alice", "Ready").await.unwrap();
+    assert_eq!(ready["status"], "False");
+    assert!(
+        ready["message"].to_string().contains("FORGEJO_TOKEN"),
+        "{ready}"
+    );
+    eventually("a MissingSecret event", || async {
+        !c.events("team-a", "MissingSecret").await.is_empty()
+    })
+    .await;
+    c.ready("team-a", "carol").await;
+
+    c.apply(labelled_secret(
+        "team-a",
+        "tokens",
+        "FORGEJO_TOKEN",
+        "tok-1",
+        true,
+    ))
+    .await;
+    c.ready("team-a", "alice").await;
+    let token =
+        || c.claude("team-a/alice")["mcpServers"]["forgejo"]["headers"]["Authorization"].clone();
+    assert_eq!(token(), "Bearer tok-1");
+    let carol_before = stamp(&c.root().join("team-a/carol/.claude.json"));
+    c.apply(labelled_secret(
+        "team-a",
+        "tokens",
+        "FORGEJO_TOKEN",
+        "tok-2",
+        true,
+    ))
+    .await;
+    eventually("alice gets the new token", || async {
+        token() == "Bearer tok-2"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        stamp(&c.root().join("team-a/carol/.claude.json")),
+        carol_before
+    );
+    let status = c.instance_json("team-a", "alice").await.unwrap()["status"].to_string();
+    assert!(!status.contains("tok-"), "status holds no secret value");
+    for e in c.list("events.k8s.io/v1", "Event", "team-a").await {
+        assert!(
+            !e.to_string().contains("tok-"),
+            "an event holds a secret value: {e}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_and_secrets_of_one_namespace_never_reach_another() {
+    let Some(c) = Cluster::start("controller: namespaces").await else {
+        return;
+    };
+    let _op = c.operator("a", &[]);
+    for ns in ["team-a", "team-b"] {
+        c.apply(instance(ns, "alice", "coder", json!({}))).await;
+        c.apply(mcp(
+            ns,
+            "forgejo",
+            json!({"agentType": "coder"}),
+            "${SECRET:FORGEJO_TOKEN}",
+        ))
+        .await;
+    }
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools"],
+    ))
+    .await;
+    c.apply(labelled_secret(
+        "team-a",
+        "tokens",
+        "FORGEJO_TOKEN",
+        "a-token",
+        true,
+    ))
+    .await;
+    c.ready("team-a", "alice").await;
+    eventually("team-b/alice misses its own secret", || async {
+        c.condition("team-b", "alice", "Ready")
+            .await
+            .is_some_and(|r| r["reason"] == "MissingSecret")
+    })
+    .await;
+    assert!(c.plugins("team-a/alice").contains("lint@tools"));
+    let b_dir = c.root().join("team-b/alice");
+    for f in ["settings.json", ".claude.json"] {
+        let text = std::fs::read_to_string(b_dir.join(f)).unwrap_or_default();
+        assert!(
+            !text.contains("lint@tools") && !text.contains("a-token"),
+            "{f}: {text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_is_put_back_the_pod_evicted_once_and_new_pods_get_their_marker() {
+    let Some(c) = Cluster::start("controller: drift, eviction, boot marker").await else {
+        return;
+    };
+    let _op = c.operator("a", &[]);
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools"],
+    ))
+    .await;
+    c.apply(instance(
+        "team-a",
+        "alice",
+        "coder",
+        json!({
+            "workload": {"kind": "Deployment", "name": "agent-alice"},
+            "restart": {"onDrift": true, "minInterval": "1s"},
+        }),
+    ))
+    .await;
+    c.apply(agent_pod("team-a", "agent-alice-1", "alice")).await;
+    c.run_pod("team-a", "agent-alice-1").await;
+    c.ready("team-a", "alice").await;
+    let uid = |name: &'static str| {
+        let c = &c;
+        async move {
+            c.get("v1", "Pod", "team-a", name).await.unwrap()["metadata"]["uid"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let first = uid("agent-alice-1").await;
+    let env_dir = c.root().join("team-a/alice");
+    eventually("the marker names the first pod", || async {
+        agent_env_operator::handshake::read(&env_dir).is_some_and(|m| m.pods.contains(&first))
+    })
+    .await;
+
+    // A burst of edits to a declared entry: each put back, one eviction after the burst.
+    let file = env_dir.join("settings.json");
+    let lint = || c.settings("team-a/alice")["enabledPlugins"]["lint@tools"].clone();
+    for _ in 0..3 {
+        let mut s = read_json(&file);
+        s["enabledPlugins"]["lint@tools"] = json!(false);
+        std::fs::write(&file, serde_json::to_vec(&s).unwrap()).unwrap();
+        eventually("drift put back", || async { lint() == json!(true) }).await;
+    }
+    eventually("the pod is evicted", || async {
+        c.get("v1", "Pod", "team-a", "agent-alice-1")
+            .await
+            .is_none()
+    })
+    .await;
+    // The Deployment's controller would start a replacement.
+    c.apply(agent_pod("team-a", "agent-alice-2", "alice")).await;
+    c.run_pod("team-a", "agent-alice-2").await;
+    let second = uid("agent-alice-2").await;
+    eventually("the marker names the new pod", || async {
+        agent_env_operator::handshake::read(&env_dir).is_some_and(|m| m.pods == [second.clone()])
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let evictions = c
+        .requests(&[
+            ("resource", "pods"),
+            ("subresource", "eviction"),
+            ("code", "201"),
+        ])
+        .await;
+    assert_eq!(evictions, 1, "one eviction for a burst of drift");
+    let alice = c.instance_json("team-a", "alice").await.unwrap();
+    assert_eq!(alice["status"]["lastRestart"]["reason"], "DriftCorrected");
+    assert!(
+        !alice["status"]["lastDrift"]["entries"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!c.events("team-a", "DriftCorrected").await.is_empty());
+    assert!(!c.events("team-a", "RestartRequested").await.is_empty());
+
+    // The init container's side of the handshake.
+    let wait = |uid: &str, timeout: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_agent-env"))
+            .args(["wait", "--env-dir"])
+            .arg(&env_dir)
+            .args(["--pod-uid", uid, "--timeout", timeout])
+            .output()
+            .unwrap()
+    };
+    let ok = wait(&second, "5s");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let late = wait("no-such-pod", "500ms");
+    assert_eq!(late.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&late.stderr);
+    assert!(
+        err.contains("timed out") && err.contains("no-such-pod"),
+        "{err}"
+    );
+}
+
+async fn lease_holder(c: &Cluster) -> Option<Value> {
+    c.get(
+        "coordination.k8s.io/v1",
+        "Lease",
+        OPERATOR_NS,
+        "agent-env-operator",
+    )
+    .await
+    .map(|l| l["spec"]["holderIdentity"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_writes_and_a_standby_takes_over_when_it_stops_or_dies() {
+    let Some(c) = Cluster::start("controller: two replicas").await else {
+        return;
+    };
+    let mut a = c.operator("a", &[]);
+    c.apply(instance("team-a", "alice", "coder", json!({})))
+        .await;
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools"],
+    ))
+    .await;
+    c.ready("team-a", "alice").await;
+    let mut b = c.operator("b", &[]);
+    assert_eq!(lease_holder(&c).await, Some(json!("a")));
+    eventually("b is waiting", || async {
+        b.log().contains("waiting to lead")
+    })
+    .await;
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools", "fmt@tools"],
+    ))
+    .await;
+    eventually("a renders the change", || async {
+        c.plugins("team-a/alice").contains("fmt@tools")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !b.log().contains("reconciled") && !b.log().contains("leading"),
+        "the standby wrote:\n{}",
+        b.log()
+    );
+
+    // A clean stop hands the lease over at once.
+    assert_eq!(a.stop(), 0, "{}", a.log());
+    assert!(a.log().contains("released the lease"), "{}", a.log());
+    within("b leads", Duration::from_secs(3), || async {
+        lease_holder(&c).await == Some(json!("b"))
+    })
+    .await;
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["fmt@tools"],
+    ))
+    .await;
+    eventually("b renders the next change", || async {
+        !c.plugins("team-a/alice").contains("lint@tools")
+    })
+    .await;
+
+    // A leader that dies keeps the lease until it expires (3 s here); then
+    // the standby takes over.
+    let mut a2 = c.operator("a2", &[]);
+    eventually("a2 is waiting", || async {
+        a2.log().contains("waiting to lead")
+    })
+    .await;
+    b.kill();
+    within(
+        "a2 leads after the lease expired",
+        Duration::from_secs(15),
+        || async { lease_holder(&c).await == Some(json!("a2")) },
+    )
+    .await;
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["papers@science"],
+    ))
+    .await;
+    eventually("a2 renders", || async {
+        c.plugins("team-a/alice").contains("papers@science")
+    })
+    .await;
+    let _ = a2.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_grants_exactly_what_the_operator_calls() {
+    // With the admission plugin some distributions turn on, which guards
+    // owner references: the grants must hold there too.
+    let options = Options::default()
+        .apiserver_arg("--enable-admission-plugins=OwnerReferencesPermissionEnforcement");
+    let Some(c) = Cluster::start_with("controller: RBAC", options).await else {
+        return;
+    };
+    let _op = c.operator("a", &[]);
+    c.apply(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "agent-env-builtin", "namespace": OPERATOR_NS},
+        "data": {"agents.json": "{\"types\": [{\"name\": \"coder\", \"plugins\": [\"base@tools\"]}]}"},
+    }))
+    .await;
+    c.apply(workload("team-a", "Deployment", "bob")).await;
+    c.apply(instance(
+        "team-a",
+        "alice",
+        "coder",
+        json!({
+            "workload": {"kind": "Deployment", "name": "agent-alice"},
+            "restart": {"minInterval": "1s"},
+            "envDir": {"deletionPolicy": "Delete"},
+        }),
+    ))
+    .await;
+    c.apply(rolled_out("team-a", "bob", "Deployment")).await;
+    c.apply(workload("team-a", "StatefulSet", "carol")).await;
+    c.apply(rolled_out("team-a", "carol", "StatefulSet")).await;
+    c.apply(json!({
+        "apiVersion": "agentenv.io/v1alpha1", "kind": "PluginMarketplace",
+        "metadata": {"name": "tools", "namespace": "team-a"},
+        "spec": {"target": {"agentType": "coder"}, "source": {"github": {"repo": "example/tools"}}},
+    }))
+    .await;
+    c.apply(agent_pod("team-a", "agent-alice-1", "alice")).await;
+    c.run_pod("team-a", "agent-alice-1").await;
+    c.apply(mcp(
+        "team-a",
+        "forgejo",
+        json!({"agentType": "coder"}),
+        "${SECRET:FORGEJO_TOKEN}",
+    ))
+    .await;
+    c.apply(labelled_secret(
+        "team-a",
+        "tokens",
+        "FORGEJO_TOKEN",
+        "t",
+        true,
+    ))
+    .await;
+    for name in ["alice", "bob", "carol"] {
+        c.ready("team-a", name).await;
+    }
+    eventually("alice carries the finalizer", || async {
+        c.instance_json("team-a", "alice").await.is_some_and(|o| {
+            o["metadata"]["finalizers"]
+                .to_string()
+                .contains("agentenv.io/env-dir")
+        })
+    })
+    .await;
+    // A config change restarts both workloads, each its own way.
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools"],
+    ))
+    .await;
+    eventually("alice's pod is evicted", || async {
+        c.get("v1", "Pod", "team-a", "agent-alice-1")
+            .await
+            .is_none()
+    })
+    .await;
+    for (kind, name) in [("Deployment", "agent-bob"), ("StatefulSet", "agent-carol")] {
+        eventually(&format!("{name}'s template is stamped"), || async {
+            c.get("apps/v1", kind, "team-a", name).await.is_some_and(|d| {
+                d["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"]
+                    .is_string()
+            })
+        })
+        .await;
+    }
+    eventually("the marketplace reports its instances", || async {
+        c.custom("PluginMarketplace", "team-a", "tools")
+            .await
+            .is_some_and(|m| m["status"]["instances"] == 3)
+    })
+    .await;
+    // Deleting with deletionPolicy Delete removes the env dir, then the object.
+    c.delete("agentenv.io/v1alpha1", "AgentInstance", "team-a", "alice")
+        .await;
+    eventually("alice is gone with her env dir", || async {
+        c.instance_json("team-a", "alice").await.is_none()
+            && !c.root().join("team-a/alice").exists()
+    })
+    .await;
+
+    assert!(
+        c.operator_refusals().is_empty(),
+        "RBAC refused the operator: {:#?}",
+        c.operator_refusals()
+    );
+    let called = c.operator_calls();
+    let granted: BTreeSet<(String, String, String)> = rbac::granted()
+        .into_iter()
+        .map(|g| (g.group, g.resource, g.verb))
+        .collect();
+    let unused: Vec<_> = granted.difference(&called).collect();
+    let missing: Vec<_> = called.difference(&granted).collect();
+    assert!(
+        unused.is_empty(),
+        "granted but never called by the operator: {unused:?}"
+    );
+    assert!(missing.is_empty(), "called but not granted: {missing:?}");
+}
+
+/// `agent-<instance>`, a Deployment or StatefulSet whose pods carry the instance label.
+fn workload(ns: &str, kind: &str, instance: &str) -> Value {
+    let name = format!("agent-{instance}");
+    let mut spec = json!({"selector": {"matchLabels": {"app": instance}}, "template": {
+        "metadata": {"labels": {"app": instance, "agentenv.io/instance": instance}},
+        "spec": {"containers": [{"name": "agent", "image": "registry.example/agent:1"}]}}});
+    if kind == "StatefulSet" {
+        spec["serviceName"] = json!(name);
+    }
+    json!({
+        "apiVersion": "apps/v1", "kind": kind,
+        "metadata": {"name": name, "namespace": ns}, "spec": spec,
+    })
+}
+
+/// A coder instance restarted by stamping its workload's template.
+fn rolled_out(ns: &str, name: &str, kind: &str) -> Value {
+    instance(
+        ns,
+        name,
+        "coder",
+        json!({
+            "workload": {"kind": kind, "name": format!("agent-{name}")},
+            "restart": {"strategy": "RolloutRestart", "minInterval": "1s"},
+        }),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_env_dirs_meet_the_same_refusals_under_the_controller() {
+    let Some(c) = Cluster::start("controller: hostile env dirs").await else {
+        return;
+    };
+    let _op = c.operator("a", &[]);
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools"],
+    ))
+    .await;
+    for name in ["alice", "bob"] {
+        c.apply(instance("team-a", name, "coder", json!({}))).await;
+        c.ready("team-a", name).await;
+    }
+    let not_ready = |name: &'static str, says: &'static str| {
+        let c = &c;
+        async move {
+            c.condition("team-a", name, "Ready").await.is_some_and(|r| {
+                r["status"] == "False" && r["message"].as_str().is_some_and(|m| m.contains(says))
+            })
+        }
+    };
+
+    // A FIFO where bob's boot marker belongs: reading it would block the
+    // controller for good. It is refused unread and replaced by the marker.
+    let marker = c.root().join("team-a/bob/.agent-env-ready");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &marker,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    c.apply(agent_pod("team-a", "agent-bob-1", "bob")).await;
+    let env_dir = c.root().join("team-a/bob");
+    eventually("the FIFO replaced by bob's marker", || async {
+        std::fs::symlink_metadata(&marker).is_ok_and(|m| m.is_file())
+            && agent_env_operator::handshake::read(&env_dir).is_some_and(|m| m.pods.len() == 1)
+    })
+    .await;
+
+    // An oversized .claude.json for alice: not ready, retrying, the file
+    // left as it is; bob is unaffected.
+    let claude = c.root().join("team-a/alice/.claude.json");
+    std::fs::File::options()
+        .write(true)
+        .open(&claude)
+        .unwrap()
+        .set_len(8 << 30)
+        .unwrap();
+    eventually("alice refused for the file size", || {
+        not_ready(
+            "alice",
+            "team-a/alice/.claude.json is 8589934592 bytes, over the limit of 16777216 bytes (16 MiB)",
+        )
+    })
+    .await;
+    assert_eq!(
+        c.condition("team-a", "alice", "Reconciling").await.unwrap()["status"],
+        "True"
+    );
+    assert_eq!(std::fs::metadata(&claude).unwrap().len(), 8 << 30);
+    assert_eq!(
+        c.condition("team-a", "bob", "Ready").await.unwrap()["status"],
+        "True"
+    );
+    std::fs::write(&claude, "{}").unwrap();
+    c.ready("team-a", "alice").await;
+    assert_eq!(read_json(&claude)["mcpServers"], json!({}));
+
+    // bob's settings.json swapped for a symlink out of the root: refused,
+    // stalled, the outside file untouched.
+    let outside = c.dir.path().join("outside.json");
+    std::fs::write(&outside, "{\"outside\": true}\n").unwrap();
+    let settings = c.root().join("team-a/bob/settings.json");
+    let link = c.root().join("team-a/bob/link");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    std::fs::rename(&link, &settings).unwrap();
+    eventually("bob refused for the symlink", || {
+        not_ready("bob", "team-a/bob/settings.json is a symbolic link")
+    })
+    .await;
+    assert_eq!(
+        c.condition("team-a", "bob", "Stalled").await.unwrap()["reason"],
+        "UnsafePath"
+    );
+    assert_eq!(std::fs::read(&outside).unwrap(), b"{\"outside\": true}\n");
+    std::fs::remove_file(&settings).unwrap();
+    c.ready("team-a", "bob").await;
+    assert_eq!(
+        c.plugins("team-a/bob"),
+        BTreeSet::from(["lint@tools".to_owned()])
     );
 }

@@ -157,12 +157,8 @@ async fn handle(State(shared): State<Arc<Shared>>, req: axum::extract::Request) 
         &q,
         &body,
     );
-    let (response, code, finalizers_of) = match outcome {
-        Ok(Outcome::Json {
-            code,
-            body,
-            finalizers_of,
-        }) => (ok(code, &body), code, finalizers_of),
+    let (response, code) = match outcome {
+        Ok(Outcome::Json { code, body }) => (ok(code, &body), code),
         Ok(Outcome::Stream(rx)) => {
             let stream = ReceiverStream::new(rx).map(Ok::<_, Infallible>);
             let resp = Response::builder()
@@ -170,9 +166,9 @@ async fn handle(State(shared): State<Arc<Shared>>, req: axum::extract::Request) 
                 .header(header::CONTENT_TYPE, "application/json")
                 .body(Body::from_stream(stream))
                 .unwrap_or_else(|_| Response::new(Body::empty()));
-            (resp, 200, None)
+            (resp, 200)
         }
-        Err(e) => (error_response(&e), e.code, None),
+        Err(e) => (error_response(&e), e.code),
     };
     // Who asked: the bearer token, so a test can tell the operator's calls
     // (made with the kubeconfig's token) from its own.
@@ -183,25 +179,17 @@ async fn handle(State(shared): State<Arc<Shared>>, req: axum::extract::Request) 
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("")
         .to_owned();
-    let record = |verb: &str, subresource: Option<String>, name: Option<String>| Request {
-        user: user.clone(),
+    shared.record(Request {
+        user,
         verb: verb.to_owned(),
         group: route.group.to_owned(),
         version: route.version.to_owned(),
         resource: route.resource.to_owned(),
-        subresource,
+        subresource: route.subresource.map(str::to_owned),
         namespace: route.namespace.map(str::to_owned),
-        name,
+        name: route.name.map(str::to_owned),
         status: code,
-    };
-    shared.record(record(
-        verb,
-        route.subresource.map(str::to_owned),
-        route.name.map(str::to_owned),
-    ));
-    if let Some(name) = finalizers_of {
-        shared.record(record("update", Some("finalizers".into()), Some(name)));
-    }
+    });
     response
 }
 
@@ -240,21 +228,12 @@ fn serve_discovery(shared: &Shared, headers: &HeaderMap, segments: &[&str]) -> O
 }
 
 enum Outcome {
-    Json {
-        code: u16,
-        body: Value,
-        /// Set when a write changed metadata.finalizers (for the request log).
-        finalizers_of: Option<String>,
-    },
+    Json { code: u16, body: Value },
     Stream(tokio::sync::mpsc::Receiver<String>),
 }
 
 fn json(code: u16, body: Value) -> Outcome {
-    Outcome::Json {
-        code,
-        body,
-        finalizers_of: None,
-    }
+    Outcome::Json { code, body }
 }
 
 fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
@@ -337,10 +316,9 @@ fn dispatch(
     let api_version = kind.api_version(route.version);
     let meta_only = wants_metadata_only(headers);
     let show = |obj: &Value| present(obj, &api_version, meta_only);
-    let written = |w: write::Written, name: &str| Outcome::Json {
+    let written = |w: write::Written| Outcome::Json {
         code: w.code,
         body: present(&w.object, &api_version, meta_only),
-        finalizers_of: w.finalizers_changed.then(|| name.to_owned()),
     };
 
     match (verb, route.name) {
@@ -389,10 +367,7 @@ fn dispatch(
             let obj = parse_json(body)?;
             let dry_run = is_dry_run(q, None);
             let w = write::create(shared, &t, obj, dry_run)?;
-            let name = crate::meta::meta_str(&w.object, "name")
-                .unwrap_or_default()
-                .to_owned();
-            Ok(written(w, &name))
+            Ok(written(w))
         }
         ("create", Some(name)) if route.subresource == Some("eviction") => {
             let obj = parse_json(body)?;
@@ -402,7 +377,7 @@ fn dispatch(
         ("update", Some(name)) => {
             let obj = parse_json(body)?;
             let w = write::replace(shared, &t, name, obj, part, is_dry_run(q, None))?;
-            Ok(written(w, name))
+            Ok(written(w))
         }
         ("patch", Some(name)) => {
             let ct = headers
@@ -421,7 +396,7 @@ fn dispatch(
                 dry_run: is_dry_run(q, None),
             };
             let w = write::patch(shared, &t, name, part, &req)?;
-            Ok(written(w, name))
+            Ok(written(w))
         }
         ("delete", Some(name)) => {
             if part != Part::Main {

@@ -46,8 +46,6 @@ pub(crate) struct Written {
     /// As stored (or as it would have been, for dry runs).
     pub object: Value,
     pub code: u16,
-    /// RBAC on a real cluster may want `update` on `<resource>/finalizers`.
-    pub finalizers_changed: bool,
 }
 
 /// Fields of ObjectMeta only the server sets; kept from the stored object.
@@ -287,7 +285,6 @@ fn create_locked(
     set_meta(&mut obj, "uid", Value::String(meta::new_uid()));
     set_meta(&mut obj, "creationTimestamp", Value::String(meta::now()));
     set_meta(&mut obj, "generation", json!(1));
-    let finalizers_changed = !finalizers(&obj).is_empty();
     if !dry_run {
         set_meta(
             &mut obj,
@@ -299,7 +296,6 @@ fn create_locked(
     Ok(Written {
         object: obj,
         code: 201,
-        finalizers_changed,
     })
 }
 
@@ -382,15 +378,12 @@ fn commit_update(
         return Ok(Written {
             object: old.clone(),
             code: 200,
-            finalizers_changed: false,
         });
     }
-    let finalizers_changed = finalizers(old) != finalizers(&new);
     if dry_run {
         return Ok(Written {
             object: new,
             code: 200,
-            finalizers_changed,
         });
     }
     set_meta(
@@ -407,7 +400,6 @@ fn commit_update(
     Ok(Written {
         object: new,
         code: 200,
-        finalizers_changed,
     })
 }
 
@@ -599,11 +591,7 @@ pub(crate) fn delete_locked(
         .cloned()
         .ok_or_else(|| ApiError::not_found(&t.kind, name))?;
     check_preconditions(t, name, &old, options)?;
-    let done = |object| Written {
-        object,
-        code: 200,
-        finalizers_changed: false,
-    };
+    let done = |object| Written { object, code: 200 };
     if !finalizers(&old).is_empty() {
         if is_deleting(&old) {
             return Ok(done(old));
