@@ -780,3 +780,347 @@ async fn hostile_env_dirs_meet_the_same_refusals_under_the_controller() {
         BTreeSet::from(["lint@tools".to_owned()])
     );
 }
+
+/// Settings and `.claude.json` stamps of the instances named, for showing
+/// that a change reached no one else.
+fn stamps(c: &Cluster, names: &[&str]) -> Vec<(u64, i64, i64)> {
+    names
+        .iter()
+        .flat_map(|n| {
+            ["settings.json", ".claude.json"]
+                .map(|f| stamp(&c.root().join(format!("team-a/{n}/{f}"))))
+        })
+        .collect()
+}
+
+fn builtin(data: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "agent-env-builtin", "namespace": OPERATOR_NS},
+        "data": data,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_watched_kind_reaches_exactly_the_instances_it_affects() {
+    let Some(c) = Cluster::start("controller: watch mappings").await else {
+        return;
+    };
+    let _op = c.operator("a", &[]);
+    for (name, t) in [
+        ("alice", "coder"),
+        ("bob", "coder"),
+        ("carol", "researcher"),
+    ] {
+        c.apply(instance("team-a", name, t, json!({}))).await;
+        c.ready("team-a", name).await;
+    }
+    let mcp_names = |n: &str| -> BTreeSet<String> {
+        c.claude(&format!("team-a/{n}"))["mcpServers"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let marketplaces = |n: &str| -> BTreeSet<String> {
+        c.settings(&format!("team-a/{n}"))["extraKnownMarketplaces"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let settle = || tokio::time::sleep(Duration::from_millis(700));
+
+    // An instance-scope PluginBinding: bob only.
+    let others = stamps(&c, &["alice", "carol"]);
+    c.apply(binding(
+        "team-a",
+        "bob-extra",
+        json!({"instance": "bob"}),
+        &["solo@tools"],
+    ))
+    .await;
+    eventually("bob gets solo", || async {
+        c.plugins("team-a/bob").contains("solo@tools")
+    })
+    .await;
+    settle().await;
+    assert_eq!(stamps(&c, &["alice", "carol"]), others);
+
+    // A type-scope PluginMarketplace: the coders only.
+    let others = stamps(&c, &["carol"]);
+    c.apply(json!({
+        "apiVersion": "agentenv.io/v1alpha1", "kind": "PluginMarketplace",
+        "metadata": {"name": "tools", "namespace": "team-a"},
+        "spec": {"target": {"agentType": "coder"}, "source": {"github": {"repo": "example/tools"}}},
+    }))
+    .await;
+    for n in ["alice", "bob"] {
+        eventually(&format!("{n} knows the marketplace"), || async {
+            marketplaces(n).contains("tools")
+        })
+        .await;
+    }
+    settle().await;
+    assert_eq!(stamps(&c, &["carol"]), others);
+
+    // An instance-scope McpServer: carol only.
+    let others = stamps(&c, &["alice", "bob"]);
+    c.apply(json!({
+        "apiVersion": "agentenv.io/v1alpha1", "kind": "McpServer",
+        "metadata": {"name": "papers", "namespace": "team-a"},
+        "spec": {"target": {"instance": "carol"}, "http": {"url": "https://papers.example/mcp"}},
+    }))
+    .await;
+    eventually("carol gets papers", || async {
+        mcp_names("carol").contains("papers")
+    })
+    .await;
+    settle().await;
+    assert_eq!(stamps(&c, &["alice", "bob"]), others);
+
+    // The builtin ConfigMap: created, its coder plugins reach the coders and
+    // its marketplaces everyone.
+    c.apply(builtin(json!({
+        "agents.json": "{\"types\": [{\"name\": \"coder\", \"plugins\": [\"base@acme\"]}]}",
+        "marketplaces-builtin.json": "{\"extraKnownMarketplaces\": {\"acme\": {\"source\": {\"source\": \"github\", \"repo\": \"acme/tools\"}}}}",
+    })))
+    .await;
+    for n in ["alice", "bob", "carol"] {
+        eventually(&format!("{n} knows acme"), || async {
+            marketplaces(n).contains("acme")
+        })
+        .await;
+    }
+    assert!(c.plugins("team-a/alice").contains("base@acme"));
+    assert!(!c.plugins("team-a/carol").contains("base@acme"));
+
+    // A broken edit keeps the last good layer and says so in the log.
+    c.apply(builtin(json!({"agents.json": "{not json"}))).await;
+    eventually("the broken ConfigMap is logged", || async {
+        _op.log().contains("builtin layer not usable")
+    })
+    .await;
+    settle().await;
+    assert!(c.plugins("team-a/alice").contains("base@acme"));
+    c.ready("team-a", "alice").await;
+
+    // Deleted: the builtin layer is empty.
+    c.delete("v1", "ConfigMap", OPERATOR_NS, "agent-env-builtin")
+        .await;
+    for n in ["alice", "bob", "carol"] {
+        eventually(&format!("{n} forgets acme"), || async {
+            !marketplaces(n).contains("acme")
+        })
+        .await;
+    }
+    assert!(!c.plugins("team-a/alice").contains("base@acme"));
+    assert!(c.plugins("team-a/bob").contains("solo@tools"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspended_instance_is_left_alone_until_resumed() {
+    let Some(c) = Cluster::start("controller: suspend").await else {
+        return;
+    };
+    let _op = c.operator("a", &[]);
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools"],
+    ))
+    .await;
+    c.apply(instance("team-a", "alice", "coder", json!({})))
+        .await;
+    c.ready("team-a", "alice").await;
+    c.apply(instance(
+        "team-a",
+        "alice",
+        "coder",
+        json!({"suspend": true}),
+    ))
+    .await;
+    eventually("alice reports Suspended", || async {
+        c.condition("team-a", "alice", "Ready")
+            .await
+            .is_some_and(|r| r["status"] == "True" && r["reason"] == "Suspended")
+    })
+    .await;
+    let before = stamps(&c, &["alice"]);
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools", "fmt@tools"],
+    ))
+    .await;
+    // Drift is not corrected either.
+    let file = c.root().join("team-a/alice/settings.json");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        stamps(&c, &["alice"]),
+        before,
+        "a suspended env dir is not written"
+    );
+    let mut s = read_json(&file);
+    s["enabledPlugins"]["lint@tools"] = json!(false);
+    std::fs::write(&file, serde_json::to_vec(&s).unwrap()).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        c.settings("team-a/alice")["enabledPlugins"]["lint@tools"],
+        false
+    );
+
+    c.apply(instance("team-a", "alice", "coder", json!({})))
+        .await;
+    eventually(
+        "alice resumes with both plugins, drift put back",
+        || async {
+            let p = &c.settings("team-a/alice")["enabledPlugins"];
+            p["fmt@tools"] == true && p["lint@tools"] == true
+        },
+    )
+    .await;
+    c.ready("team-a", "alice").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_finalizer_is_there_exactly_while_the_env_dir_must_go_with_the_instance() {
+    let Some(c) = Cluster::start("controller: finalizer").await else {
+        return;
+    };
+    let _op = c.operator("a", &[]);
+    let finalizers = |name: &'static str| {
+        let c = &c;
+        async move {
+            c.instance_json("team-a", name)
+                .await
+                .map(|o| o["metadata"]["finalizers"].clone())
+        }
+    };
+    let delete = json!({"envDir": {"deletionPolicy": "Delete"}});
+    c.apply(instance("team-a", "alice", "coder", delete.clone()))
+        .await;
+    c.apply(instance("team-a", "bob", "coder", json!({}))).await;
+    c.ready("team-a", "alice").await;
+    c.ready("team-a", "bob").await;
+    eventually("alice has the finalizer", || async {
+        finalizers("alice").await == Some(json!(["agentenv.io/env-dir"]))
+    })
+    .await;
+    assert_eq!(finalizers("bob").await, Some(Value::Null));
+
+    // Switched to Retain: the finalizer goes; switched back: it returns.
+    c.apply(instance("team-a", "alice", "coder", json!({})))
+        .await;
+    eventually("alice loses the finalizer", || async {
+        finalizers("alice").await == Some(Value::Null)
+    })
+    .await;
+    c.apply(instance("team-a", "alice", "coder", delete)).await;
+    eventually("alice has it again", || async {
+        finalizers("alice").await == Some(json!(["agentenv.io/env-dir"]))
+    })
+    .await;
+
+    // Retain keeps the env dir; Delete removes it and the state with it.
+    for name in ["bob", "alice"] {
+        c.delete("agentenv.io/v1alpha1", "AgentInstance", "team-a", name)
+            .await;
+        eventually(&format!("{name} is gone"), || async {
+            c.instance_json("team-a", name).await.is_none()
+        })
+        .await;
+    }
+    assert!(c.root().join("team-a/bob/settings.json").is_file());
+    assert!(!c.root().join("team-a/alice").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eviction_refused_by_a_disruption_budget_is_retried_until_it_allows() {
+    let Some(c) = Cluster::start("controller: PodDisruptionBudget").await else {
+        return;
+    };
+    let op = c.operator("a", &[]);
+    c.apply(instance(
+        "team-a",
+        "alice",
+        "coder",
+        json!({
+            "workload": {"kind": "Deployment", "name": "agent-alice"},
+            "restart": {"minInterval": "1s"},
+        }),
+    ))
+    .await;
+    c.apply(json!({
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": "agent-alice", "namespace": "team-a"},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"agentenv.io/instance": "alice"}}},
+    }))
+    .await;
+    c.apply(agent_pod("team-a", "agent-alice-1", "alice")).await;
+    c.run_pod("team-a", "agent-alice-1").await;
+    c.ready("team-a", "alice").await;
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools"],
+    ))
+    .await;
+    // No disruption controller runs here, so the budget's status says
+    // nothing is allowed yet: the API refuses with 429.
+    eventually("the eviction is refused", || async {
+        op.log().contains("eviction refused")
+    })
+    .await;
+    eventually("and retried", || async {
+        op.log().matches("eviction refused").count() >= 2
+    })
+    .await;
+    assert!(
+        c.get("v1", "Pod", "team-a", "agent-alice-1")
+            .await
+            .is_some(),
+        "the budget held"
+    );
+    assert!(
+        op.log().contains("restart failed; retrying") && !op.log().contains("why=\"\""),
+        "{}",
+        op.log()
+    );
+    // What the disruption controller would report: one disruption allowed.
+    let pdb = c
+        .get("policy/v1", "PodDisruptionBudget", "team-a", "agent-alice")
+        .await
+        .unwrap();
+    c.patch_status(
+        "policy/v1",
+        "PodDisruptionBudget",
+        "team-a",
+        "agent-alice",
+        json!({
+            "observedGeneration": pdb["metadata"]["generation"],
+            "disruptionsAllowed": 1, "currentHealthy": 1, "desiredHealthy": 0, "expectedPods": 1,
+        }),
+    )
+    .await;
+    within(
+        "the retry evicts the pod",
+        Duration::from_secs(30),
+        || async {
+            c.get("v1", "Pod", "team-a", "agent-alice-1")
+                .await
+                .is_none()
+        },
+    )
+    .await;
+    assert!(op.log().contains("pod evicted"), "{}", op.log());
+    let refused = c
+        .requests(&[
+            ("resource", "pods"),
+            ("subresource", "eviction"),
+            ("code", "429"),
+        ])
+        .await;
+    assert!(refused >= 2, "{refused} refusals");
+}
