@@ -1124,3 +1124,257 @@ async fn an_eviction_refused_by_a_disruption_budget_is_retried_until_it_allows()
         .await;
     assert!(refused >= 2, "{refused} refusals");
 }
+
+fn signal(op: &Operator, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &op.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_restart_is_ridden_out_and_a_long_outage_ends_the_lease() {
+    let Some(c) = Cluster::start("controller: API server restart").await else {
+        return;
+    };
+    // A restart shorter than the lease: the replica keeps leading and its
+    // watches resume.
+    let mut op = c.operator("a", &["--lease-duration", "30s"]);
+    c.apply(instance("team-a", "alice", "coder", json!({})))
+        .await;
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools"],
+    ))
+    .await;
+    c.ready("team-a", "alice").await;
+    c.cp.restart_apiserver().await;
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools", "fmt@tools"],
+    ))
+    .await;
+    eventually("the change after the restart renders", || async {
+        c.plugins("team-a/alice").contains("fmt@tools")
+    })
+    .await;
+    c.ready("team-a", "alice").await;
+    assert!(op.child.try_wait().unwrap().is_none(), "{}", op.log());
+    assert_eq!(lease_holder(&c).await, Some(json!("a")));
+    assert_eq!(op.stop(), 0);
+
+    // An outage longer than the lease: the replica cannot prove it still
+    // leads, so it stops (exit 1) rather than write alongside a new leader;
+    // its Deployment starts it again, and the new process takes over.
+    let mut op = c.operator("b", &["--lease-duration", "3s"]);
+    eventually("b leads", || async { op.log().contains("leading") }).await;
+    c.cp.stop_apiserver().await;
+    let code = op.exits_within(Duration::from_secs(20));
+    assert_eq!(code, Some(1), "{}", op.log());
+    assert!(op.log().contains("lost the lease"), "{}", op.log());
+    c.cp.start_apiserver().await;
+    let _op = c.operator("c", &["--lease-duration", "3s"]);
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["fmt@tools"],
+    ))
+    .await;
+    eventually("the new replica renders", || async {
+        !c.plugins("team-a/alice").contains("lint@tools")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_expired_by_compaction_relists_and_misses_no_change() {
+    // Watches are served by etcd itself, so a compaction expires what the
+    // operator last saw, as on a server whose watch cache has moved on.
+    let options = Options::default().apiserver_arg("--watch-cache=false");
+    let Some(c) = Cluster::start_with("controller: 410 Gone", options).await else {
+        return;
+    };
+    let op = c.operator("a", &["--lease-duration", "60s"]);
+    c.apply(instance("team-a", "alice", "coder", json!({})))
+        .await;
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools"],
+    ))
+    .await;
+    c.apply(mcp(
+        "team-a",
+        "forgejo",
+        json!({"agentType": "coder"}),
+        "static",
+    ))
+    .await;
+    c.ready("team-a", "alice").await;
+    eventually("alice has forgejo", || async {
+        c.claude("team-a/alice")["mcpServers"]["forgejo"].is_object()
+    })
+    .await;
+
+    // The operator is frozen while its connections are cut, objects change
+    // and etcd compacts every version it saw.
+    signal(&op, "-STOP");
+    c.cp.restart_apiserver().await;
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools", "fmt@tools"],
+    ))
+    .await;
+    c.delete("agentenv.io/v1alpha1", "McpServer", "team-a", "forgejo")
+        .await;
+    c.cp.compact().await;
+    let lists_before =
+        c.cp.audit()
+            .iter()
+            .filter(|e| e["user"]["username"] == OPERATOR_USER && e["verb"] == "list")
+            .count();
+    signal(&op, "-CONT");
+
+    eventually("the change and the deletion are both seen", || async {
+        c.plugins("team-a/alice").contains("fmt@tools")
+            && c.claude("team-a/alice")["mcpServers"]
+                .as_object()
+                .is_some_and(|m| m.is_empty())
+    })
+    .await;
+    assert!(
+        op.log().contains("watch is too old"),
+        "the watch was expired: {}",
+        op.log()
+    );
+    let lists_after =
+        c.cp.audit()
+            .iter()
+            .filter(|e| e["user"]["username"] == OPERATOR_USER && e["verb"] == "list")
+            .count();
+    assert!(lists_after > lists_before, "the watches relisted");
+    c.ready("team-a", "alice").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_pill_holds_back_only_what_it_targets() {
+    let Some(c) = Cluster::start("controller: poison pill").await else {
+        return;
+    };
+    let admin = c.client();
+    // A PluginBinding stored while its CRD took anything (an old or
+    // hand-edited CRD): its spec is not even the right shape.
+    let crds = kube_envtest::apply::documents(
+        &std::fs::read_to_string(repo().join("crds/crds.yaml")).unwrap(),
+    );
+    let mut loose = crds
+        .iter()
+        .find(|d| d["spec"]["names"]["kind"] == "PluginBinding")
+        .unwrap()
+        .clone();
+    loose["spec"]["versions"][0]["schema"]["openAPIV3Schema"] =
+        json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+    kube_envtest::apply::apply(
+        &admin,
+        &loose,
+        &kube::api::PatchParams::apply("tests").force(),
+    )
+    .await
+    .unwrap();
+    c.apply(json!({
+        "apiVersion": "agentenv.io/v1alpha1", "kind": "PluginBinding",
+        "metadata": {"name": "poison", "namespace": "team-a"},
+        "spec": {"target": {"agentType": "researcher"}, "plugins": "everything"},
+    }))
+    .await;
+    for crd in &crds {
+        kube_envtest::apply::apply(&admin, crd, &kube::api::PatchParams::apply("tests").force())
+            .await
+            .unwrap();
+    }
+
+    let _op = c.operator("a", &[]);
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools"],
+    ))
+    .await;
+    c.apply(instance("team-a", "alice", "coder", json!({})))
+        .await;
+    c.apply(instance("team-a", "bob", "researcher", json!({})))
+        .await;
+    // Accepted by the server (CEL cannot see the namespace), refused by the
+    // operator: an env dir in another namespace's part of the root.
+    c.apply(instance(
+        "team-a",
+        "carol",
+        "coder",
+        json!({"envDir": {"path": "team-b/carol"}}),
+    ))
+    .await;
+
+    c.ready("team-a", "alice").await;
+    assert!(c.plugins("team-a/alice").contains("lint@tools"));
+    for (name, says) in [
+        ("bob", "PluginBinding team-a/poison"),
+        ("carol", "spec.envDir.path"),
+    ] {
+        eventually(&format!("{name} is held back"), || async {
+            c.condition("team-a", name, "Stalled")
+                .await
+                .is_some_and(|s| {
+                    s["status"] == "True"
+                        && s["reason"] == "InvalidObject"
+                        && s["message"].as_str().is_some_and(|m| m.contains(says))
+                })
+        })
+        .await;
+    }
+    eventually("the poison binding reports why", || async {
+        c.custom("PluginBinding", "team-a", "poison")
+            .await
+            .is_some_and(|b| {
+                condition_of(&b, "Stalled").is_some_and(|s| {
+                    s["reason"] == "InvalidObject"
+                        && s["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("spec.plugins"))
+                })
+            })
+    })
+    .await;
+    assert!(!c.root().join("team-a/bob").exists(), "bob is not rendered");
+    assert!(
+        !c.root().join("team-b").exists(),
+        "nothing is written for carol"
+    );
+
+    // The others keep going.
+    c.apply(binding(
+        "team-a",
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools", "fmt@tools"],
+    ))
+    .await;
+    eventually("alice renders the next change", || async {
+        c.plugins("team-a/alice").contains("fmt@tools")
+    })
+    .await;
+    // Deleting the pill releases bob.
+    c.delete("agentenv.io/v1alpha1", "PluginBinding", "team-a", "poison")
+        .await;
+    c.ready("team-a", "bob").await;
+}

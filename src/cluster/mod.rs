@@ -768,14 +768,37 @@ impl Ctx {
             "kind": ar.kind,
             "status": status,
         });
-        Api::<DynamicObject>::namespaced_with(self.client.clone(), &key.namespace, ar)
+        let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), &key.namespace, ar);
+        let applied = api
             .patch_status(
                 &key.name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&body),
             )
-            .await
-            .map(|_| ())
+            .await;
+        match applied {
+            // Server-side apply types the stored object first. One stored
+            // under an older or looser CRD, whose spec no longer fits the
+            // schema, cannot be typed, and its status could never say why it
+            // is refused. A JSON patch needs no typing: it replaces the
+            // status as a whole, which is what the apply would have done.
+            Err(kube::Error::Api(e))
+                if e.code == 500 && e.message.contains("typed live object") =>
+            {
+                let replace: json_patch::Patch = serde_json::from_value(serde_json::json!([
+                    {"op": "add", "path": "/status", "value": status}
+                ]))
+                .expect("a JSON patch");
+                api.patch_status(
+                    &key.name,
+                    &PatchParams::default(),
+                    &Patch::<()>::Json(replace),
+                )
+                .await
+                .map(|_| ())
+            }
+            other => other.map(|_| ()),
+        }
     }
 }
 

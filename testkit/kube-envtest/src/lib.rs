@@ -43,6 +43,11 @@ pub const ASSETS_VAR: &str = "KUBEBUILDER_ASSETS";
 /// The static admin token (`system:masters`).
 const ADMIN_TOKEN: &str = "envtest-admin";
 
+/// How long a stopped API server may drain before it is killed. It would
+/// otherwise hold its port (and the restart) for up to a minute while
+/// long-running requests such as watches finish.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
 /// How long the API server may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -304,12 +309,12 @@ impl ControlPlane {
             .collect()
     }
 
-    /// Stops the API server (SIGTERM, as in a rolling upgrade); etcd and
-    /// everything stored stay.
+    /// Stops the API server (SIGTERM, as in a rolling upgrade, then SIGKILL
+    /// after a few seconds of draining); etcd and everything stored stay.
     pub async fn stop_apiserver(&self) {
         let child = self.apiserver.lock().expect("apiserver lock").take();
         if let Some(mut child) = child {
-            tokio::task::spawn_blocking(move || process::stop(&mut child, Duration::from_secs(20)))
+            tokio::task::spawn_blocking(move || process::stop(&mut child, STOP_GRACE))
                 .await
                 .expect("stopping does not panic");
         }
