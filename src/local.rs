@@ -47,6 +47,8 @@ pub const FIGHT_BACKOFF: (Duration, Duration) = (Duration::from_secs(2), Duratio
 pub struct Settings {
     /// Manifest paths.
     pub files: Vec<PathBuf>,
+    /// What a field no schema declares does to its object.
+    pub fields: crate::manifest::FieldValidation,
     /// Builtin config dir.
     pub config: Option<PathBuf>,
     /// The env root (for the watch and `{envDir}`).
@@ -85,6 +87,7 @@ pub enum LoopError {
 /// Reads the builtin layer and the manifests.
 pub fn read_inputs(
     files: &[PathBuf],
+    fields: crate::manifest::FieldValidation,
     config: Option<&PathBuf>,
     cache: &mut crate::manifest::ManifestCache,
 ) -> Result<(Builtin, Snapshot), String> {
@@ -92,8 +95,8 @@ pub fn read_inputs(
         Some(dir) => Builtin::load_dir(dir).map_err(|e| crate::error_chain(&e))?,
         None => Builtin::default(),
     };
-    let snapshot =
-        crate::manifest::load_paths_cached(files, cache).map_err(|e| crate::error_chain(&e))?;
+    let snapshot = crate::manifest::load_paths_cached(files, fields, cache)
+        .map_err(|e| crate::error_chain(&e))?;
     Ok((builtin, snapshot))
 }
 
@@ -133,9 +136,13 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
     let mut manifests = crate::manifest::ManifestCache::default();
-    let (builtin, snapshot) =
-        read_inputs(&settings.files, settings.config.as_ref(), &mut manifests)
-            .map_err(LoopError::Input)?;
+    let (builtin, snapshot) = read_inputs(
+        &settings.files,
+        settings.fields,
+        settings.config.as_ref(),
+        &mut manifests,
+    )
+    .map_err(LoopError::Input)?;
     let engine = engine.with_builtin(builtin);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let _watch = FsWatch::start(
@@ -246,6 +253,7 @@ impl Loop {
     fn reload(&mut self, config_too: bool) -> Option<HashSet<ObjectKey>> {
         match read_inputs(
             &self.settings.files,
+            self.settings.fields,
             self.settings.config.as_ref(),
             &mut self.manifests,
         ) {

@@ -116,17 +116,29 @@ pub enum ManifestError {
     },
 }
 
+/// What happens to a field no schema declares, as the API server's
+/// `fieldValidation` parameter says it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FieldValidation {
+    /// The object is taken without the field and a warning names it: what
+    /// the server does for a client that asks for no strictness.
+    #[default]
+    Warn,
+    /// The object is refused: what `kubectl apply` asks for by default.
+    Strict,
+}
+
 /// Kinds accepted in manifests.
 pub const KINDS: &str = "AgentInstance, PluginBinding, PluginMarketplace, McpServer (agentenv.io/v1alpha1) and Secret (v1)";
 
 /// Loads every `.yaml`, `.yml` and `.json` file under the given paths (files
 /// or directories, recursively, in name order).
-pub fn load_paths(paths: &[PathBuf]) -> Result<Snapshot, ManifestError> {
+pub fn load_paths(paths: &[PathBuf], fields: FieldValidation) -> Result<Snapshot, ManifestError> {
     let mut files = Vec::new();
     for p in paths {
         collect_files(p, &mut files)?;
     }
-    let mut loader = Loader::default();
+    let mut loader = Loader::default().with_field_validation(fields);
     for file in files {
         let text = read_manifest(&file)?;
         loader.add_file(&file, &text)?;
@@ -158,13 +170,14 @@ fn text_hash(text: &str) -> u64 {
 /// only when the load succeeds.
 pub fn load_paths_cached(
     paths: &[PathBuf],
+    fields: FieldValidation,
     cache: &mut ManifestCache,
 ) -> Result<Snapshot, ManifestError> {
     let mut files = Vec::new();
     for p in paths {
         collect_files(p, &mut files)?;
     }
-    let mut loader = Loader::default();
+    let mut loader = Loader::default().with_field_validation(fields);
     let mut next = ManifestCache::default();
     for file in files {
         let text = read_manifest(&file)?;
@@ -275,6 +288,7 @@ pub struct Loader {
     seen: BTreeMap<(String, ObjectKey), Source>,
     objects: usize,
     max_objects: usize,
+    fields: FieldValidation,
 }
 
 impl Default for Loader {
@@ -291,7 +305,14 @@ impl Loader {
             seen: BTreeMap::new(),
             objects: 0,
             max_objects: max,
+            fields: FieldValidation::default(),
         }
+    }
+
+    /// How fields no schema declares are treated ([`FieldValidation::Warn`] by default).
+    pub fn with_field_validation(mut self, fields: FieldValidation) -> Self {
+        self.fields = fields;
+        self
     }
 
     /// Adds every document of one YAML file.
@@ -352,6 +373,7 @@ impl Loader {
         // order, so the first error is the one a serial load would give.
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let chunk = docs.len().div_ceil(threads).max(64);
+        let fields = self.fields;
         let mut checked: Vec<Result<Prepared, ManifestError>> = Vec::with_capacity(docs.len());
         std::thread::scope(|scope| {
             let workers: Vec<_> = docs
@@ -359,7 +381,7 @@ impl Loader {
                 .map(|part| {
                     scope.spawn(move || {
                         part.iter_mut()
-                            .map(|(doc, source)| prepare(std::mem::take(doc), source))
+                            .map(|(doc, source)| prepare(std::mem::take(doc), source, fields))
                             .collect::<Vec<_>>()
                     })
                 })
@@ -368,11 +390,23 @@ impl Loader {
                 checked.extend(w.join().expect("checking a document does not panic"));
             }
         });
-        checked
+        let checked: Vec<(Prepared, Source)> = checked
             .into_iter()
             .zip(docs)
             .map(|(p, (_, source))| p.map(|p| (p, source)))
-            .collect()
+            .collect::<Result<_, _>>()?;
+        // Logged when a file is checked, not when a cached check is reused:
+        // the loop says it once per change of the file.
+        for (p, source) in &checked {
+            for field in &p.unknown_fields {
+                tracing::warn!(
+                    "{source}: {} {}: unknown field {field:?}, ignored (--strict refuses it)",
+                    p.kind,
+                    p.key
+                );
+            }
+        }
+        Ok(checked)
     }
 
     fn count(&mut self, file: &Path) -> Result<(), ManifestError> {
@@ -416,7 +450,7 @@ impl Loader {
 
     /// Adds one parsed document.
     pub fn add_document(&mut self, doc: Value, source: Source) -> Result<(), ManifestError> {
-        let prepared = prepare(doc, &source)?;
+        let prepared = prepare(doc, &source, self.fields)?;
         self.insert(prepared, source)
     }
 
@@ -472,6 +506,8 @@ struct Prepared {
     kind: String,
     key: ObjectKey,
     item: Item,
+    /// Paths of fields no schema declares, left out of `item`.
+    unknown_fields: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -484,7 +520,11 @@ enum Item {
 
 /// Checks one document by itself (schema, rules, Secret data); what spans
 /// documents, duplicates, is the loader's.
-fn prepare(doc: Value, source: &Source) -> Result<Prepared, ManifestError> {
+fn prepare(
+    doc: Value,
+    source: &Source,
+    fields: FieldValidation,
+) -> Result<Prepared, ManifestError> {
     let fail = |message: String| ManifestError::Document {
         source_doc: source.clone(),
         message,
@@ -543,15 +583,48 @@ fn prepare(doc: Value, source: &Source) -> Result<Prepared, ManifestError> {
     let mut doc = doc;
     // Objects read from files carry the namespace they will be applied to.
     doc["metadata"]["namespace"] = Value::String(namespace.clone());
+    let unknown = unknown_fields(&kind, &doc);
+    // What the server would refuse besides the schema: strictness, when
+    // asked for, and the ObjectMeta rules.
+    let mut refusals: Vec<String> = Vec::new();
+    if fields == FieldValidation::Strict {
+        refusals.extend(unknown.iter().map(|f| format!("unknown field {f:?}")));
+    }
+    if let Err(e) = check_metadata(&doc["metadata"]) {
+        refusals.push(e);
+    }
     let item = if kind == "Secret" {
+        if !refusals.is_empty() {
+            return Err(fail(format!("Secret {key}: {}", refusals.join("; "))));
+        }
         Item::Secret(secret_data(&doc, &key, source)?)
     } else {
         match validate(&kind, &doc, &source.to_string()) {
-            Ok(o) => Item::Object(Box::new(o)),
-            Err(inv) => Item::Invalid(inv),
+            Ok(o) if refusals.is_empty() => Item::Object(Box::new(o)),
+            Ok(_) => Item::Invalid(InvalidObject {
+                kind: kind.clone(),
+                key: key.clone(),
+                source: source.to_string(),
+                message: refusals.join("; "),
+                scope: scope_hint(&kind, &doc),
+            }),
+            Err(mut inv) => {
+                refusals.push(inv.message);
+                inv.message = refusals.join("; ");
+                Item::Invalid(inv)
+            }
         }
     };
-    Ok(Prepared { kind, key, item })
+    Ok(Prepared {
+        kind,
+        key,
+        item,
+        unknown_fields: if fields == FieldValidation::Warn {
+            unknown
+        } else {
+            Vec::new()
+        },
+    })
 }
 
 fn secret_data(
@@ -620,6 +693,18 @@ pub enum Object {
 /// from in messages. The namespace must be set in `doc`.
 #[allow(clippy::result_large_err)] // built once per object change; boxing buys nothing
 pub fn validate(kind: &str, doc: &Value, source: &str) -> Result<Object, InvalidObject> {
+    // The API server prunes a null of a non-nullable field and keeps a null
+    // of a nullable one without running its CEL rules; either way the field
+    // is as good as absent, which is how it is checked here.
+    let pruned;
+    let doc = if has_null_field(doc) {
+        let mut copy = doc.clone();
+        drop_null_fields(&mut copy);
+        pruned = copy;
+        &pruned
+    } else {
+        doc
+    };
     let result = match kind {
         "AgentInstance" => typed::<AgentInstance>(doc, &CEL.instance)
             .and_then(|o| check_instance(&o, doc).map(|()| Object::Instance(o))),
@@ -653,6 +738,110 @@ pub fn validate(kind: &str, doc: &Value, source: &str) -> Result<Object, Invalid
             scope: scope_hint(kind, doc),
         }
     })
+}
+
+fn has_null_field(v: &Value) -> bool {
+    match v {
+        Value::Object(m) => m.values().any(|x| x.is_null() || has_null_field(x)),
+        Value::Array(items) => items.iter().any(has_null_field),
+        _ => false,
+    }
+}
+
+/// Removes every object field whose value is null. A null list item stays:
+/// the server refuses it, and so does the typed check.
+fn drop_null_fields(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.retain(|_, x| !x.is_null());
+            m.values_mut().for_each(drop_null_fields);
+        }
+        Value::Array(items) => items.iter_mut().for_each(drop_null_fields),
+        _ => {}
+    }
+}
+
+/// The ObjectMeta rules the API server applies to labels and annotations of
+/// every object, so a manifest `kubectl apply` would refuse is refused here.
+fn check_metadata(meta: &Value) -> Result<(), String> {
+    let mut errors = Vec::new();
+    for (field, values) in [("labels", true), ("annotations", false)] {
+        let Some(map) = meta.get(field).filter(|m| !m.is_null()) else {
+            continue;
+        };
+        let Some(map) = map.as_object() else {
+            errors.push(format!("field metadata.{field}: must be a map of strings"));
+            continue;
+        };
+        let mut size = 0;
+        for (k, v) in map {
+            if let Err(why) = qualified_name(k) {
+                errors.push(format!("field metadata.{field}: {k:?}: {why}"));
+            }
+            let Some(v) = v.as_str() else {
+                errors.push(format!("field metadata.{field}.{k}: must be a string"));
+                continue;
+            };
+            size += k.len() + v.len();
+            if values && let Err(why) = label_value(v) {
+                errors.push(format!("field metadata.{field}.{k}: {v:?}: {why}"));
+            }
+        }
+        if !values && size > MAX_ANNOTATIONS_BYTES {
+            errors.push(format!(
+                "field metadata.{field}: {size} bytes in all, over the limit of {MAX_ANNOTATIONS_BYTES}"
+            ));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+/// The API server's limit on all annotations of an object together.
+const MAX_ANNOTATIONS_BYTES: usize = 256 * 1024;
+
+/// `([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]`, at most 63 bytes: the name
+/// part of a label or annotation key, and a non-empty label value.
+fn name_part(s: &str) -> bool {
+    let b = s.as_bytes();
+    let inner = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.');
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter().all(inner)
+}
+
+/// A label or annotation key: an optional DNS subdomain prefix and `/`, then a name part.
+fn qualified_name(k: &str) -> Result<(), &'static str> {
+    let (prefix, name) = match k.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    if prefix.is_some_and(|p| p.is_empty() || !crd::is_dns_subdomain(p)) {
+        return Err(
+            "the prefix before / must be a DNS subdomain (lowercase letters, digits, '-' and '.')",
+        );
+    }
+    if !name_part(name) {
+        return Err(
+            "a key's name must be at most 63 characters: letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
+        );
+    }
+    Ok(())
+}
+
+fn label_value(v: &str) -> Result<(), &'static str> {
+    if v.is_empty() || name_part(v) {
+        Ok(())
+    } else {
+        Err(
+            "a label value must be empty or at most 63 characters: letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
+        )
+    }
 }
 
 /// The scope an invalid object would have applied at, as far as it can be read.
@@ -727,6 +916,108 @@ fn typed<K: serde::de::DeserializeOwned>(doc: &Value, compiled: &Compiled) -> Re
         return Err(errors.join("; "));
     }
     Ok(obj)
+}
+
+/// The fields of ObjectMeta a manifest may set; the API server also knows
+/// the ones it sets itself, so it does not call them unknown.
+const OBJECT_META_FIELDS: &[&str] = &[
+    "name",
+    "generateName",
+    "namespace",
+    "selfLink",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "labels",
+    "annotations",
+    "ownerReferences",
+    "finalizers",
+    "managedFields",
+];
+
+/// The top-level fields of a core v1 Secret.
+const SECRET_FIELDS: &[&str] = &[
+    "apiVersion",
+    "kind",
+    "metadata",
+    "data",
+    "stringData",
+    "type",
+    "immutable",
+];
+
+/// Paths (`spec.plugins[0].nmae`, as the API server writes them) of the
+/// fields of `doc` that the schema of `kind` does not declare. The server
+/// prunes them from custom resources and drops them from built-in ones; a
+/// typo such as `spec.plugin` would otherwise vanish without a word.
+pub fn unknown_fields(kind: &str, doc: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(obj) = doc.as_object() else {
+        return out;
+    };
+    if let Some(meta) = obj.get("metadata").and_then(Value::as_object) {
+        out.extend(
+            meta.keys()
+                .filter(|k| !OBJECT_META_FIELDS.contains(&k.as_str()))
+                .map(|k| format!("metadata.{k}")),
+        );
+    }
+    let schema = match kind {
+        "AgentInstance" => &CEL.instance.schema,
+        "PluginBinding" => &CEL.binding.schema,
+        "PluginMarketplace" => &CEL.marketplace.schema,
+        "McpServer" => &CEL.mcp.schema,
+        _ => {
+            out.extend(
+                obj.keys()
+                    .filter(|k| !SECRET_FIELDS.contains(&k.as_str()))
+                    .cloned(),
+            );
+            return out;
+        }
+    };
+    for (k, v) in obj {
+        match k.as_str() {
+            "apiVersion" | "kind" | "metadata" => {}
+            _ => match schema.get("properties").and_then(|p| p.get(k)) {
+                Some(sub) => undeclared(sub, v, k, &mut out),
+                None => out.push(k.clone()),
+            },
+        }
+    }
+    out
+}
+
+fn undeclared(schema: &Value, v: &Value, path: &str, out: &mut Vec<String>) {
+    if schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true)) {
+        return;
+    }
+    match v {
+        Value::Object(m) => {
+            let props = schema.get("properties");
+            let extra = schema.get("additionalProperties").filter(|s| s.is_object());
+            for (k, x) in m {
+                let at = format!("{path}.{k}");
+                match props.and_then(|p| p.get(k)).or(extra) {
+                    Some(sub) => undeclared(sub, x, &at, out),
+                    // A map without a value schema takes any key.
+                    None if props.is_none() => {}
+                    None => out.push(at),
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(sub) = schema.get("items") {
+                for (i, x) in items.iter().enumerate() {
+                    undeclared(sub, x, &format!("{path}[{i}]"), out);
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 /// The OpenAPI bounds the API server enforces besides CEL (`minLength`,
@@ -885,6 +1176,7 @@ fn check_mcp(o: &McpServer) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn a_cached_load_equals_a_fresh_one_after_every_change() {
@@ -899,8 +1191,9 @@ mod tests {
         let paths = vec![dir.path().to_owned()];
         let mut cache = ManifestCache::default();
         let same = |cache: &mut ManifestCache| {
-            let cached = load_paths_cached(&paths, cache).map(|s| format!("{s:?}"));
-            let fresh = load_paths(&paths).map(|s| format!("{s:?}"));
+            let cached =
+                load_paths_cached(&paths, FieldValidation::Warn, cache).map(|s| format!("{s:?}"));
+            let fresh = load_paths(&paths, FieldValidation::Warn).map(|s| format!("{s:?}"));
             match (cached, fresh) {
                 (Ok(c), Ok(f)) => assert_eq!(c, f),
                 (Err(c), Err(f)) => assert_eq!(c.to_string(), f.to_string()),
@@ -915,13 +1208,13 @@ mod tests {
         // A duplicate across an unchanged file and a changed one is still found.
         std::fs::write(&b, inst("xa", "t2")).unwrap();
         same(&mut cache);
-        assert!(load_paths_cached(&paths, &mut cache).is_err());
+        assert!(load_paths_cached(&paths, FieldValidation::Warn, &mut cache).is_err());
         std::fs::write(&b, inst("ya", "no spaces allowed here")).unwrap();
         same(&mut cache);
         std::fs::remove_file(&a).unwrap();
         std::fs::write(&b, inst("ya", "t3")).unwrap();
         same(&mut cache);
-        let s = load_paths_cached(&paths, &mut cache).unwrap();
+        let s = load_paths_cached(&paths, FieldValidation::Warn, &mut cache).unwrap();
         assert_eq!(s.instances.len(), 1);
         assert_eq!(s.instances.values().next().unwrap().spec.agent_type, "t3");
     }
@@ -950,6 +1243,129 @@ mod tests {
         let snap = loader.finish();
         assert_eq!(snap.invalid.len(), 1, "{spec} was accepted");
         snap.invalid[0].message.clone()
+    }
+
+    #[test]
+    fn unknown_fields_are_named_by_path_and_refused_only_when_strict() {
+        let doc = json!({
+            "apiVersion": "agentenv.io/v1alpha1", "kind": "McpServer", "colour": 1,
+            "metadata": {"name": "m", "namespace": "dev", "labels": {"a": "b"}, "colour": 1},
+            "spec": {"target": {"agentType": "t"}, "stdio": {"command": "x", "cwd": "/",
+                     "env": {"ANY": "name"}}, "nmae": "m"},
+        });
+        assert_eq!(
+            unknown_fields("McpServer", &doc),
+            ["metadata.colour", "colour", "spec.stdio.cwd", "spec.nmae"]
+        );
+        let source = Source {
+            file: "x.yaml".into(),
+            document: 1,
+        };
+        let mut warn = Loader::default();
+        warn.add_document(doc.clone(), source.clone()).unwrap();
+        assert_eq!(warn.finish().mcp_servers.len(), 1);
+        let mut strict = Loader::default().with_field_validation(FieldValidation::Strict);
+        strict.add_document(doc, source).unwrap();
+        let snap = strict.finish();
+        assert!(snap.mcp_servers.is_empty());
+        assert!(
+            snap.invalid[0]
+                .message
+                .starts_with("unknown field \"metadata.colour\"; unknown field \"colour\""),
+            "{}",
+            snap.invalid[0].message
+        );
+    }
+
+    #[test]
+    fn labels_and_annotations_follow_the_api_servers_rules() {
+        let with = |meta: Value| {
+            let mut doc = json!({
+                "apiVersion": "agentenv.io/v1alpha1", "kind": "AgentInstance",
+                "metadata": {"name": "a", "namespace": "dev"}, "spec": {"agentType": "t"},
+            });
+            doc["metadata"]
+                .as_object_mut()
+                .unwrap()
+                .extend(meta.as_object().unwrap().clone());
+            let mut loader = Loader::default();
+            loader
+                .add_document(
+                    doc,
+                    Source {
+                        file: "x.yaml".into(),
+                        document: 1,
+                    },
+                )
+                .unwrap();
+            loader.finish().invalid.first().map(|i| i.message.clone())
+        };
+        assert_eq!(
+            with(json!({"labels": {"agentenv.io/x": "", "a.b_c-d": "V.1"}})),
+            None
+        );
+        assert_eq!(
+            with(json!({"annotations": {"example.com/note": "any text at all"}})),
+            None
+        );
+        for (meta, says) in [
+            (
+                json!({"labels": {"a b": "x"}}),
+                "field metadata.labels: \"a b\"",
+            ),
+            (
+                json!({"labels": {"a": "x/y"}}),
+                "field metadata.labels.a: \"x/y\"",
+            ),
+            (
+                json!({"labels": {"a": "v".repeat(64)}}),
+                "field metadata.labels.a",
+            ),
+            (
+                json!({"labels": {"Bad_Prefix/a": "x"}}),
+                "the prefix before /",
+            ),
+            (
+                json!({"labels": {"a": 1}}),
+                "field metadata.labels.a: must be a string",
+            ),
+            (
+                json!({"annotations": {"-a": "x"}}),
+                "field metadata.annotations: \"-a\"",
+            ),
+            (
+                json!({"annotations": {"a": "x".repeat(MAX_ANNOTATIONS_BYTES)}}),
+                "bytes in all",
+            ),
+        ] {
+            let got = with(meta.clone()).unwrap_or_else(|| panic!("{meta} was accepted"));
+            assert!(got.contains(says), "{meta}: {got}");
+        }
+    }
+
+    #[test]
+    fn a_null_field_is_as_good_as_absent() {
+        let mut loader = Loader::default();
+        let doc = json!({
+            "apiVersion": "agentenv.io/v1alpha1", "kind": "McpServer",
+            "metadata": {"name": "m", "namespace": "dev"},
+            "spec": {"target": {"agentType": "t", "instance": null}, "name": null, "enabled": null,
+                     "http": {"url": "https://x", "headers": {"A": null}}},
+        });
+        loader
+            .add_document(
+                doc,
+                Source {
+                    file: "x.yaml".into(),
+                    document: 1,
+                },
+            )
+            .unwrap();
+        let snap = loader.finish();
+        assert!(snap.invalid.is_empty(), "{:?}", snap.invalid);
+        let m = snap.mcp_servers.values().next().unwrap();
+        assert!(m.spec.enabled);
+        assert!(m.spec.http.as_ref().unwrap().headers.is_empty());
     }
 
     #[test]

@@ -392,3 +392,69 @@ fn relative_marketplace_directory_is_refused() {
     );
     unchanged(&h, &before);
 }
+
+/// `spec.plugin` for `plugins`, `enabeld` for `enabled`.
+const TYPO_BINDING: &str = "apiVersion: agentenv.io/v1alpha1\nkind: PluginBinding\nmetadata:\n  name: typo\n  namespace: dev\nspec:\n  target:\n    agentType: coder\n  plugin:\n    - name: fmt@tools\n  plugins:\n    - name: x@tools\n      enabeld: false\n";
+/// `strinData` for `stringData`.
+const TYPO_SECRET: &str = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: tokens\n  namespace: dev\n  labels: {agentenv.io/secrets: \"true\"}\nstrinData:\n  A: b\n";
+
+#[test]
+fn an_unknown_field_is_a_warning_by_default_and_refused_under_strict() {
+    let (h, before) = rendered();
+    h.manifest(
+        "typos",
+        &docs(&[TYPO_BINDING.to_owned(), TYPO_SECRET.to_owned()]),
+    );
+    // As the API server without strictness: the object is taken without the
+    // fields, and each is named with its file and object.
+    let run = h.reconcile();
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    for (object, field) in [
+        ("PluginBinding dev/typo", "spec.plugin"),
+        ("PluginBinding dev/typo", "spec.plugins[0].enabeld"),
+        ("Secret dev/tokens", "strinData"),
+    ] {
+        assert!(
+            run.stderr
+                .lines()
+                .any(|l| l.contains("typos.yaml (document ")
+                    && l.contains(object)
+                    && l.contains(&format!("unknown field {field:?}"))),
+            "{object} {field}: {}",
+            run.stderr
+        );
+    }
+    let settings: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(h.env_file("dev/alice/settings.json")).unwrap())
+            .unwrap();
+    assert_eq!(settings["enabledPlugins"]["x@tools"], json!(true));
+    assert!(settings["enabledPlugins"].get("fmt@tools").is_none());
+
+    // As kubectl apply: refused, naming every unknown field; nothing lost.
+    h.manifest("typos", TYPO_BINDING);
+    std::fs::write(h.env_file("dev/alice/settings.json"), &before).unwrap();
+    let run = h.reconcile_with(&["--strict"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let row = &run.rows()[0];
+    assert_eq!(row["reason"], "InvalidObject");
+    let message = row["message"].as_str().unwrap();
+    assert!(
+        message.contains("PluginBinding dev/typo")
+            && message.contains("unknown field \"spec.plugin\"")
+            && message.contains("unknown field \"spec.plugins[0].enabeld\""),
+        "{message}"
+    );
+    unchanged(&h, &before);
+
+    // A Secret cannot be held back by itself: under --strict it fails the load.
+    h.manifest("typos", TYPO_SECRET);
+    let run = h.reconcile_with(&["--strict"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("typos.yaml (document 1): Secret dev/tokens: unknown field \"strinData\""),
+        "{}",
+        run.stderr
+    );
+    unchanged(&h, &before);
+}

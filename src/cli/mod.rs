@@ -155,6 +155,21 @@ pub struct InputArgs {
     /// Skip fsync of written files (faster, not crash-safe; for throwaway env roots).
     #[arg(long, env = "AGENT_ENV_NO_FSYNC")]
     pub no_fsync: bool,
+    /// Refuse an object with a field its schema does not declare (as `kubectl
+    /// apply` does by default) instead of warning and ignoring the field (as
+    /// the API server does for a client that asks for no strictness).
+    #[arg(long, env = "AGENT_ENV_STRICT")]
+    pub strict: bool,
+}
+
+impl InputArgs {
+    fn field_validation(&self) -> manifest::FieldValidation {
+        if self.strict {
+            manifest::FieldValidation::Strict
+        } else {
+            manifest::FieldValidation::Warn
+        }
+    }
 }
 
 /// `reconcile` arguments.
@@ -240,7 +255,8 @@ async fn load(input: &InputArgs, mode: Mode) -> Result<Loaded, ExitCode> {
         Some(dir) => Builtin::load_dir(dir).map_err(|e| fail(&e))?,
         None => Builtin::default(),
     };
-    let snapshot = manifest::load_paths(&input.files).map_err(|e| fail(&e))?;
+    let snapshot =
+        manifest::load_paths(&input.files, input.field_validation()).map_err(|e| fail(&e))?;
     let store = match mode {
         Mode::Apply => input.state.open().await?,
         Mode::DryRun => state::open_existing(&input.state.url(), &input.state.keys())
@@ -315,6 +331,7 @@ async fn watch(args: ReconcileArgs) -> ExitCode {
     let engine = Engine::new(root, store, Builtin::default()).with_concurrency(input.concurrency);
     let settings = local::Settings {
         files: input.files.clone(),
+        fields: input.field_validation(),
         config: input.config.clone(),
         env_root: input.state.env_root.clone(),
         resync: args.resync_interval,
