@@ -122,12 +122,19 @@ impl ApiError {
     }
 
     /// 422 naming every field error, joined the way the real server joins
-    /// them (`[a, b]` when there are several).
+    /// them (`[a, b]` when there are several, each message once; the causes
+    /// keep every error).
     pub fn invalid(kind: &Kind, name: &str, errors: &[FieldError]) -> Self {
-        let joined = if errors.len() == 1 {
-            errors[0].to_string()
+        let mut all: Vec<String> = Vec::new();
+        for e in errors {
+            let e = e.to_string();
+            if !all.contains(&e) {
+                all.push(e);
+            }
+        }
+        let joined = if all.len() == 1 {
+            all.remove(0)
         } else {
-            let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
             format!("[{}]", all.join(", "))
         };
         let causes: Vec<Value> = errors
@@ -149,6 +156,21 @@ impl ApiError {
         }
     }
 
+    /// 403 for a request the object's state forbids.
+    pub fn forbidden(group: &str, plural: &str, name: &str, why: &str) -> Self {
+        ApiError {
+            details: Some(json!({"name": name, "group": group, "kind": plural})),
+            ..Self::new(
+                403,
+                "Forbidden",
+                format!(
+                    "{} \"{name}\" is forbidden: {why}",
+                    qualified_resource(group, plural)
+                ),
+            )
+        }
+    }
+
     /// What a watch from a compacted resourceVersion gets.
     pub fn expired(message: impl Into<String>) -> Self {
         Self::new(410, "Expired", message)
@@ -164,6 +186,12 @@ impl ApiError {
             "reason": self.reason,
             "code": self.code,
         });
+        // A Status a handler built by hand may carry no reason at all.
+        if self.reason.is_empty()
+            && let Some(m) = status.as_object_mut()
+        {
+            m.shift_remove("reason");
+        }
         if let Some(details) = &self.details {
             status["details"] = details.clone();
         }

@@ -366,7 +366,8 @@ fn dispatch(
             }
             let obj = parse_json(body)?;
             let dry_run = is_dry_run(q, None);
-            let w = write::create(shared, &t, obj, dry_run)?;
+            let manager = q.get("fieldManager").map(String::as_str);
+            let w = write::create(shared, &t, obj, manager, dry_run)?;
             Ok(written(w))
         }
         ("create", Some(name)) if route.subresource == Some("eviction") => {
@@ -376,7 +377,8 @@ fn dispatch(
         }
         ("update", Some(name)) => {
             let obj = parse_json(body)?;
-            let w = write::replace(shared, &t, name, obj, part, is_dry_run(q, None))?;
+            let manager = q.get("fieldManager").map(String::as_str);
+            let w = write::replace(shared, &t, name, obj, part, manager, is_dry_run(q, None))?;
             Ok(written(w))
         }
         ("patch", Some(name)) => {
@@ -550,6 +552,12 @@ fn list(shared: &Shared, t: &Target, q: &Query, meta_only: bool) -> Result<Value
         items.push(list_item(kind, obj, &api_version, meta_only));
         last = Some((key.2.clone(), key.3.clone()));
     }
+    // Custom resource lists are unstructured on a real server, whose
+    // `continue` is there even when empty.
+    let continue_token = match continue_token {
+        None if kind.is_custom() && !meta_only => Some(String::new()),
+        other => other,
+    };
     Ok(list_doc(
         kind,
         &api_version,

@@ -10,6 +10,7 @@
 mod discovery;
 mod error;
 mod eviction;
+mod fields;
 mod http;
 mod kinds;
 mod meta;

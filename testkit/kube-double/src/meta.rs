@@ -70,9 +70,45 @@ pub(crate) fn resource_version(obj: &Value) -> Option<&str> {
 
 /// RFC 3339 in whole seconds, as Kubernetes timestamps are.
 pub(crate) fn now() -> String {
-    jiff::Timestamp::now()
-        .strftime("%Y-%m-%dT%H:%M:%SZ")
-        .to_string()
+    seconds_from_now(0)
+}
+
+/// [`now`] moved by `secs` (a graceful deletion's deadline).
+pub(crate) fn seconds_from_now(secs: i64) -> String {
+    let at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(secs);
+    at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// A timestamp moved by `secs`; None if it is not RFC 3339.
+pub(crate) fn shift_time(time: &str, secs: i64) -> Option<String> {
+    let at: jiff::Timestamp = time.parse().ok()?;
+    let at = at + jiff::SignedDuration::from_secs(secs);
+    Some(at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+}
+
+/// ObjectMeta's lists and maps are `omitempty` on a real server: an empty
+/// one written is not stored, so `finalizers: []` reads back as absent.
+pub(crate) fn drop_empty_meta(obj: &mut Value) {
+    let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for field in [
+        "labels",
+        "annotations",
+        "finalizers",
+        "ownerReferences",
+        "managedFields",
+    ] {
+        let empty = match meta.get(field) {
+            Some(Value::Array(a)) => a.is_empty(),
+            Some(Value::Object(m)) => m.is_empty(),
+            Some(Value::Null) => true,
+            _ => false,
+        };
+        if empty {
+            meta.shift_remove(field);
+        }
+    }
 }
 
 /// An object as a client sees it at `api_version`, or only its metadata when

@@ -1,11 +1,13 @@
 //! The object store: JSON objects keyed by group/resource/namespace/name, one
 //! global resourceVersion counter, and the watch event history.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use serde_json::Value;
 use tokio::sync::broadcast;
+
+use crate::fields::Owners;
 
 /// (group, plural, namespace or "" when cluster-scoped, name)
 pub(crate) type Key = (String, String, String, String);
@@ -51,6 +53,8 @@ pub(crate) struct Store {
     /// Events at or below this resourceVersion are forgotten.
     floor: u64,
     events: broadcast::Sender<Arc<Event>>,
+    /// Field ownership per stored object, for server-side apply.
+    owners: HashMap<Key, Owners>,
     pub validator: kube::core::cel::Validator,
 }
 
@@ -70,6 +74,7 @@ impl Store {
             history: VecDeque::new(),
             floor: 1,
             events,
+            owners: HashMap::new(),
             validator: kube::core::cel::Validator::new(),
         }
     }
@@ -107,8 +112,21 @@ impl Store {
         self.record(key, object, old, kind);
     }
 
+    /// Who owns which fields of a stored object.
+    pub fn owners(&self, key: &Key) -> Owners {
+        self.owners.get(key).cloned().unwrap_or_default()
+    }
+
+    /// Records field ownership of an object still stored.
+    pub fn set_owners(&mut self, key: &Key, owners: Owners) {
+        if self.objects.contains_key(key) {
+            self.owners.insert(key.clone(), owners);
+        }
+    }
+
     /// Removes the object; `object` is its final state, stamped with `next_rv`.
     pub fn remove(&mut self, key: &Key, object: Value) {
+        self.owners.remove(key);
         let old = self.objects.remove(key);
         self.record(key.clone(), object, old, EventType::Deleted);
     }

@@ -2,6 +2,7 @@
 //! subresource isolation, optimistic concurrency, finalizers, and admission
 //! (ObjectMeta checks for every kind, schema and CEL for custom resources).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -9,6 +10,7 @@ use serde_json::{Map, Value, json};
 
 use crate::Shared;
 use crate::error::ApiError;
+use crate::fields::{self, Path};
 use crate::kinds::Kind;
 use crate::meta::{self, finalizers, is_deleting, metadata, metadata_mut};
 use crate::patch::{self, PatchType};
@@ -36,7 +38,7 @@ impl Target {
 }
 
 /// Which part of the object a write may change.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Part {
     Main,
     Status,
@@ -212,14 +214,57 @@ fn same_ignoring_version(a: &Value, b: &Value) -> bool {
     strip(a) == strip(b)
 }
 
+/// The manager a write without `fieldManager` is recorded under.
+const NO_MANAGER: &str = "";
+
 pub(crate) fn create(
     shared: &Shared,
     t: &Target,
     body: Value,
+    field_manager: Option<&str>,
     dry_run: bool,
 ) -> Result<Written, ApiError> {
     let mut store = shared.store();
-    create_locked(&mut store, t, body, dry_run)
+    let w = create_locked(&mut store, t, body, dry_run)?;
+    if !dry_run {
+        let key = t.key(meta::meta_str(&w.object, "name").unwrap_or_default());
+        let mut owners = store.owners(&key);
+        let view = fields::view(&w.object, Part::Main, t.kind.status);
+        owners.update(
+            field_manager.unwrap_or(NO_MANAGER),
+            Part::Main,
+            &json!({}),
+            &view,
+        );
+        store.set_owners(&key, owners);
+    }
+    Ok(w)
+}
+
+/// How a committed write is recorded in the object's field ownership.
+enum Writer<'a> {
+    Update(&'a str),
+    Apply(&'a str, BTreeSet<Path>),
+}
+
+fn record(
+    store: &mut Store,
+    t: &Target,
+    name: &str,
+    part: Part,
+    writer: Writer<'_>,
+    old: &Value,
+    new: &Value,
+) {
+    let key = t.key(name);
+    let mut owners = store.owners(&key);
+    let old = fields::view(old, part, t.kind.status);
+    let new = fields::view(new, part, t.kind.status);
+    match writer {
+        Writer::Update(manager) => owners.update(manager, part, &old, &new),
+        Writer::Apply(manager, applied) => owners.apply(manager, part, applied, &old, &new),
+    }
+    store.set_owners(&key, owners);
 }
 
 fn create_locked(
@@ -278,6 +323,7 @@ fn create_locked(
         set_or_remove(&mut obj, "status", None);
     }
     admit(store, t, &name, &mut obj, None)?;
+    meta::drop_empty_meta(&mut obj);
     let key = t.key(&name);
     if store.get(&key).is_some() {
         return Err(ApiError::already_exists(&t.kind, &name));
@@ -356,20 +402,28 @@ fn commit_update(
             .filter(|f| !before.contains(f))
             .collect();
         if !added.is_empty() {
-            return Err(ApiError::invalid(
-                &t.kind,
-                name,
-                &[FieldError::forbidden(
-                    "metadata.finalizers",
-                    &format!(
-                        "no new finalizers can be added if the object is being deleted, found new finalizers {}",
-                        json!(added)
-                    ),
-                )],
-            ));
+            // Go's `%#v` of a []string.
+            let quoted: Vec<String> = added.iter().map(|f| json!(f).to_string()).collect();
+            let error = FieldError::forbidden(
+                "metadata.finalizers",
+                &format!(
+                    "no new finalizers can be added if the object is being deleted, found new finalizers []string{{{}}}",
+                    quoted.join(", ")
+                ),
+            );
+            // Custom resources go through this check twice (the generic
+            // ObjectMeta update check and the CRD strategy's), so the real
+            // server lists the cause twice and names it once.
+            let errors = if t.kind.is_custom() {
+                vec![error.clone(), error]
+            } else {
+                vec![error]
+            };
+            return Err(ApiError::invalid(&t.kind, name, &errors));
         }
     }
     admit(store, t, name, &mut new, Some(old))?;
+    meta::drop_empty_meta(&mut new);
     if spec_changed(&t.kind, old, &new) {
         set_meta(&mut new, "generation", json!(generation(old) + 1));
     }
@@ -393,7 +447,15 @@ fn commit_update(
     );
     let key = t.key(name);
     if is_deleting(&new) && finalizers(&new).is_empty() {
-        store.remove(&key, new.clone());
+        // The write that lets a deletion finish deletes what was stored: its
+        // DELETED event carries the object as it was, finalizers and all.
+        let mut last = old.clone();
+        set_meta(
+            &mut last,
+            "resourceVersion",
+            new["metadata"]["resourceVersion"].clone(),
+        );
+        store.remove(&key, last);
     } else {
         store.put(key, new.clone(), EventType::Modified);
     }
@@ -409,6 +471,7 @@ pub(crate) fn replace(
     name: &str,
     body: Value,
     part: Part,
+    field_manager: Option<&str>,
     dry_run: bool,
 ) -> Result<Written, ApiError> {
     if !body.is_object() {
@@ -421,6 +484,7 @@ pub(crate) fn replace(
         .get(&t.key(name))
         .cloned()
         .ok_or_else(|| ApiError::not_found(&t.kind, name))?;
+    let writer = Writer::Update(field_manager.unwrap_or(NO_MANAGER));
     if meta::resource_version(&body).is_none() && !t.kind.allows_unconditional_update() {
         return Err(ApiError::invalid(
             &t.kind,
@@ -432,7 +496,11 @@ pub(crate) fn replace(
             )],
         ));
     }
-    commit_update(&mut store, t, name, &old, body, part, dry_run)
+    let w = commit_update(&mut store, t, name, &old, body, part, dry_run)?;
+    if !dry_run {
+        record(&mut store, t, name, part, writer, &old, &w.object);
+    }
+    Ok(w)
 }
 
 pub(crate) struct PatchRequest<'a> {
@@ -464,33 +532,59 @@ pub(crate) fn patch(
     let mut store = shared.store();
     let Some(old) = store.get(&t.key(name)).cloned() else {
         if req.patch_type == PatchType::Apply && part == Part::Main {
-            return apply_create(&mut store, t, name, body, req.dry_run);
+            let applied = fields::fields(&fields::view(&body, part, t.kind.status));
+            let w = apply_create(&mut store, t, name, body, req.dry_run)?;
+            if !req.dry_run {
+                let manager = req.field_manager.unwrap_or(NO_MANAGER);
+                record(
+                    &mut store,
+                    t,
+                    name,
+                    part,
+                    Writer::Apply(manager, applied),
+                    &json!({}),
+                    &w.object,
+                );
+            }
+            return Ok(w);
         }
         return Err(ApiError::not_found(&t.kind, name));
     };
     // Patches apply to the object as read at the request's version.
     let mut view = old.clone();
     view["apiVersion"] = Value::String(t.kind.api_version(&t.version));
-    let candidate = match req.patch_type {
+    let manager = req.field_manager.unwrap_or(NO_MANAGER);
+    let (candidate, writer) = match req.patch_type {
         PatchType::Apply => {
             check_applied_object(&body)?;
-            match part {
+            let applied = fields::fields(&fields::view(&body, part, t.kind.status));
+            let mut c = match part {
                 Part::Main => patch::apply(&view, PatchType::Apply, &body)?,
                 Part::Status => {
                     let mut c = view;
                     if let Some(status) = body.get("status") {
-                        set_or_remove(&mut c, "status", Some(status.clone()));
+                        c = patch::apply(&c, PatchType::Apply, &json!({"status": status}))?;
                     }
                     if let Some(rv) = meta::resource_version(&body) {
                         set_meta(&mut c, "resourceVersion", Value::String(rv.to_owned()));
                     }
                     c
                 }
+            };
+            // What this manager applied before and leaves out now goes,
+            // unless another manager set it too.
+            for path in store.owners(&t.key(name)).dropped(manager, part, &applied) {
+                fields::remove(&mut c, &path);
             }
+            (c, Writer::Apply(manager, applied))
         }
-        other => patch::apply(&view, other, &body)?,
+        other => (patch::apply(&view, other, &body)?, Writer::Update(manager)),
     };
-    commit_update(&mut store, t, name, &old, candidate, part, req.dry_run)
+    let w = commit_update(&mut store, t, name, &old, candidate, part, req.dry_run)?;
+    if !req.dry_run {
+        record(&mut store, t, name, part, writer, &old, &w.object);
+    }
+    Ok(w)
 }
 
 fn check_applied_object(body: &Value) -> Result<(), ApiError> {
@@ -592,6 +686,12 @@ pub(crate) fn delete_locked(
         .ok_or_else(|| ApiError::not_found(&t.kind, name))?;
     check_preconditions(t, name, &old, options)?;
     let done = |object| Written { object, code: 200 };
+    if t.kind.group.is_empty()
+        && t.kind.plural == "pods"
+        && let Some(w) = delete_pod_gracefully(store, &key, &old, options, dry_run)
+    {
+        return Ok(w);
+    }
     if !finalizers(&old).is_empty() {
         if is_deleting(&old) {
             return Ok(done(old));
@@ -624,6 +724,107 @@ pub(crate) fn delete_locked(
     );
     store.remove(&key, gone.clone());
     Ok(done(gone))
+}
+
+/// What a pod's `terminationGracePeriodSeconds` is defaulted to.
+const DEFAULT_GRACE_PERIOD: i64 = 30;
+
+/// How long a pod may take to stop, as the pod strategy reckons it: what
+/// the delete asks for, else the pod's own grace period; none for a pod on
+/// no node (no kubelet will stop it) or one that has finished.
+fn pod_grace_period(pod: &Value, options: &Value) -> i64 {
+    let asked = options.get("gracePeriodSeconds").and_then(Value::as_i64);
+    let own = pod
+        .pointer("/spec/terminationGracePeriodSeconds")
+        .and_then(Value::as_i64);
+    let scheduled = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .is_some_and(|n| !n.is_empty());
+    let finished = matches!(
+        pod.pointer("/status/phase").and_then(Value::as_str),
+        Some("Succeeded" | "Failed")
+    );
+    if asked.is_some_and(|p| p < 0) {
+        1
+    } else if !scheduled || finished {
+        0
+    } else {
+        asked.or(own).unwrap_or(DEFAULT_GRACE_PERIOD)
+    }
+}
+
+/// Pods are deleted gracefully: the deletion is stamped on the pod
+/// (`deletionTimestamp` at the deadline, `deletionGracePeriodSeconds`) and
+/// the pod stays until its kubelet deletes it again with a grace period of
+/// 0; with no time to give (no node, finished, or 0 asked for) it goes at
+/// once, after that stamp. A pod already stopping may only be given less
+/// time. None when the ordinary deletion applies instead.
+fn delete_pod_gracefully(
+    store: &mut Store,
+    key: &Key,
+    old: &Value,
+    options: &Value,
+    dry_run: bool,
+) -> Option<Written> {
+    let given = metadata(old)
+        .and_then(|m| m.get("deletionGracePeriodSeconds"))
+        .and_then(Value::as_i64);
+    let mut new = old.clone();
+    let period = if is_deleting(old) {
+        let current = given.filter(|g| *g > 0)?;
+        let asked = options.get("gracePeriodSeconds").and_then(Value::as_i64);
+        let period = match asked {
+            Some(p) if p < current => p.max(0),
+            _ => {
+                return Some(Written {
+                    object: old.clone(),
+                    code: 200,
+                });
+            }
+        };
+        let deadline = meta::meta_str(old, "deletionTimestamp")
+            .and_then(|t| meta::shift_time(t, period - current))
+            .unwrap_or_else(|| meta::seconds_from_now(period));
+        set_meta(&mut new, "deletionTimestamp", Value::String(deadline));
+        period
+    } else {
+        let period = pod_grace_period(old, options);
+        set_meta(
+            &mut new,
+            "deletionTimestamp",
+            Value::String(meta::seconds_from_now(period)),
+        );
+        if generation(old) > 0 {
+            set_meta(&mut new, "generation", json!(generation(old) + 1));
+        }
+        period
+    };
+    set_meta(&mut new, "deletionGracePeriodSeconds", json!(period));
+    if dry_run {
+        return Some(Written {
+            object: new,
+            code: 200,
+        });
+    }
+    set_meta(
+        &mut new,
+        "resourceVersion",
+        Value::String(store.next_rv().to_string()),
+    );
+    store.put(key.clone(), new.clone(), EventType::Modified);
+    if period == 0 && finalizers(&new).is_empty() {
+        set_meta(
+            &mut new,
+            "resourceVersion",
+            Value::String(store.next_rv().to_string()),
+        );
+        store.remove(key, new.clone());
+    }
+    Some(Written {
+        object: new,
+        code: 200,
+    })
 }
 
 pub(crate) fn delete_collection(
