@@ -12,10 +12,18 @@
 //! - `FLEET_DIR` (default `target/bench-fleet`): where fleets are generated
 //!   (a real disk: fsync on tmpfs is free);
 //! - `FLEET_IDLE_SECS` (default `60`): the idle CPU window;
-//! - `FLEET_REPORT_ONLY=1`: rewrite `fleet.md` from `fleet.json` and stop.
+//! - `FLEET_PARTS` (default `host,cluster`): `host` is all of the above,
+//!   `cluster` the controller on a real kube-apiserver (`cluster.rs`; needs
+//!   `KUBEBUILDER_ASSETS`, skipped without);
+//! - `FLEET_CLUSTER_SIZES` (default `1000,10000`): fleet sizes of the
+//!   cluster part;
+//! - `FLEET_REPORT_ONLY=1`: rewrite the `.md` tables from the `.json`
+//!   results and stop.
 //!
-//! Writes `bench/results/fleet.json` and `bench/results/fleet.md`.
+//! Writes `bench/results/fleet.json` and `fleet.md` (host), `cluster.json`
+//! and `cluster.md` (cluster).
 
+mod cluster;
 mod fleet_gen;
 mod probe;
 
@@ -38,19 +46,63 @@ const FANOUT_TYPE: usize = 3;
 
 fn main() {
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/results");
-    // Only the table again, from the last results (after changing its layout).
+    // Only the tables again, from the last results (after changing a layout).
     if std::env::var("FLEET_REPORT_ONLY").is_ok_and(|v| v == "1") {
-        let report: Value =
-            serde_json::from_slice(&std::fs::read(out.join("fleet.json")).unwrap()).unwrap();
-        std::fs::write(out.join("fleet.md"), markdown(&report)).unwrap();
+        let read = |f: &str| -> Option<Value> {
+            serde_json::from_slice(&std::fs::read(out.join(f)).ok()?).ok()
+        };
+        if let Some(r) = read("fleet.json") {
+            std::fs::write(out.join("fleet.md"), markdown(&r)).unwrap();
+        }
+        if let Some(r) = read("cluster.json") {
+            std::fs::write(out.join("cluster.md"), cluster_markdown(&r)).unwrap();
+        }
         return;
     }
     // `cargo bench` passes `--bench`; there is nothing to filter.
-    let sizes: Vec<usize> = std::env::var("FLEET_SIZES")
-        .unwrap_or_else(|_| "1000,10000".into())
-        .split(',')
-        .map(|s| s.trim().parse().expect("FLEET_SIZES: numbers"))
-        .collect();
+    let sizes = |var: &str| -> Vec<usize> {
+        std::env::var(var)
+            .unwrap_or_else(|_| "1000,10000".into())
+            .split(',')
+            .map(|s| s.trim().parse().expect("fleet sizes: numbers"))
+            .collect()
+    };
+    let parts = std::env::var("FLEET_PARTS").unwrap_or_else(|_| "host,cluster".into());
+    let parts: Vec<&str> = parts.split(',').map(str::trim).collect();
+    let base = std::env::var_os("FLEET_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-fleet"),
+        PathBuf::from,
+    );
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::create_dir_all(&out).unwrap();
+    if parts.contains(&"host") {
+        host(&base, &sizes("FLEET_SIZES"), &out);
+    }
+    if parts.contains(&"cluster") {
+        let fleets = cluster::measure(&base, &sizes("FLEET_CLUSTER_SIZES"));
+        if fleets.is_null() {
+            return;
+        }
+        let report = json!({
+            "benchmark": "cluster",
+            "date": date(),
+            "machine": probe::machine(),
+            "fleets": fleets,
+        });
+        std::fs::write(
+            out.join("cluster.json"),
+            serde_json::to_string_pretty(&report).unwrap() + "\n",
+        )
+        .unwrap();
+        let table = cluster_markdown(&report);
+        std::fs::write(out.join("cluster.md"), &table).unwrap();
+        println!("{table}");
+    }
+}
+
+/// The host part: `reconcile --once` per size, then the loop on the largest.
+fn host(base: &Path, sizes: &[usize], out: &Path) {
     let baseline = std::env::var("FLEET_BASELINE").map_or(true, |v| v != "0");
     let baseline_max: usize = std::env::var("FLEET_BASELINE_MAX")
         .ok()
@@ -60,12 +112,6 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(60);
-    let base = std::env::var_os("FLEET_DIR").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-fleet"),
-        PathBuf::from,
-    );
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
 
     let mut fleets = Vec::new();
     let mut loop_result = Value::Null;
@@ -92,7 +138,6 @@ fn main() {
         "fleets": fleets,
         "loop": loop_result,
     });
-    std::fs::create_dir_all(&out).unwrap();
     std::fs::write(
         out.join("fleet.json"),
         serde_json::to_string_pretty(&report).unwrap() + "\n",
@@ -703,6 +748,78 @@ fn markdown(r: &Value) -> String {
             "| idle CPU over {} s | {} millicores | < 10 |\n",
             l["idle_window_s"], l["idle_millicores"]
         ));
+    }
+    s
+}
+
+fn cluster_markdown(r: &Value) -> String {
+    let fleets = r["fleets"].as_array().unwrap();
+    let m = &r["machine"];
+    let mut s = format!(
+        "Cluster benchmark, {} on {} ({} cores, {} GiB): `agent-env run` as its service account against kube-apiserver and etcd on the same machine, the fleet of the fleet benchmark created through the API (instance-scope objects before the instances).\n\n| measure |",
+        r["date"].as_str().unwrap_or(""),
+        m["cpu"].as_str().unwrap_or(""),
+        m["cores"],
+        m["memory_gib"],
+    );
+    for f in fleets {
+        s.push_str(&format!(" {} instances |", f["instances"]));
+    }
+    s.push_str(" target |\n|---|");
+    for _ in fleets {
+        s.push_str("---|");
+    }
+    s.push_str("---|\n");
+    const ROWS: &[(&str, &str, &str)] = &[
+        ("objects in the namespace", "/objects", ""),
+        (
+            "live: creating the instances, 16 at a time (s)",
+            "/live/create_s",
+            "",
+        ),
+        (
+            "live: last create to all Ready (s)",
+            "/live/ready_after_last_create_s",
+            "10k < 10 s",
+        ),
+        (
+            "live: operator API requests per instance",
+            "/live/requests_per_instance/total",
+            "",
+        ),
+        (
+            "live: operator peak RSS (MB)",
+            "/live/peak_rss_mb",
+            "10k < 200",
+        ),
+        ("cold start to all Ready (s)", "/cold/all_ready_s", ""),
+        (
+            "cold start: operator API requests per instance",
+            "/cold/requests_per_instance/total",
+            "",
+        ),
+        (
+            "cold start: operator peak RSS (MB)",
+            "/cold/peak_rss_mb",
+            "10k < 200",
+        ),
+        ("floor: the same status applies alone (s)", "/floor_s", ""),
+        ("cold start / floor", "/cold_over_floor", "≤ 1.5"),
+    ];
+    for (label, at, target) in ROWS {
+        s.push_str(&format!("| {label} |"));
+        for f in fleets {
+            let v = f.pointer(at).unwrap_or(&Value::Null);
+            s.push_str(&format!(
+                " {} |",
+                if v.is_null() {
+                    "n/a".into()
+                } else {
+                    v.to_string()
+                }
+            ));
+        }
+        s.push_str(&format!(" {target} |\n"));
     }
     s
 }

@@ -13,7 +13,7 @@ use kube::api::DynamicObject;
 use kube::runtime::watcher;
 use serde_json::Value;
 
-use crate::crd::{SECRETS_LABEL, Scope};
+use crate::crd::{AgentInstanceStatus, ObjectStatus, SECRETS_LABEL, Scope};
 use crate::manifest::{self, Object};
 use crate::secrets::{LabelledSecrets, SecretRef, SecretValue};
 use crate::snapshot::{InvalidObject, ObjectKey, Snapshot};
@@ -60,7 +60,48 @@ struct Entry {
     /// resourceVersion, managed fields) affects no instance.
     fingerprint: u64,
     generation: Option<i64>,
-    status: Value,
+    /// The status as served, for bindings, marketplaces and MCP servers;
+    /// an instance's is in [`Inner::instance_status`].
+    status: Option<ObjectStatus>,
+}
+
+/// An instance's status as served, kept small: the entries of its last
+/// render (a few dozen per instance, most of its size) as one JSON text,
+/// read back only when a pass needs them.
+#[derive(Clone, Debug)]
+struct SeenStatus {
+    /// `metadata.resourceVersion` of the object it came with.
+    version: Option<String>,
+    /// The status without `rendered.entries`.
+    status: AgentInstanceStatus,
+    /// `rendered.entries`, as JSON.
+    entries: Box<str>,
+}
+
+impl SeenStatus {
+    fn new(version: Option<String>, status: Value) -> SeenStatus {
+        let mut status: AgentInstanceStatus = serde_json::from_value(status).unwrap_or_default();
+        let entries = status
+            .rendered
+            .as_mut()
+            .map(|r| std::mem::take(&mut r.entries))
+            .unwrap_or_default();
+        SeenStatus {
+            version,
+            status,
+            entries: serde_json::to_string(&entries)
+                .unwrap_or_default()
+                .into_boxed_str(),
+        }
+    }
+
+    fn full(&self) -> AgentInstanceStatus {
+        let mut status = self.status.clone();
+        if let Some(r) = status.rendered.as_mut() {
+            r.entries = serde_json::from_str(&self.entries).unwrap_or_default();
+        }
+        status
+    }
 }
 
 /// An agent pod as far as the boot handshake and restarts care.
@@ -94,12 +135,20 @@ struct Inner {
     pods: HashMap<ObjectKey, BTreeMap<String, PodInfo>>,
     /// Per kind, the keys not seen again since a re-list began.
     relisting: HashMap<Kind, HashSet<ObjectKey>>,
+    /// Instances' statuses as served; see [`Catalog::take_instance_status`].
+    instance_status: HashMap<ObjectKey, SeenStatus>,
+    /// Counts changes of custom objects other than their status.
+    object_changes: u64,
 }
 
 /// See the module docs.
 #[derive(Default)]
 pub struct Catalog {
     inner: RwLock<Inner>,
+    /// Bumped by every change that can change a binding's, marketplace's or
+    /// MCP server's status: one of those objects or an instance added,
+    /// removed or changed in what it depends on. Status echoes do not count.
+    changes: std::sync::atomic::AtomicU64,
 }
 
 /// What a watch delivered for one object, converted for the catalog.
@@ -134,6 +183,26 @@ impl Catalog {
         convert: impl Fn(&K) -> Option<(ObjectKey, Item)>,
     ) -> Vec<ObjectKey> {
         let mut inner = self.inner.write().expect("catalog lock");
+        let before = inner.object_changes;
+        let affected = Self::apply(&mut inner, kind, event, convert);
+        if inner.object_changes != before {
+            self.changes
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
+        affected
+    }
+
+    /// How many changes could have changed an object's status so far.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn apply<K>(
+        inner: &mut Inner,
+        kind: Kind,
+        event: &watcher::Event<K>,
+        convert: impl Fn(&K) -> Option<(ObjectKey, Item)>,
+    ) -> Vec<ObjectKey> {
         match event {
             watcher::Event::Init => {
                 let keys = inner.keys_of(kind);
@@ -157,6 +226,37 @@ impl Catalog {
                 let gone = inner.relisting.remove(&kind).unwrap_or_default();
                 gone.iter().flat_map(|k| inner.remove(kind, k)).collect()
             }
+        }
+    }
+
+    /// Takes the status out of an AgentInstance as served, keeping it in a
+    /// compact form: the controller's cache of instances then holds only
+    /// their metadata and spec. Called on each object before that cache
+    /// sees it. Managed fields are dropped too: nothing reads them.
+    pub fn take_instance_status(&self, obj: &mut DynamicObject) {
+        obj.metadata.managed_fields = None;
+        let status = obj.data.as_object_mut().and_then(|o| o.remove("status"));
+        let (Some(ns), Some(name)) = (&obj.metadata.namespace, &obj.metadata.name) else {
+            return;
+        };
+        let seen = SeenStatus::new(
+            obj.metadata.resource_version.clone(),
+            status.unwrap_or(Value::Null),
+        );
+        self.inner
+            .write()
+            .expect("catalog lock")
+            .instance_status
+            .insert(ObjectKey::new(ns, name), seen);
+    }
+
+    /// An instance's status as last served, with the resourceVersion it
+    /// came with.
+    pub fn instance_status(&self, key: &ObjectKey) -> (Option<String>, AgentInstanceStatus) {
+        let inner = self.inner.read().expect("catalog lock");
+        match inner.instance_status.get(key) {
+            Some(seen) => (seen.version.clone(), seen.full()),
+            None => (None, AgentInstanceStatus::default()),
         }
     }
 
@@ -352,7 +452,7 @@ impl Catalog {
                 instances,
                 conflicts: c,
                 generation: e.generation,
-                status: e.status.clone(),
+                status: e.status.clone().unwrap_or_default(),
             });
         }
         out.sort_by(|a, b| (a.kind, &a.key).cmp(&(b.kind, &b.key)));
@@ -376,7 +476,7 @@ pub struct ObjectReport {
     /// `metadata.generation`.
     pub generation: Option<i64>,
     /// `.status` as served.
-    pub status: Value,
+    pub status: ObjectStatus,
 }
 
 impl Inner {
@@ -451,7 +551,8 @@ impl Inner {
         let status = doc
             .as_object_mut()
             .and_then(|o| o.remove("status"))
-            .unwrap_or(Value::Null);
+            .filter(|_| kind != Kind::Instance)
+            .and_then(|s| serde_json::from_value(s).ok());
         let meta = &obj.metadata;
         let fingerprint = fingerprint(&[
             &doc["spec"],
@@ -469,7 +570,10 @@ impl Inner {
         let old = self.objects.get(&(kind, key.clone())).cloned();
         let changed = old
             .as_ref()
-            .is_none_or(|o| o.fingerprint != entry.fingerprint);
+            .is_none_or(|o| o.fingerprint != entry.fingerprint || o.generation != entry.generation);
+        if changed {
+            self.object_changes += 1;
+        }
         if let Some(o) = &old {
             self.unindex(kind, &key, o);
         }
@@ -518,12 +622,14 @@ impl Inner {
                 let Some(old) = self.objects.remove(&(kind, key.clone())) else {
                     return Vec::new();
                 };
+                self.object_changes += 1;
                 self.unindex(kind, key, &old);
                 let mut affected = self.affected(kind, key, &old);
                 if kind == Kind::Instance {
                     affected.retain(|k| k != key);
                     self.secret_refs.remove(key);
                     self.pods.remove(key);
+                    self.instance_status.remove(key);
                 }
                 affected
             }

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use futures::{StreamExt, future};
+use futures::{StreamExt, TryStreamExt, future};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
@@ -32,8 +32,7 @@ use tracing::{error, info, instrument, warn};
 
 use crate::builtin::Builtin;
 use crate::crd::{
-    AgentInstance, AgentInstanceStatus, DeletionPolicy, McpServer, ObjectStatus, PluginBinding,
-    PluginMarketplace,
+    AgentInstance, AgentInstanceStatus, DeletionPolicy, McpServer, PluginBinding, PluginMarketplace,
 };
 use crate::engine::{Engine, Mode, Outcome, PassOptions, reason};
 use crate::envdir::{BOOT_MARKER, Owner};
@@ -168,7 +167,6 @@ struct Ctx {
     /// Consecutive retried passes per instance (busy files, IO errors).
     retries: Mutex<HashMap<ObjectKey, u32>>,
     queue: mpsc::UnboundedSender<ObjectKey>,
-    objects_dirty: AtomicBool,
     /// Statuses written whose echo the instance cache has not shown yet:
     /// the resourceVersion the object had when it was written, and what
     /// was written.
@@ -271,7 +269,6 @@ pub async fn run(
         metrics: metrics.clone(),
         retries: Mutex::new(HashMap::new()),
         queue: queue.clone(),
-        objects_dirty: AtomicBool::new(true),
         unechoed: Mutex::new(HashMap::new()),
         settings: settings.clone(),
     });
@@ -284,9 +281,12 @@ pub async fn run(
         let ar = ctx.resources.instance.clone();
         let writer = Writer::new(ar.clone());
         let reader = writer.as_reader();
+        let statuses = catalog.clone();
         let stream = reflector::reflector(
             writer,
-            watcher(dyn_api(&client, ns, &ar), watcher::Config::default()).default_backoff(),
+            watcher(dyn_api(&client, ns, &ar), watcher::Config::default())
+                .default_backoff()
+                .map_ok(move |event| event.modify(|o| statuses.take_instance_status(o))),
         );
         synced.push(feed(stream, Kind::Instance, &ctx, catalog::custom_item));
         reader
@@ -425,9 +425,6 @@ where
                     let done = matches!(event, watcher::Event::InitDone);
                     for key in ctx.catalog.on_event(kind, &event, convert) {
                         let _ = ctx.queue.send(key);
-                    }
-                    if !matches!(kind, Kind::Secret | Kind::Pod) {
-                        ctx.objects_dirty.store(true, Ordering::Release);
                     }
                     if done && let Some(tx) = tx.take() {
                         let _ = tx.send(());
@@ -739,11 +736,12 @@ impl Ctx {
     /// file event of that very render queues it at once): then the status
     /// written is the one to compare with, or every render would be written
     /// twice.
-    fn previous_status(&self, key: &ObjectKey, obj: &DynamicObject) -> AgentInstanceStatus {
+    fn previous_status(&self, key: &ObjectKey) -> (Option<String>, AgentInstanceStatus) {
+        let (version, served) = self.catalog.instance_status(key);
         let mut unechoed = self.unechoed.lock().expect("unechoed lock");
         match unechoed.get(key) {
-            Some((version, written)) if *version == obj.resource_version() => {
-                return written.clone();
+            Some((v, written)) if *v == version => {
+                return (version, written.clone());
             }
             // The cache has caught up with the write.
             Some(_) => {
@@ -751,55 +749,71 @@ impl Ctx {
             }
             None => {}
         }
-        obj.data
-            .get("status")
-            .and_then(|s| serde_json::from_value(s.clone()).ok())
-            .unwrap_or_default()
+        (version, served)
     }
 
+    /// Writes an object's status: by server-side apply, or, where that
+    /// cannot do it, by replacing the status as a whole with a JSON patch.
     async fn patch_status<S: serde::Serialize>(
         &self,
         ar: &ApiResource,
         key: &ObjectKey,
+        previous: &S,
         status: &S,
     ) -> Result<(), kube::Error> {
-        let body = serde_json::json!({
-            "apiVersion": ar.api_version,
-            "kind": ar.kind,
-            "status": status,
-        });
         let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), &key.namespace, ar);
-        let applied = api
-            .patch_status(
-                &key.name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&body),
-            )
-            .await;
-        match applied {
-            // Server-side apply types the stored object first. One stored
-            // under an older or looser CRD, whose spec no longer fits the
-            // schema, cannot be typed, and its status could never say why it
-            // is refused. A JSON patch needs no typing: it replaces the
-            // status as a whole, which is what the apply would have done.
-            Err(kube::Error::Api(e))
-                if e.code == 500 && e.message.contains("typed live object") =>
-            {
-                let replace: json_patch::Patch = serde_json::from_value(serde_json::json!([
-                    {"op": "add", "path": "/status", "value": status}
-                ]))
-                .expect("a JSON patch");
-                api.patch_status(
+        let status = serde_json::to_value(status).expect("statuses serialize");
+        if !leaves_behind(
+            &serde_json::to_value(previous).expect("statuses serialize"),
+            &status,
+        ) {
+            let body = serde_json::json!({
+                "apiVersion": ar.api_version,
+                "kind": ar.kind,
+                "status": status,
+            });
+            let applied = api
+                .patch_status(
                     &key.name,
-                    &PatchParams::default(),
-                    &Patch::<()>::Json(replace),
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&body),
                 )
-                .await
-                .map(|_| ())
+                .await;
+            match applied {
+                // Server-side apply types the stored object first. One
+                // stored under an older or looser CRD, whose spec no longer
+                // fits the schema, cannot be typed, and its status could
+                // never say why it is refused.
+                Err(kube::Error::Api(e))
+                    if e.code == 500 && e.message.contains("typed live object") => {}
+                other => return other.map(|_| ()),
             }
-            other => other.map(|_| ()),
         }
+        // A JSON patch needs no typing and owns nothing: it replaces the
+        // status as a whole, which is what the apply would have done.
+        let replace: json_patch::Patch = serde_json::from_value(serde_json::json!([
+            {"op": "add", "path": "/status", "value": status}
+        ]))
+        .expect("a JSON patch");
+        api.patch_status(
+            &key.name,
+            &PatchParams::default(),
+            &Patch::<()>::Json(replace),
+        )
+        .await
+        .map(|_| ())
     }
+}
+
+/// Whether server-side apply of `new` could leave a field of `previous` in
+/// place: apply removes only fields its own manager set, and a status once
+/// written by the JSON patch above is owned by no apply. Then the status is
+/// replaced instead, or the stale field would make every later pass see a
+/// status that differs from its own and write it again.
+fn leaves_behind(previous: &serde_json::Value, new: &serde_json::Value) -> bool {
+    previous
+        .as_object()
+        .is_some_and(|p| p.keys().any(|k| new.get(k).is_none()))
 }
 
 #[instrument(skip_all, fields(instance = %ObjectKey::new(obj.namespace().unwrap_or_default(), obj.name_any())))]
@@ -858,7 +872,7 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
     }
     let action = ctx.next_pass(&outcome);
 
-    let previous = ctx.previous_status(&key, &obj);
+    let (seen_version, previous) = ctx.previous_status(&key);
     let mut restart = None;
     if let Some(inst) = &inst
         && outcome.ready
@@ -880,13 +894,13 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
     };
     let new = status::instance_status(&report);
     if new != previous {
-        ctx.patch_status(&ctx.resources.instance, &key, &new)
+        ctx.patch_status(&ctx.resources.instance, &key, &previous, &new)
             .await
             .map_err(Ctx::api_err(&key, "patching the status"))?;
         ctx.unechoed
             .lock()
             .expect("unechoed lock")
-            .insert(key.clone(), (obj.resource_version(), new));
+            .insert(key.clone(), (seen_version, new));
     }
     let reference = obj.object_ref(&ctx.resources.instance);
     for note in status::instance_events(&report) {
@@ -920,33 +934,53 @@ fn error_policy(_obj: Arc<DynamicObject>, e: &ReconcileError, _ctx: Arc<Ctx>) ->
     Action::requeue(Duration::from_secs(5))
 }
 
+/// Longest an object's status waits while changes go on.
+pub const OBJECT_STATUS_MAX_DELAY: Duration = Duration::from_secs(10);
+
 /// Keeps the status of bindings, marketplaces and MCP servers current: how
-/// many instances each applies to, conflicts, validity. Runs after changes
-/// (at most once a second) and at every resync.
+/// many instances each applies to, conflicts, validity. Runs once changes
+/// pause for a second, at least every [`OBJECT_STATUS_MAX_DELAY`] while they
+/// go on (a fleet being created changes every type-scope object's count
+/// with each instance: written every second, that is a status write per
+/// object per second for as long as the creation lasts), and at every resync.
 async fn object_status_loop(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut last_full = tokio::time::Instant::now();
+    // The change count written up to, and the one seen at the last tick.
+    let (mut written, mut last_tick) = (u64::MAX, u64::MAX);
+    let mut pending_since = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+        let changes = ctx.catalog.changes();
+        if changes == written {
+            pending_since = tokio::time::Instant::now();
+        }
+        let quiet = changes == last_tick;
+        last_tick = changes;
         let due = last_full.elapsed() >= ctx.settings.resync;
-        if !ctx.objects_dirty.swap(false, Ordering::AcqRel) && !due {
+        let pending =
+            changes != written && (quiet || pending_since.elapsed() >= OBJECT_STATUS_MAX_DELAY);
+        if !pending && !due {
             continue;
         }
         last_full = tokio::time::Instant::now();
+        written = changes;
         let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(crate::time::now());
         for report in ctx.catalog.object_statuses() {
-            let previous: ObjectStatus =
-                serde_json::from_value(report.status.clone()).unwrap_or_default();
-            let new = status::object_status(&report, &previous, &now);
-            if new == previous {
+            let new = status::object_status(&report, &report.status, &now);
+            if new == report.status {
                 continue;
             }
             let ar = ctx.resources.of(report.kind);
-            if let Err(e) = ctx.patch_status(ar, &report.key, &new).await {
+            if let Err(e) = ctx
+                .patch_status(ar, &report.key, &report.status, &new)
+                .await
+            {
                 warn!(kind = report.kind.name(), object = %report.key, error = %e, "cannot patch the status");
-                ctx.objects_dirty.store(true, Ordering::Release);
+                // Tried again at the next tick.
+                written = u64::MAX;
             }
         }
     }

@@ -30,7 +30,14 @@ impl std::error::Error for ApplyError {}
 
 /// Every document of a YAML stream, empty ones left out.
 pub fn documents(text: &str) -> Vec<Value> {
-    let docs: Vec<Value> = serde_saphyr::from_multiple(text).expect("the manifests are YAML");
+    // A generated fleet holds thousands of documents per file; the parser's
+    // default budget stops at 1,024.
+    let mut budget = serde_saphyr::budget::Budget::default();
+    budget.max_documents = 1_000_000;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple_with_options(text, options).expect("the manifests are YAML");
     docs.into_iter().filter(|d| !d.is_null()).collect()
 }
 

@@ -1,0 +1,457 @@
+//! The controller on a real kube-apiserver (`KUBEBUILDER_ASSETS`): the same
+//! synthetic fleet created through the API. Per fleet size, in one control
+//! plane:
+//!
+//! 1. live: the operator running, `n` AgentInstances created (16 at a time);
+//!    the time from the last create to every instance Ready;
+//! 2. cold start: the operator stopped, its env root and state wiped and
+//!    every instance's status removed; a new operator started; the time
+//!    until every instance is Ready again;
+//! 3. the floor: the statuses removed again, and a minimal client applying
+//!    the same statuses (the operator's own, as written in step 2) at the
+//!    operator's concurrency, as the operator's service account.
+//!
+//! Each step reports the operator's API requests per instance (from the
+//! audit log) and its peak RSS. `FLEET_CLUSTER_OPERATOR_ARGS` adds flags to
+//! `agent-env run` (for experiments, e.g. `--no-fsync`).
+
+#[path = "../../tests/common/real.rs"]
+mod real;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+
+use crate::fleet_gen::{self, NS};
+use crate::{probe, secs};
+use real::{Cluster, OPERATOR_NS, OPERATOR_USER};
+
+/// Instances the operator and the floor work on at once (`run`'s default).
+const CONCURRENCY: usize = 16;
+
+/// Runs the three steps for each size; `Value::Null` without a control plane.
+pub fn measure(base: &Path, sizes: &[usize]) -> Value {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    for &n in sizes {
+        let dir = base.join(format!("cluster-n{n}"));
+        fleet_gen::generate(&dir, n);
+        eprintln!("== cluster, {n} instances");
+        match rt.block_on(measure_one(&dir, n)) {
+            Some(r) => out.push(r),
+            None => return Value::Null,
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    json!(out)
+}
+
+async fn measure_one(dir: &Path, n: usize) -> Option<Value> {
+    let c = Cluster::start("cluster bench").await?;
+    let (types, instances, overrides) = fleet_docs(dir);
+    c.namespace(NS).await;
+    builtin_config_map(&c, &dir.join("config")).await;
+    for d in types.iter().chain(&overrides) {
+        c.apply(d.clone()).await;
+    }
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "agentenv.io",
+        "v1alpha1",
+        "AgentInstance",
+    ));
+    let instances_api: Api<DynamicObject> = Api::namespaced_with(c.client(), NS, &ar);
+    let ready = Readiness::watch(instances_api.clone());
+
+    // 1. Live: instances created while the operator runs.
+    let op = Op::start(&c, "live");
+    op.wait_leading();
+    let requests_before = operator_requests(&c);
+    let started = Instant::now();
+    futures::stream::iter(instances.iter().cloned())
+        .map(|d| {
+            let api = instances_api.clone();
+            async move {
+                let name = d["metadata"]["name"].as_str().unwrap().to_owned();
+                api.patch(&name, &PatchParams::apply("bench"), &Patch::Apply(&d))
+                    .await
+                    .unwrap();
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<()>>()
+        .await;
+    let last_create = Instant::now();
+    let all_ready = ready.until(n, Duration::from_secs(600)).await;
+    // Counted once the operator is done: bindings' and servers' statuses
+    // (how many instances each applies to) follow the instances.
+    settle(&c).await;
+    let live = json!({
+        "create_s": secs(last_create - started),
+        "ready_after_last_create_s": secs(all_ready.saturating_duration_since(last_create)),
+        "requests_per_instance": per(operator_requests(&c) - requests_before, n),
+        "peak_rss_mb": op.peak_rss_mb(),
+    });
+    eprintln!("live: {live}");
+    op.stop();
+
+    // 2. Cold start: nothing on disk, no state, no status.
+    let _ = std::fs::remove_dir_all(c.root());
+    std::fs::create_dir_all(c.root()).unwrap();
+    let statuses = strip_statuses(&instances_api).await;
+    ready.until_none(Duration::from_secs(300)).await;
+    let requests_before = operator_requests(&c);
+    let op = Op::start(&c, "cold");
+    let started = op.started;
+    let all_ready = ready.until(n, Duration::from_secs(900)).await;
+    let cold = all_ready - started;
+    settle(&c).await;
+    let cold_requests = operator_requests(&c) - requests_before;
+    let cold_rss = op.peak_rss_mb();
+    op.stop();
+    eprintln!("cold start: {cold:?}");
+
+    // 3. The floor: the same status applies, nothing else.
+    let statuses_now = strip_statuses(&instances_api).await;
+    ready.until_none(Duration::from_secs(300)).await;
+    let as_operator = Api::<DynamicObject>::namespaced_with(
+        kube_envtest::ControlPlane::client_for(&c.cp, &c.operator_kubeconfig).await,
+        NS,
+        &ar,
+    );
+    let floor_started = Instant::now();
+    futures::stream::iter(statuses_now)
+        .map(|(name, status)| {
+            let api = as_operator.clone();
+            async move {
+                let body = json!({
+                    "apiVersion": "agentenv.io/v1alpha1", "kind": "AgentInstance",
+                    "status": status,
+                });
+                api.patch_status(
+                    &name,
+                    &PatchParams::apply("floor").force(),
+                    &Patch::Apply(&body),
+                )
+                .await
+                .unwrap();
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<()>>()
+        .await;
+    let floor = floor_started.elapsed();
+    ready.until(n, Duration::from_secs(60)).await;
+    drop(statuses);
+    Some(json!({
+        "instances": n,
+        "objects": n + types.len() + overrides.len(),
+        "live": live,
+        "cold": {
+            "all_ready_s": secs(cold),
+            "requests_per_instance": per(cold_requests, n),
+            "peak_rss_mb": cold_rss,
+        },
+        "floor_s": secs(floor),
+        "cold_over_floor": crate::ratio(cold, floor),
+    }))
+}
+
+/// The fleet's documents: type-scope objects and Secrets, the
+/// AgentInstances, and the instance-scope objects.
+fn fleet_docs(dir: &Path) -> (Vec<Value>, Vec<Value>, Vec<Value>) {
+    let read = |sub: &str| -> Vec<Value> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("manifests").join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .flat_map(|f| kube_envtest::apply::documents(&std::fs::read_to_string(f).unwrap()))
+            .collect()
+    };
+    let (instances, overrides) = read("instances")
+        .into_iter()
+        .partition(|d| d["kind"] == "AgentInstance");
+    (read("types"), instances, overrides)
+}
+
+/// The builtin layer as `deploy/` ships it: a ConfigMap of the config files.
+async fn builtin_config_map(c: &Cluster, config: &Path) {
+    c.namespace(OPERATOR_NS).await;
+    let mut data = BTreeMap::new();
+    for f in [
+        "agents.json",
+        "marketplaces-builtin.json",
+        "mcp-builtin.json",
+    ] {
+        data.insert(f, std::fs::read_to_string(config.join(f)).unwrap());
+    }
+    c.apply(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "agent-env-builtin", "namespace": OPERATOR_NS},
+        "data": data,
+    }))
+    .await;
+}
+
+/// Removes every instance's status; returns what each held.
+async fn strip_statuses(api: &Api<DynamicObject>) -> Vec<(String, Value)> {
+    let list = api.list(&Default::default()).await.unwrap();
+    let statuses: Vec<(String, Value)> = list
+        .items
+        .into_iter()
+        .map(|o| (o.metadata.name.unwrap(), o.data["status"].clone()))
+        .collect();
+    futures::stream::iter(statuses.iter().map(|(name, _)| name.clone()))
+        .map(|name| {
+            let api = api.clone();
+            async move {
+                api.patch_status(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": null})),
+                )
+                .await
+                .unwrap();
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<()>>()
+        .await;
+    statuses
+}
+
+/// Waits until the API server has served no request for 3 s (the audit
+/// log stops growing): the operator has nothing left to write.
+async fn settle(c: &Cluster) {
+    let log = c.cp.dir().join("audit.log");
+    let size = || std::fs::metadata(&log).map_or(0, |m| m.len());
+    let (mut last, mut quiet_since) = (size(), Instant::now());
+    let started = Instant::now();
+    while quiet_since.elapsed() < Duration::from_secs(3) {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the API server never went quiet"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = size();
+        if now != last {
+            (last, quiet_since) = (now, Instant::now());
+        }
+    }
+}
+
+/// Requests the operator's service account made so far, from the audit
+/// log: how many, and how many of each verb and resource.
+fn operator_requests(c: &Cluster) -> Requests {
+    let mut seen = HashSet::new();
+    let mut by = BTreeMap::new();
+    for e in c.cp.audit() {
+        if e["user"]["username"] != OPERATOR_USER {
+            continue;
+        }
+        let Some(id) = e["auditID"].as_str() else {
+            continue;
+        };
+        if !seen.insert(id.to_owned()) {
+            continue;
+        }
+        let r = &e["objectRef"];
+        let what = match r["subresource"].as_str() {
+            Some(sub) => format!(
+                "{} {}/{sub}",
+                e["verb"].as_str().unwrap_or(""),
+                r["resource"].as_str().unwrap_or("")
+            ),
+            None => format!(
+                "{} {}",
+                e["verb"].as_str().unwrap_or(""),
+                r["resource"].as_str().unwrap_or("")
+            ),
+        };
+        *by.entry(what).or_insert(0usize) += 1;
+    }
+    Requests {
+        total: seen.len(),
+        by,
+    }
+}
+
+#[derive(Clone)]
+struct Requests {
+    total: usize,
+    by: BTreeMap<String, usize>,
+}
+
+impl std::ops::Sub for Requests {
+    type Output = Requests;
+    fn sub(self, before: Requests) -> Requests {
+        let by = self
+            .by
+            .into_iter()
+            .map(|(k, v)| {
+                let was = before.by.get(&k).copied().unwrap_or(0);
+                (k, v - was)
+            })
+            .filter(|(_, v)| *v > 0)
+            .collect();
+        Requests {
+            total: self.total - before.total,
+            by,
+        }
+    }
+}
+
+/// Requests per instance, in all and of each verb and resource.
+fn per(r: Requests, n: usize) -> Value {
+    let each = |count: usize| json!(crate::round2(count as f64 / n as f64));
+    let by: serde_json::Map<String, Value> = r.by.into_iter().map(|(k, v)| (k, each(v))).collect();
+    json!({"total": each(r.total), "by": by})
+}
+
+/// Which instances are Ready for their current generation, kept by a watch.
+struct Readiness {
+    state: Arc<Mutex<(HashSet<String>, Instant)>>,
+}
+
+impl Readiness {
+    fn watch(api: Api<DynamicObject>) -> Readiness {
+        let state = Arc::new(Mutex::new((HashSet::new(), Instant::now())));
+        let s = state.clone();
+        tokio::spawn(async move {
+            let mut events = watcher(api, watcher::Config::default()).boxed();
+            while let Some(e) = events.try_next().await.unwrap_or(None) {
+                let (obj, deleted) = match e {
+                    watcher::Event::Apply(o) | watcher::Event::InitApply(o) => (o, false),
+                    watcher::Event::Delete(o) => (o, true),
+                    _ => continue,
+                };
+                let name = obj.metadata.name.clone().unwrap();
+                let ok = !deleted && is_ready(&obj);
+                let mut g = s.lock().unwrap();
+                let changed = if ok {
+                    g.0.insert(name)
+                } else {
+                    g.0.remove(&name)
+                };
+                if changed {
+                    g.1 = Instant::now();
+                }
+            }
+        });
+        Readiness { state }
+    }
+
+    /// When the `n`th instance became Ready.
+    async fn until(&self, n: usize, limit: Duration) -> Instant {
+        let started = Instant::now();
+        loop {
+            {
+                let g = self.state.lock().unwrap();
+                if g.0.len() >= n {
+                    return g.1;
+                }
+                assert!(
+                    started.elapsed() < limit,
+                    "only {} of {n} instances Ready after {limit:?}",
+                    g.0.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn until_none(&self, limit: Duration) {
+        let started = Instant::now();
+        while !self.state.lock().unwrap().0.is_empty() {
+            assert!(started.elapsed() < limit, "statuses were not removed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn is_ready(o: &DynamicObject) -> bool {
+    let status = &o.data["status"];
+    status["observedGeneration"].as_i64() == o.metadata.generation
+        && status["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+}
+
+/// One `agent-env run`, as deployed: fsync on, default concurrency and resync.
+struct Op {
+    child: Child,
+    log: PathBuf,
+    started: Instant,
+}
+
+impl Op {
+    fn start(c: &Cluster, identity: &str) -> Op {
+        let log = c.dir.path().join(format!("{identity}.log"));
+        let started = Instant::now();
+        let child = Command::new(crate::BIN)
+            .args([
+                "run",
+                "--operator-namespace",
+                OPERATOR_NS,
+                "--identity",
+                identity,
+            ])
+            .arg("--env-root")
+            .arg(c.root())
+            .args(
+                std::env::var("FLEET_CLUSTER_OPERATOR_ARGS")
+                    .unwrap_or_default()
+                    .split_whitespace(),
+            )
+            .env("KUBECONFIG", &c.operator_kubeconfig)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Op {
+            child,
+            log,
+            started,
+        }
+    }
+
+    /// Waits until this replica holds the lease (a new one waits out the last holder's).
+    fn wait_leading(&self) {
+        let lease = Duration::from_secs(60);
+        while self.started.elapsed() < lease {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if log.contains("leading") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the operator did not lead within {lease:?}");
+    }
+
+    fn peak_rss_mb(&self) -> Value {
+        json!(probe::peak_rss(self.child.id()).map(|b| b / (1024 * 1024)))
+    }
+
+    /// SIGTERM, as a rollout would.
+    fn stop(self) {}
+}
+
+impl Drop for Op {
+    fn drop(&mut self) {
+        crate::stop(&mut self.child);
+    }
+}
