@@ -49,6 +49,8 @@ pub struct Metrics {
     pub errors: Family<ReasonLabel, Counter>,
     /// Instances in the current snapshot.
     pub instances: Gauge,
+    /// Kubernetes events dropped because the queue to send them was full.
+    pub events_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -62,6 +64,7 @@ impl Default for Metrics {
             adoptions: Counter::default(),
             restarts: Family::default(),
             errors: Family::default(),
+            events_dropped: Counter::default(),
             instances: Gauge::default(),
             registry: Registry::default(),
         };
@@ -89,6 +92,11 @@ impl Default for Metrics {
             m.errors.clone(),
         );
         registry.register("instances", "AgentInstances known", m.instances.clone());
+        registry.register(
+            "events_dropped",
+            "Kubernetes events dropped because the queue to send them was full",
+            m.events_dropped.clone(),
+        );
         Metrics { registry, ..m }
     }
 }

@@ -241,10 +241,28 @@ async fn settle(c: &Cluster) {
     let (mut last, mut quiet_since) = (size(), Instant::now());
     let started = Instant::now();
     while quiet_since.elapsed() < Duration::from_secs(3) {
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "the API server never went quiet"
-        );
+        if started.elapsed() > Duration::from_secs(300) {
+            let tail: Vec<String> =
+                c.cp.audit()
+                    .iter()
+                    .rev()
+                    .take(30)
+                    .map(|e| {
+                        format!(
+                            "{} {} {}/{} {}",
+                            e["user"]["username"],
+                            e["verb"],
+                            e["objectRef"]["resource"],
+                            e["objectRef"]["subresource"],
+                            e["objectRef"]["name"]
+                        )
+                    })
+                    .collect();
+            panic!(
+                "the API server never went quiet; the last requests:\n{}",
+                tail.join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
         let now = size();
         if now != last {

@@ -8,6 +8,7 @@
 //! a filesystem watch on the env root. Only the holder of the Lease writes.
 
 pub mod catalog;
+pub mod events;
 pub mod lease;
 pub mod status;
 pub mod workload;
@@ -161,7 +162,7 @@ struct Ctx {
     /// until it can, unless an earlier good version is in use).
     builtin_error: RwLock<Option<String>>,
     builtin_loaded: AtomicBool,
-    recorder: Recorder,
+    events: events::EventSink,
     restarter: Restarter,
     metrics: Arc<Metrics>,
     /// Consecutive retried passes per instance (busy files, IO errors).
@@ -264,7 +265,7 @@ pub async fn run(
         engine: RwLock::new(Arc::new(engine)),
         builtin_error: RwLock::new(None),
         builtin_loaded: AtomicBool::new(false),
-        recorder,
+        events: events::EventSink::spawn(recorder, metrics.clone()),
         restarter,
         metrics: metrics.clone(),
         retries: Mutex::new(HashMap::new()),
@@ -911,9 +912,7 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-            warn!(error = %e, reason = %note.reason, "cannot publish an event");
-        }
+        ctx.events.send(event, reference.clone());
     }
     Ok(action)
 }
