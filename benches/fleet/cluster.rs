@@ -75,8 +75,9 @@ async fn measure_one(dir: &Path, n: usize) -> Option<Value> {
 
     // 1. Live: instances created while the operator runs.
     let op = Op::start(&c, "live");
-    op.wait_leading();
-    let requests_before = operator_requests(&c);
+    op.wait_leading().await;
+    let mut audit = Audit::new(&c);
+    let requests_before = audit.read();
     let started = Instant::now();
     futures::stream::iter(instances.iter().cloned())
         .map(|d| {
@@ -95,11 +96,11 @@ async fn measure_one(dir: &Path, n: usize) -> Option<Value> {
     let all_ready = ready.until(n, Duration::from_secs(600)).await;
     // Counted once the operator is done: bindings' and servers' statuses
     // (how many instances each applies to) follow the instances.
-    settle(&c).await;
+    audit.settle().await;
     let live = json!({
         "create_s": secs(last_create - started),
         "ready_after_last_create_s": secs(all_ready.saturating_duration_since(last_create)),
-        "requests_per_instance": per(operator_requests(&c) - requests_before, n),
+        "requests_per_instance": per(audit.read() - requests_before, n),
         "peak_rss_mb": op.peak_rss_mb(),
     });
     eprintln!("live: {live}");
@@ -110,13 +111,14 @@ async fn measure_one(dir: &Path, n: usize) -> Option<Value> {
     std::fs::create_dir_all(c.root()).unwrap();
     let statuses = strip_statuses(&instances_api).await;
     ready.until_none(Duration::from_secs(300)).await;
-    let requests_before = operator_requests(&c);
+    let requests_before = audit.read();
     let op = Op::start(&c, "cold");
     let started = op.started;
+    let leading = op.wait_leading().await;
     let all_ready = ready.until(n, Duration::from_secs(900)).await;
     let cold = all_ready - started;
-    settle(&c).await;
-    let cold_requests = operator_requests(&c) - requests_before;
+    audit.settle().await;
+    let cold_requests = audit.read() - requests_before;
     let cold_rss = op.peak_rss_mb();
     op.stop();
     eprintln!("cold start: {cold:?}");
@@ -159,6 +161,7 @@ async fn measure_one(dir: &Path, n: usize) -> Option<Value> {
         "live": live,
         "cold": {
             "all_ready_s": secs(cold),
+            "leading_s": secs(leading),
             "requests_per_instance": per(cold_requests, n),
             "peak_rss_mb": cold_rss,
         },
@@ -233,77 +236,84 @@ async fn strip_statuses(api: &Api<DynamicObject>) -> Vec<(String, Value)> {
     statuses
 }
 
-/// Waits until the API server has served no request for 3 s (the audit
-/// log stops growing): the operator has nothing left to write.
-async fn settle(c: &Cluster) {
-    let log = c.cp.dir().join("audit.log");
-    let size = || std::fs::metadata(&log).map_or(0, |m| m.len());
-    let (mut last, mut quiet_since) = (size(), Instant::now());
-    let started = Instant::now();
-    while quiet_since.elapsed() < Duration::from_secs(3) {
-        if started.elapsed() > Duration::from_secs(300) {
-            let tail: Vec<String> =
-                c.cp.audit()
-                    .iter()
-                    .rev()
-                    .take(30)
-                    .map(|e| {
-                        format!(
-                            "{} {} {}/{} {}",
-                            e["user"]["username"],
-                            e["verb"],
-                            e["objectRef"]["resource"],
-                            e["objectRef"]["subresource"],
-                            e["objectRef"]["name"]
-                        )
-                    })
-                    .collect();
-            panic!(
-                "the API server never went quiet; the last requests:\n{}",
-                tail.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let now = size();
-        if now != last {
-            (last, quiet_since) = (now, Instant::now());
-        }
-    }
+/// The operator's requests, read from the audit log as it grows.
+struct Audit {
+    log: PathBuf,
+    offset: u64,
+    seen: HashSet<String>,
+    requests: Requests,
+    /// When the operator last wrote something other than its lease.
+    last_write: Instant,
 }
 
-/// Requests the operator's service account made so far, from the audit
-/// log: how many, and how many of each verb and resource.
-fn operator_requests(c: &Cluster) -> Requests {
-    let mut seen = HashSet::new();
-    let mut by = BTreeMap::new();
-    for e in c.cp.audit() {
-        if e["user"]["username"] != OPERATOR_USER {
-            continue;
+impl Audit {
+    fn new(c: &Cluster) -> Audit {
+        Audit {
+            log: c.cp.dir().join("audit.log"),
+            offset: 0,
+            seen: HashSet::new(),
+            requests: Requests {
+                total: 0,
+                by: BTreeMap::new(),
+            },
+            last_write: Instant::now(),
         }
-        let Some(id) = e["auditID"].as_str() else {
-            continue;
-        };
-        if !seen.insert(id.to_owned()) {
-            continue;
-        }
-        let r = &e["objectRef"];
-        let what = match r["subresource"].as_str() {
-            Some(sub) => format!(
-                "{} {}/{sub}",
-                e["verb"].as_str().unwrap_or(""),
-                r["resource"].as_str().unwrap_or("")
-            ),
-            None => format!(
-                "{} {}",
-                e["verb"].as_str().unwrap_or(""),
-                r["resource"].as_str().unwrap_or("")
-            ),
-        };
-        *by.entry(what).or_insert(0usize) += 1;
     }
-    Requests {
-        total: seen.len(),
-        by,
+
+    /// Reads what was logged since the last call; the operator's requests so far.
+    fn read(&mut self) -> Requests {
+        use std::io::{Read, Seek};
+        let mut f = std::fs::File::open(&self.log).unwrap();
+        f.seek(std::io::SeekFrom::Start(self.offset)).unwrap();
+        let mut text = String::new();
+        f.read_to_string(&mut text).unwrap();
+        // Only whole lines; a line being written is read next time.
+        let whole = text.rfind('\n').map_or(0, |i| i + 1);
+        self.offset += whole as u64;
+        for line in text[..whole].lines() {
+            let Ok(e) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            if e["user"]["username"] != OPERATOR_USER {
+                continue;
+            }
+            let Some(id) = e["auditID"].as_str() else {
+                continue;
+            };
+            if !self.seen.insert(id.to_owned()) {
+                continue;
+            }
+            let (verb, r) = (e["verb"].as_str().unwrap_or(""), &e["objectRef"]);
+            let resource = r["resource"].as_str().unwrap_or("");
+            let what = match r["subresource"].as_str() {
+                Some(sub) => format!("{verb} {resource}/{sub}"),
+                None => format!("{verb} {resource}"),
+            };
+            if matches!(verb, "create" | "update" | "patch" | "delete") && resource != "leases" {
+                self.last_write = Instant::now();
+            }
+            *self.requests.by.entry(what).or_insert(0) += 1;
+            self.requests.total += 1;
+        }
+        self.requests.clone()
+    }
+
+    /// Waits until the operator has written nothing but its lease for 3 s:
+    /// it has nothing left to do.
+    async fn settle(&mut self) {
+        let started = Instant::now();
+        loop {
+            self.read();
+            if self.last_write.elapsed() >= Duration::from_secs(3) {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(600),
+                "the operator kept writing for 10 minutes: {:?}",
+                self.requests.by
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 }
 
@@ -447,15 +457,16 @@ impl Op {
         }
     }
 
-    /// Waits until this replica holds the lease (a new one waits out the last holder's).
-    fn wait_leading(&self) {
+    /// Waits until this replica holds the lease (a new one waits out the
+    /// last holder's); returns how long after its start that was.
+    async fn wait_leading(&self) -> Duration {
         let lease = Duration::from_secs(60);
         while self.started.elapsed() < lease {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
             if log.contains("leading") {
-                return;
+                return self.started.elapsed();
             }
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("the operator did not lead within {lease:?}");
     }

@@ -794,6 +794,11 @@ fn cluster_markdown(r: &Value) -> String {
         ),
         ("cold start to all Ready (s)", "/cold/all_ready_s", ""),
         (
+            "  of which listing every object, until leading (s)",
+            "/cold/leading_s",
+            "",
+        ),
+        (
             "cold start: operator API requests per instance",
             "/cold/requests_per_instance/total",
             "",
