@@ -10,6 +10,7 @@ use tracing_subscriber::EnvFilter;
 /// A pass over a large fleet makes and frees many small values on every
 /// worker thread: mimalloc does that faster than the system allocator and
 /// hands freed memory back instead of holding it in per-thread arenas.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -151,6 +151,17 @@ pub struct Catalog {
     changes: std::sync::atomic::AtomicU64,
 }
 
+/// Drops what no reconcile reads and what can dwarf the object itself:
+/// managed fields (a map of every field each manager set) and kubectl's
+/// `last-applied-configuration` annotation (a copy of the whole object, on
+/// everything applied client-side).
+pub fn slim(obj: &mut DynamicObject) {
+    obj.metadata.managed_fields = None;
+    if let Some(a) = obj.metadata.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
 /// What a watch delivered for one object, converted for the catalog.
 pub enum Item {
     /// A custom object (as served) of one of the four kinds.
@@ -234,7 +245,7 @@ impl Catalog {
     /// their metadata and spec. Called on each object before that cache
     /// sees it. Managed fields are dropped too: nothing reads them.
     pub fn take_instance_status(&self, obj: &mut DynamicObject) {
-        obj.metadata.managed_fields = None;
+        slim(obj);
         let status = obj.data.as_object_mut().and_then(|o| o.remove("status"));
         let (Some(ns), Some(name)) = (&obj.metadata.namespace, &obj.metadata.name) else {
             return;
@@ -250,8 +261,33 @@ impl Catalog {
             .insert(ObjectKey::new(ns, name), seen);
     }
 
-    /// An instance's status as last served, with the resourceVersion it
-    /// came with.
+    /// Records a status this replica wrote for an instance whose served
+    /// status was at `version`: until the write's echo (or anything newer)
+    /// arrives, it is what the instance's status is. A pass can start from
+    /// a cached object older than its own last status write (a file event
+    /// of that very render queues it at once); comparing with what was
+    /// served then would write every render's status twice.
+    pub fn wrote_instance_status(
+        &self,
+        key: &ObjectKey,
+        version: Option<&str>,
+        status: &AgentInstanceStatus,
+    ) {
+        let mut inner = self.inner.write().expect("catalog lock");
+        if let Some(seen) = inner.instance_status.get_mut(key)
+            && seen.version.as_deref() == version
+        {
+            let version = seen.version.take();
+            *seen = SeenStatus::new(
+                version,
+                serde_json::to_value(status).expect("statuses serialize"),
+            );
+        }
+    }
+
+    /// An instance's status as last served (or as this replica wrote it
+    /// since; see [`Catalog::wrote_instance_status`]), with the
+    /// resourceVersion served last.
     pub fn instance_status(&self, key: &ObjectKey) -> (Option<String>, AgentInstanceStatus) {
         let inner = self.inner.read().expect("catalog lock");
         match inner.instance_status.get(key) {

@@ -32,9 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, instrument, warn};
 
 use crate::builtin::Builtin;
-use crate::crd::{
-    AgentInstance, AgentInstanceStatus, DeletionPolicy, McpServer, PluginBinding, PluginMarketplace,
-};
+use crate::crd::{AgentInstance, DeletionPolicy, McpServer, PluginBinding, PluginMarketplace};
 use crate::engine::{Engine, Mode, Outcome, PassOptions, reason};
 use crate::envdir::{BOOT_MARKER, Owner};
 use crate::fswatch::{Change, FsWatch, WatchError};
@@ -168,10 +166,6 @@ struct Ctx {
     /// Consecutive retried passes per instance (busy files, IO errors).
     retries: Mutex<HashMap<ObjectKey, u32>>,
     queue: mpsc::UnboundedSender<ObjectKey>,
-    /// Statuses written whose echo the instance cache has not shown yet:
-    /// the resourceVersion the object had when it was written, and what
-    /// was written.
-    unechoed: Mutex<HashMap<ObjectKey, (Option<String>, AgentInstanceStatus)>>,
 }
 
 fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
@@ -270,7 +264,6 @@ pub async fn run(
         metrics: metrics.clone(),
         retries: Mutex::new(HashMap::new()),
         queue: queue.clone(),
-        unechoed: Mutex::new(HashMap::new()),
         settings: settings.clone(),
     });
 
@@ -294,7 +287,9 @@ pub async fn run(
     };
     for kind in [Kind::Binding, Kind::Marketplace, Kind::Mcp] {
         let api = dyn_api(&client, ns, ctx.resources.of(kind));
-        let stream = watcher(api, watcher::Config::default()).default_backoff();
+        let stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .map_ok(|event| event.modify(catalog::slim));
         synced.push(feed(stream, kind, &ctx, catalog::custom_item));
     }
     let secrets = watcher(
@@ -732,27 +727,6 @@ impl Ctx {
         }
     }
 
-    /// The status the instance has on the server. A pass can start from a
-    /// cached object older than this replica's own last status write (a
-    /// file event of that very render queues it at once): then the status
-    /// written is the one to compare with, or every render would be written
-    /// twice.
-    fn previous_status(&self, key: &ObjectKey) -> (Option<String>, AgentInstanceStatus) {
-        let (version, served) = self.catalog.instance_status(key);
-        let mut unechoed = self.unechoed.lock().expect("unechoed lock");
-        match unechoed.get(key) {
-            Some((v, written)) if *v == version => {
-                return (version, written.clone());
-            }
-            // The cache has caught up with the write.
-            Some(_) => {
-                unechoed.remove(key);
-            }
-            None => {}
-        }
-        (version, served)
-    }
-
     /// Writes an object's status: by server-side apply, or, where that
     /// cannot do it, by replacing the status as a whole with a JSON patch.
     async fn patch_status<S: serde::Serialize>(
@@ -873,7 +847,7 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
     }
     let action = ctx.next_pass(&outcome);
 
-    let (seen_version, previous) = ctx.previous_status(&key);
+    let (seen_version, previous) = ctx.catalog.instance_status(&key);
     let mut restart = None;
     if let Some(inst) = &inst
         && outcome.ready
@@ -898,10 +872,8 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
         ctx.patch_status(&ctx.resources.instance, &key, &previous, &new)
             .await
             .map_err(Ctx::api_err(&key, "patching the status"))?;
-        ctx.unechoed
-            .lock()
-            .expect("unechoed lock")
-            .insert(key.clone(), (seen_version, new));
+        ctx.catalog
+            .wrote_instance_status(&key, seen_version.as_deref(), &new);
     }
     let reference = obj.object_ref(&ctx.resources.instance);
     for note in status::instance_events(&report) {

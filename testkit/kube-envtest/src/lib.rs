@@ -296,6 +296,9 @@ impl ControlPlane {
             "--audit-log-format=json".into(),
             // Written as each request completes, so a test reads what it just caused.
             "--audit-log-mode=blocking".into(),
+            // One file however long the test: the default rotates at 100 MB,
+            // and readers of the log would lose what the old file held.
+            "--audit-log-maxsize=1000000".into(),
         ]
     }
 
