@@ -50,6 +50,8 @@ fn yaml_files() -> Vec<PathBuf> {
         .iter()
         .flat_map(|t| files(&repo().join(t)))
         .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        // The chart's templates are not manifests; tests/helm.rs renders them.
+        .filter(|p| !p.starts_with(repo().join("deploy/helm")))
         .collect()
 }
 
@@ -129,10 +131,10 @@ fn mount<'a>(c: &'a Value, volume: &str) -> Vec<&'a Value> {
         .collect()
 }
 
-/// The volume of a pod spec backed by a PVC, with the claim's name.
-fn claim_volume(workload: &Value) -> (&str, &str) {
+/// The volumes of a pod spec backed by a PVC, with the claims' names.
+fn claim_volumes(workload: &Value) -> Vec<(&str, &str)> {
     let volumes = pod_spec(workload)["volumes"].as_array().unwrap();
-    let found: Vec<_> = volumes
+    volumes
         .iter()
         .filter_map(|v| {
             Some((
@@ -140,7 +142,12 @@ fn claim_volume(workload: &Value) -> (&str, &str) {
                 v["persistentVolumeClaim"]["claimName"].as_str()?,
             ))
         })
-        .collect();
+        .collect()
+}
+
+/// The one volume of an agent's pod spec backed by a PVC, with the claim's name.
+fn claim_volume(workload: &Value) -> (&str, &str) {
+    let found = claim_volumes(workload);
     assert_eq!(
         found.len(),
         1,
@@ -148,6 +155,27 @@ fn claim_volume(workload: &Value) -> (&str, &str) {
         name(workload)
     );
     found[0]
+}
+
+/// The PVC volume (and claim) of the operator's container mounted where
+/// `path` lies.
+fn operator_volume<'a>(operator: &'a Value, path: &str) -> (&'a str, &'a str) {
+    let c = container(operator, "containers", "operator");
+    claim_volumes(operator)
+        .into_iter()
+        .find(|(volume, _)| {
+            mount(c, volume).iter().any(|m| {
+                let at = text(m, "mountPath");
+                path == at || path.starts_with(&format!("{at}/"))
+            })
+        })
+        .unwrap_or_else(|| panic!("no PVC is mounted where {path} lies"))
+}
+
+/// The env root's volume and claim of the operator.
+fn env_root_volume(operator: &Value) -> (&str, &str) {
+    let a = args(container(operator, "containers", "operator"));
+    operator_volume(operator, arg(&a, "--env-root").expect("--env-root"))
 }
 
 fn operator_deployment(docs: &[Value]) -> &Value {
@@ -332,16 +360,22 @@ fn check_references(docs: &[Value], what: &str) {
             "{what}: Deployment {} runs as the missing ServiceAccount {sa}",
             name(w)
         );
-        let (_, claim) = claim_volume(w);
-        let pvc = find(docs, "PersistentVolumeClaim", namespace(w), claim).unwrap_or_else(|| {
-            panic!(
+        for (_, claim) in claim_volumes(w) {
+            assert!(
+                find(docs, "PersistentVolumeClaim", namespace(w), claim).is_some(),
                 "{what}: Deployment {} mounts the missing PVC {claim}",
                 name(w)
-            )
-        });
+            );
+        }
+        let (_, env_root) = if name(w) == "agent-env-operator" {
+            env_root_volume(w)
+        } else {
+            claim_volume(w)
+        };
+        let pvc = find(docs, "PersistentVolumeClaim", namespace(w), env_root).unwrap();
         assert!(
             strings(&pvc["spec"]["accessModes"]).contains(&"ReadWriteMany"),
-            "{what}: PVC {claim} must be ReadWriteMany: agent pods on other nodes share it"
+            "{what}: PVC {env_root} must be ReadWriteMany: agent pods on other nodes share it"
         );
     }
 }
@@ -375,7 +409,7 @@ fn base_objects_refer_to_each_other_correctly() {
     assert_eq!(spec["replicas"], 1);
     assert_eq!(
         spec["strategy"]["type"], "Recreate",
-        "SQLite state on a shared volume takes one writer: old and new pods must not overlap"
+        "SQLite state takes one writer: old and new pods must not overlap"
     );
     let pod = pod_spec(deploy);
     assert_eq!(pod["serviceAccountName"], rbac::SERVICE_ACCOUNT);
@@ -399,10 +433,25 @@ fn base_objects_refer_to_each_other_correctly() {
     assert_eq!(env_field(c, "AGENT_ENV_IDENTITY"), Some("metadata.name"));
 
     // The env root flag points at the claim's mount.
-    let (volume, _) = claim_volume(deploy);
+    let (volume, env_root_claim) = env_root_volume(deploy);
     let mounts = mount(c, volume);
     assert_eq!(mounts.len(), 1);
     assert_eq!(arg(&a, "--env-root"), mounts[0]["mountPath"].as_str());
+
+    // SQLite state on a volume of its own, which only this pod mounts: never
+    // the shared env root, where SQLite's locks are not safe.
+    let state = arg(&a, "--state").expect("--state");
+    let db = state.strip_prefix("sqlite:").expect("SQLite state");
+    let (_, state_claim) = operator_volume(deploy, db);
+    assert_ne!(state_claim, env_root_claim);
+    let pvc = find(
+        &docs,
+        "PersistentVolumeClaim",
+        OPERATOR_NAMESPACE,
+        state_claim,
+    )
+    .unwrap();
+    assert_eq!(strings(&pvc["spec"]["accessModes"]), ["ReadWriteOnce"]);
 
     // The builtin layer: the generated ConfigMap is the one the operator reads.
     let cm_name = arg(&a, "--config-map")
@@ -873,7 +922,7 @@ fn example_agent_is_wired_to_its_instance_and_env_dir() {
         &operator_docs,
         "PersistentVolumeClaim",
         OPERATOR_NAMESPACE,
-        claim_volume(operator).1,
+        env_root_volume(operator).1,
     )
     .unwrap();
     let operator_pv = bound_volume(&operator_docs, operator_claim);

@@ -102,6 +102,11 @@ pub struct StateArgs {
     /// The previous master key while a rotation is under way: it only opens.
     #[arg(long, env = "AGENT_ENV_PREVIOUS_MASTER_KEY_FILE")]
     pub previous_master_key_file: Option<PathBuf>,
+    /// Open a SQLite database on a network filesystem (NFS, SMB, CephFS, ...)
+    /// anyway, with a warning; by default that is refused, since SQLite's
+    /// file locks are not safe there.
+    #[arg(long, env = "AGENT_ENV_ALLOW_NETWORK_STATE")]
+    pub allow_network_state: bool,
 }
 
 impl StateArgs {
@@ -125,9 +130,20 @@ impl StateArgs {
 
     /// Opens the store, creating it if needed.
     async fn open(&self) -> Result<Arc<dyn StateStore>, ExitCode> {
+        self.check_placement()?;
         state::open(&self.url(), &self.keys())
             .await
             .map_err(|e| fail(&e))
+    }
+
+    /// Refuses a SQLite database on a network filesystem (see `--allow-network-state`).
+    fn check_placement(&self) -> Result<(), ExitCode> {
+        match state::Database::parse(&self.url()) {
+            Ok(state::Database::Sqlite(path)) => {
+                state::check_sqlite(&path, self.allow_network_state).map_err(|e| fail(&e))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -259,9 +275,12 @@ async fn load(input: &InputArgs, mode: Mode) -> Result<Loaded, ExitCode> {
         manifest::load_paths(&input.files, input.field_validation()).map_err(|e| fail(&e))?;
     let store = match mode {
         Mode::Apply => input.state.open().await?,
-        Mode::DryRun => state::open_existing(&input.state.url(), &input.state.keys())
-            .await
-            .map_err(|e| fail(&e))?,
+        Mode::DryRun => {
+            input.state.check_placement()?;
+            state::open_existing(&input.state.url(), &input.state.keys())
+                .await
+                .map_err(|e| fail(&e))?
+        }
     };
     let root = EnvRoot::open(&input.state.env_root, mode == Mode::Apply)
         .map_err(|e| fail(&e))?

@@ -4,6 +4,7 @@
 //! the same queries.
 
 mod keys;
+mod placement;
 mod provider;
 mod sql;
 
@@ -20,6 +21,7 @@ use crate::section::Section;
 use crate::time::Timestamp;
 
 pub use keys::{KeySource, create_key_file, create_key_file_with, default_key_path, keyring};
+pub use placement::{check_sqlite, network_filesystem};
 pub use provider::StoreSecrets;
 pub use sql::SqlStore;
 
@@ -189,6 +191,17 @@ pub enum StoreError {
         "a PostgreSQL state database needs --master-key-file (or AGENT_ENV_MASTER_KEY_FILE): every replica must use the same key; create one with `agent-env secret keygen`"
     )]
     NoKey,
+    /// A SQLite database on a filesystem whose locks it cannot trust.
+    #[error(
+        "state database {} is on a network filesystem ({filesystem}), where SQLite's file locks are not safe: keep it on a local disk or its own ReadWriteOnce volume (--state sqlite:<path>), or use PostgreSQL (--state postgres://...); --allow-network-state starts anyway",
+        .path.display()
+    )]
+    NetworkFilesystem {
+        /// The database.
+        path: std::path::PathBuf,
+        /// What statfs says it is on.
+        filesystem: String,
+    },
     /// Cannot create the directory holding the database or key file.
     #[error("cannot create {}", .path.display())]
     Dir {
