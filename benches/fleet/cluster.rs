@@ -9,7 +9,8 @@
 //!    until every instance is Ready again;
 //! 3. the floor: the statuses removed again, and a minimal client applying
 //!    the same statuses (the operator's own, as written in step 2) at the
-//!    operator's concurrency, as the operator's service account.
+//!    operator's concurrency, as the operator's service account; then the
+//!    same again with the one event per instance the operator also sends.
 //!
 //! Each step reports the operator's API requests per instance (from the
 //! audit log) and its peak RSS. `FLEET_CLUSTER_OPERATOR_ARGS` adds flags to
@@ -25,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
+use kube::Resource as _;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
@@ -62,9 +64,16 @@ async fn measure_one(dir: &Path, n: usize) -> Option<Value> {
     let (types, instances, overrides) = fleet_docs(dir);
     c.namespace(NS).await;
     builtin_config_map(&c, &dir.join("config")).await;
-    for d in types.iter().chain(&overrides) {
+    // Types first (their Secrets before anything renders), then the
+    // instance-scope objects, many at a time.
+    for d in &types {
         c.apply(d.clone()).await;
     }
+    futures::stream::iter(overrides.iter().cloned())
+        .map(|d| c.apply(d))
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<()>>()
+        .await;
     let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(
         "agentenv.io",
         "v1alpha1",
@@ -123,37 +132,11 @@ async fn measure_one(dir: &Path, n: usize) -> Option<Value> {
     op.stop();
     eprintln!("cold start: {cold:?}");
 
-    // 3. The floor: the same status applies, nothing else.
-    let statuses_now = strip_statuses(&instances_api).await;
-    ready.until_none(Duration::from_secs(300)).await;
-    let as_operator = Api::<DynamicObject>::namespaced_with(
-        kube_envtest::ControlPlane::client_for(&c.cp, &c.operator_kubeconfig).await,
-        NS,
-        &ar,
-    );
-    let floor_started = Instant::now();
-    futures::stream::iter(statuses_now)
-        .map(|(name, status)| {
-            let api = as_operator.clone();
-            async move {
-                let body = json!({
-                    "apiVersion": "agentenv.io/v1alpha1", "kind": "AgentInstance",
-                    "status": status,
-                });
-                api.patch_status(
-                    &name,
-                    &PatchParams::apply("floor").force(),
-                    &Patch::Apply(&body),
-                )
-                .await
-                .unwrap();
-            }
-        })
-        .buffer_unordered(CONCURRENCY)
-        .collect::<Vec<()>>()
-        .await;
-    let floor = floor_started.elapsed();
-    ready.until(n, Duration::from_secs(60)).await;
+    // 3. The floor: the same status applies, nothing else; then the same
+    // with the one event per instance the operator also sends.
+    let as_operator = kube_envtest::ControlPlane::client_for(&c.cp, &c.operator_kubeconfig).await;
+    let floor_status = floor(&instances_api, &as_operator, &ar, &ready, n, false).await;
+    let floor_events = floor(&instances_api, &as_operator, &ar, &ready, n, true).await;
     drop(statuses);
     Some(json!({
         "instances": n,
@@ -165,9 +148,71 @@ async fn measure_one(dir: &Path, n: usize) -> Option<Value> {
             "requests_per_instance": per(cold_requests, n),
             "peak_rss_mb": cold_rss,
         },
-        "floor_s": secs(floor),
-        "cold_over_floor": crate::ratio(cold, floor),
+        "floor_s": secs(floor_status),
+        "cold_over_floor": crate::ratio(cold, floor_status),
+        "floor_with_events_s": secs(floor_events),
+        "cold_over_floor_with_events": crate::ratio(cold, floor_events),
     }))
+}
+
+/// The floor of a cold start: every instance's status removed, then the
+/// statuses the operator wrote applied again by a minimal client as the
+/// operator's service account, at the operator's concurrency; with
+/// `events`, each followed by the one event the operator sends per render.
+async fn floor(
+    instances: &Api<DynamicObject>,
+    client: &kube::Client,
+    ar: &ApiResource,
+    ready: &Readiness,
+    n: usize,
+    events: bool,
+) -> Duration {
+    let statuses = strip_statuses(instances).await;
+    ready.until_none(Duration::from_secs(300)).await;
+    let api = Api::<DynamicObject>::namespaced_with(client.clone(), NS, ar);
+    let recorder = kube::runtime::events::Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter {
+            controller: "floor".into(),
+            instance: None,
+        },
+    );
+    let started = Instant::now();
+    futures::stream::iter(statuses)
+        .map(|(name, status)| {
+            let (api, recorder, ar) = (api.clone(), recorder.clone(), ar.clone());
+            async move {
+                let body = json!({
+                    "apiVersion": "agentenv.io/v1alpha1", "kind": "AgentInstance",
+                    "status": status,
+                });
+                let applied = api
+                    .patch_status(
+                        &name,
+                        &PatchParams::apply("floor").force(),
+                        &Patch::Apply(&body),
+                    )
+                    .await
+                    .unwrap();
+                if events {
+                    let event = kube::runtime::events::Event {
+                        type_: kube::runtime::events::EventType::Normal,
+                        reason: "Rendered".into(),
+                        note: Some("wrote .claude.json, settings.json".into()),
+                        action: "Reconcile".into(),
+                        secondary: None,
+                    };
+                    let reference = applied.object_ref(&ar);
+                    recorder.publish(&event, &reference).await.unwrap();
+                }
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<()>>()
+        .await;
+    let took = started.elapsed();
+    ready.until(n, Duration::from_secs(120)).await;
+    took
 }
 
 /// The fleet's documents: type-scope objects and Secrets, the
@@ -264,6 +309,10 @@ impl Audit {
     fn read(&mut self) -> Requests {
         use std::io::{Read, Seek};
         let mut f = std::fs::File::open(&self.log).unwrap();
+        assert!(
+            f.metadata().unwrap().len() >= self.offset,
+            "the audit log was rotated: requests would be lost"
+        );
         f.seek(std::io::SeekFrom::Start(self.offset)).unwrap();
         let mut text = String::new();
         f.read_to_string(&mut text).unwrap();

@@ -810,6 +810,16 @@ fn cluster_markdown(r: &Value) -> String {
         ),
         ("floor: the same status applies alone (s)", "/floor_s", ""),
         ("cold start / floor", "/cold_over_floor", "≤ 1.5"),
+        (
+            "floor with the one event per instance the operator sends (s)",
+            "/floor_with_events_s",
+            "",
+        ),
+        (
+            "cold start / floor with events",
+            "/cold_over_floor_with_events",
+            "",
+        ),
     ];
     for (label, at, target) in ROWS {
         s.push_str(&format!("| {label} |"));
