@@ -39,6 +39,8 @@ pub struct PassOptions {
     /// left alone, instead of being moved aside: right after a file event it
     /// may be a write in progress by a writer that does not write atomically.
     pub defer_corrupt: bool,
+    /// Told each time an instance is done (a progress bar).
+    pub progress: Option<Progress>,
 }
 
 impl PassOptions {
@@ -48,7 +50,18 @@ impl PassOptions {
             mode,
             only: None,
             defer_corrupt: false,
+            progress: None,
         }
+    }
+}
+
+/// Called once per instance a pass finishes, from whichever task finished it.
+#[derive(Clone)]
+pub struct Progress(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress")
     }
 }
 
@@ -252,6 +265,11 @@ impl Engine {
         }
         let mut outcomes: Vec<Outcome> = futures::stream::iter(work)
             .buffer_unordered(self.concurrency)
+            .inspect(|_| {
+                if let Some(Progress(done)) = &opts.progress {
+                    done();
+                }
+            })
             .collect()
             .await;
         for inv in snapshot.invalid.iter().filter(|i| {

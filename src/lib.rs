@@ -12,6 +12,7 @@ pub mod engine;
 pub mod envdir;
 pub mod fswatch;
 pub mod handshake;
+pub mod kustomize;
 pub mod ledger;
 pub mod local;
 pub mod manifest;

@@ -45,10 +45,8 @@ pub const FIGHT_BACKOFF: (Duration, Duration) = (Duration::from_secs(2), Duratio
 
 /// How the loop runs.
 pub struct Settings {
-    /// Manifest paths.
-    pub files: Vec<PathBuf>,
-    /// What a field no schema declares does to its object.
-    pub fields: crate::manifest::FieldValidation,
+    /// Where the manifests are, and how strictly they are read.
+    pub inputs: crate::manifest::Inputs,
     /// Builtin config dir.
     pub config: Option<PathBuf>,
     /// The env root (for the watch and `{envDir}`).
@@ -86,8 +84,7 @@ pub enum LoopError {
 
 /// Reads the builtin layer and the manifests.
 pub fn read_inputs(
-    files: &[PathBuf],
-    fields: crate::manifest::FieldValidation,
+    inputs: &crate::manifest::Inputs,
     config: Option<&PathBuf>,
     cache: &mut crate::manifest::ManifestCache,
 ) -> Result<(Builtin, Snapshot), String> {
@@ -95,8 +92,8 @@ pub fn read_inputs(
         Some(dir) => Builtin::load_dir(dir).map_err(|e| crate::error_chain(&e))?,
         None => Builtin::default(),
     };
-    let snapshot = crate::manifest::load_paths_cached(files, fields, cache)
-        .map_err(|e| crate::error_chain(&e))?;
+    let snapshot =
+        crate::manifest::load_cached(inputs, cache).map_err(|e| crate::error_chain(&e))?;
     Ok((builtin, snapshot))
 }
 
@@ -121,6 +118,9 @@ struct Loop {
     /// Instances to pass again at a time: files that did not parse, fights.
     retry: HashMap<ObjectKey, (Instant, u32)>,
     fights: HashMap<ObjectKey, Fight>,
+    /// The skipped summary as last logged: logged when it changes, not on
+    /// every reload.
+    said_skipped: Option<String>,
 }
 
 /// Runs until SIGTERM or SIGINT. The pass in flight when a signal arrives
@@ -136,17 +136,13 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
     let mut manifests = crate::manifest::ManifestCache::default();
-    let (builtin, snapshot) = read_inputs(
-        &settings.files,
-        settings.fields,
-        settings.config.as_ref(),
-        &mut manifests,
-    )
-    .map_err(LoopError::Input)?;
+    let (builtin, snapshot) =
+        read_inputs(&settings.inputs, settings.config.as_ref(), &mut manifests)
+            .map_err(LoopError::Input)?;
     let engine = engine.with_builtin(builtin);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let _watch = FsWatch::start(
-        &settings.files,
+        &settings.inputs.watched(),
         settings.config.as_deref(),
         &settings.env_root,
         tx,
@@ -188,6 +184,7 @@ pub async fn run(
         restarter,
         retry: HashMap::new(),
         fights: HashMap::new(),
+        said_skipped: None,
         settings,
     };
     lp.install(snapshot);
@@ -232,6 +229,7 @@ pub async fn run(
 impl Loop {
     /// Makes `snapshot` current; returns the instances whose inputs changed.
     fn install(&mut self, snapshot: Snapshot) -> HashSet<ObjectKey> {
+        self.say_what_was_skipped(&snapshot);
         let digests = snapshot.input_digests();
         let changed = digests
             .iter()
@@ -249,11 +247,22 @@ impl Loop {
         changed
     }
 
+    /// Logs what `snapshot` skipped as not for agent-env, when that changes.
+    /// (Invalid objects are logged as their file is read: once per change.)
+    fn say_what_was_skipped(&mut self, snapshot: &Snapshot) {
+        let skipped = snapshot.skipped_summary();
+        if skipped != self.said_skipped
+            && let Some(summary) = &skipped
+        {
+            info!("{summary}");
+        }
+        self.said_skipped = skipped;
+    }
+
     /// Reads the inputs again; on failure keeps the last good ones (and says so).
     fn reload(&mut self, config_too: bool) -> Option<HashSet<ObjectKey>> {
         match read_inputs(
-            &self.settings.files,
-            self.settings.fields,
+            &self.settings.inputs,
             self.settings.config.as_ref(),
             &mut self.manifests,
         ) {

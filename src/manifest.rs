@@ -26,15 +26,26 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 /// Where a document came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Source {
-    /// File path.
+    /// File path (for a kustomization, `kustomize build <dir>`).
     pub file: PathBuf,
     /// 1-based document index in the file.
     pub document: usize,
+    /// 1-based line the document starts on; 0 when the text is not a file
+    /// the user wrote (a kustomization's output).
+    pub line: usize,
 }
 
 impl std::fmt::Display for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} (document {})", self.file.display(), self.document)
+        match self.line {
+            0 => write!(f, "{} (document {})", self.file.display(), self.document),
+            line => write!(
+                f,
+                "{}:{line} (document {})",
+                self.file.display(),
+                self.document
+            ),
+        }
     }
 }
 
@@ -102,6 +113,40 @@ pub enum ManifestError {
         /// The limit.
         limit: usize,
     },
+    /// A file or directory that is not for agent-env, under `--strict`.
+    #[error(
+        "{}: a {what}, not agent-env objects: refused under --strict (leave it out of -f; build a kustomization with -k)",
+        .path.display()
+    )]
+    Foreign {
+        /// The file or directory.
+        path: PathBuf,
+        /// What it is.
+        what: String,
+    },
+    /// `-k`: kubectl cannot be run to build a kustomization.
+    #[error(
+        "-k {}: cannot run {kubectl:?} to build the kustomization (install kubectl, or set {} to its path)",
+        .dir.display(),
+        crate::kustomize::KUBECTL_ENV
+    )]
+    KubectlMissing {
+        /// The kustomization directory.
+        dir: PathBuf,
+        /// The program tried.
+        kubectl: String,
+        /// Why it could not run.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `-k`: the kustomization does not build.
+    #[error("-k {}: `kubectl kustomize` failed: {message}", .dir.display())]
+    Kustomize {
+        /// The kustomization directory.
+        dir: PathBuf,
+        /// What kustomize said.
+        message: String,
+    },
     /// The same object appears twice.
     #[error("{kind} {key} is defined twice: in {first} and in {second}")]
     Duplicate {
@@ -110,9 +155,9 @@ pub enum ManifestError {
         /// namespace/name.
         key: String,
         /// First definition.
-        first: Source,
+        first: Box<Source>,
         /// Second definition.
-        second: Source,
+        second: Box<Source>,
     },
 }
 
@@ -131,17 +176,115 @@ pub enum FieldValidation {
 /// Kinds accepted in manifests.
 pub const KINDS: &str = "AgentInstance, PluginBinding, PluginMarketplace, McpServer (agentenv.io/v1alpha1) and Secret (v1)";
 
+/// Where the manifests are read from, and how strictly.
+#[derive(Clone, Debug, Default)]
+pub struct Inputs {
+    /// Manifest files or directories (read recursively).
+    pub files: Vec<PathBuf>,
+    /// Kustomization directories, built as Argo CD and Flux build them.
+    pub kustomize: Vec<PathBuf>,
+    /// What a field no schema declares does to its object; `Strict` also
+    /// refuses documents and files that are not for agent-env.
+    pub fields: FieldValidation,
+}
+
+impl Inputs {
+    /// Plain manifest paths.
+    pub fn files(files: &[PathBuf], fields: FieldValidation) -> Inputs {
+        Inputs {
+            files: files.to_vec(),
+            kustomize: Vec::new(),
+            fields,
+        }
+    }
+
+    /// Every path a change of the inputs can show up under (the
+    /// kustomization directories as a whole).
+    pub fn watched(&self) -> Vec<PathBuf> {
+        self.files.iter().chain(&self.kustomize).cloned().collect()
+    }
+
+    /// The texts to load: every manifest file under `files`, then each
+    /// kustomization's output; files and directories that are not for
+    /// agent-env are counted in `skipped` (or refused when strict).
+    fn texts(&self, skipped: &mut BTreeMap<String, usize>) -> Result<Vec<Text>, ManifestError> {
+        let mut files = Vec::new();
+        let mut foreign = Vec::new();
+        for p in &self.files {
+            collect_files(p, &mut files, &mut foreign)?;
+        }
+        // A patch a kustomization applies is part of that kustomization,
+        // not an object: read alone it would be a second, partial object.
+        let patches = kustomize_patches(&foreign);
+        files.retain(|f| {
+            let patch = std::fs::canonicalize(f).is_ok_and(|f| patches.contains(&f));
+            if patch {
+                foreign.push((f.clone(), "kustomize patch"));
+            }
+            !patch
+        });
+        for (path, what) in foreign {
+            if self.fields == FieldValidation::Strict {
+                return Err(ManifestError::Foreign {
+                    path,
+                    what: what.to_owned(),
+                });
+            }
+            *skipped.entry(what.to_owned()).or_default() += 1;
+        }
+        let mut texts = Vec::with_capacity(files.len() + self.kustomize.len());
+        for file in files {
+            let text = read_manifest(&file)?;
+            texts.push(Text {
+                name: file,
+                text,
+                lines: true,
+            });
+        }
+        for dir in &self.kustomize {
+            texts.push(Text {
+                name: crate::kustomize::source_name(dir),
+                text: crate::kustomize::build(dir)?,
+                // Lines of generated output point nowhere a user can edit.
+                lines: false,
+            });
+        }
+        Ok(texts)
+    }
+}
+
+/// One manifest text and where it came from.
+struct Text {
+    /// The file, or what built the text.
+    name: PathBuf,
+    text: String,
+    /// Whether its lines are a file's lines (worth naming in messages).
+    lines: bool,
+}
+
 /// Loads every `.yaml`, `.yml` and `.json` file under the given paths (files
 /// or directories, recursively, in name order).
 pub fn load_paths(paths: &[PathBuf], fields: FieldValidation) -> Result<Snapshot, ManifestError> {
-    let mut files = Vec::new();
-    for p in paths {
-        collect_files(p, &mut files)?;
-    }
-    let mut loader = Loader::default().with_field_validation(fields);
-    for file in files {
-        let text = read_manifest(&file)?;
-        loader.add_file(&file, &text)?;
+    load(&Inputs::files(paths, fields))
+}
+
+/// Loads the manifests of `inputs`.
+pub fn load(inputs: &Inputs) -> Result<Snapshot, ManifestError> {
+    load_into(inputs, Loader::default())
+}
+
+/// [`load`], keeping where each agent object was read ([`Snapshot::sources`]).
+pub fn load_with_sources(inputs: &Inputs) -> Result<Snapshot, ManifestError> {
+    load_into(inputs, Loader::default().keep_sources())
+}
+
+fn load_into(inputs: &Inputs, loader: Loader) -> Result<Snapshot, ManifestError> {
+    let mut loader = loader.with_field_validation(inputs.fields);
+    for t in inputs.texts(&mut loader.snapshot.skipped)? {
+        let docs = loader.parse_file(&t)?;
+        for (p, source) in docs {
+            loader.insert(p, source)?;
+        }
     }
     Ok(loader.finish())
 }
@@ -165,23 +308,14 @@ fn text_hash(text: &str) -> u64 {
     BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(text)
 }
 
-/// [`load_paths`], reusing the checked documents of files whose text is
-/// unchanged since the last call with the same cache. The cache is replaced
-/// only when the load succeeds.
-pub fn load_paths_cached(
-    paths: &[PathBuf],
-    fields: FieldValidation,
-    cache: &mut ManifestCache,
-) -> Result<Snapshot, ManifestError> {
-    let mut files = Vec::new();
-    for p in paths {
-        collect_files(p, &mut files)?;
-    }
-    let mut loader = Loader::default().with_field_validation(fields);
+/// [`load`], reusing the checked documents of files (and kustomization
+/// outputs) whose text is unchanged since the last call with the same cache.
+/// The cache is replaced only when the load succeeds.
+pub fn load_cached(inputs: &Inputs, cache: &mut ManifestCache) -> Result<Snapshot, ManifestError> {
+    let mut loader = Loader::default().with_field_validation(inputs.fields);
     let mut next = ManifestCache::default();
-    for file in files {
-        let text = read_manifest(&file)?;
-        loader.add_file_cached(&file, &text, cache, &mut next)?;
+    for t in inputs.texts(&mut loader.snapshot.skipped)? {
+        loader.add_file_cached(&t, cache, &mut next)?;
     }
     *cache = next;
     Ok(loader.finish())
@@ -215,14 +349,34 @@ fn read_manifest(file: &Path) -> Result<String, ManifestError> {
     Ok(text)
 }
 
-fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), ManifestError> {
+/// File names kustomize reads as a kustomization: its input, not objects.
+pub const KUSTOMIZATION_FILES: [&str; 3] =
+    ["kustomization.yaml", "kustomization.yml", "Kustomization"];
+
+/// Collects the manifest files under `path` into `out`, and into `foreign`
+/// what a GitOps repository holds beside them that is not for agent-env:
+/// kustomization files (built with `-k`, never read as objects) and Helm
+/// chart directories (templates, not YAML).
+fn collect_files(
+    path: &Path,
+    out: &mut Vec<PathBuf>,
+    foreign: &mut Vec<(PathBuf, &'static str)>,
+) -> Result<(), ManifestError> {
     let read_err = |source| ManifestError::Read {
         path: path.to_owned(),
         source,
     };
     let meta = std::fs::metadata(path).map_err(read_err)?;
     if !meta.is_dir() {
-        out.push(path.to_owned());
+        if is_kustomization(path) {
+            foreign.push((path.to_owned(), "kustomization file"));
+        } else {
+            out.push(path.to_owned());
+        }
+        return Ok(());
+    }
+    if path.join("Chart.yaml").is_file() {
+        foreign.push((path.to_owned(), "Helm chart"));
         return Ok(());
     }
     let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
@@ -239,7 +393,9 @@ fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), ManifestErro
             continue;
         }
         if e.is_dir() {
-            collect_files(&e, out)?;
+            collect_files(&e, out, foreign)?;
+        } else if is_kustomization(&e) {
+            foreign.push((e, "kustomization file"));
         } else if e
             .extension()
             .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
@@ -248,6 +404,44 @@ fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), ManifestErro
         }
     }
     Ok(())
+}
+
+/// The files the kustomization files among `foreign` name as patches
+/// (`patches[].path`, `patchesStrategicMerge[]`, `patchesJson6902[].path`),
+/// canonical. A kustomization that does not parse names none: it is
+/// kustomize's to judge, not ours.
+fn kustomize_patches(foreign: &[(PathBuf, &'static str)]) -> std::collections::HashSet<PathBuf> {
+    let mut out = std::collections::HashSet::new();
+    for (file, _) in foreign.iter().filter(|(f, _)| is_kustomization(f)) {
+        let Some(dir) = file.parent() else { continue };
+        let Ok(text) = read_manifest(file) else {
+            continue;
+        };
+        let Ok(k) = serde_saphyr::from_str_with_options::<Value>(&text, yaml_options(text.len()))
+        else {
+            continue;
+        };
+        let listed = |key: &str| k.get(key).and_then(Value::as_array).into_iter().flatten();
+        let paths = listed("patchesStrategicMerge")
+            .filter_map(Value::as_str)
+            .chain(
+                listed("patches")
+                    .chain(listed("patchesJson6902"))
+                    .filter_map(|p| p.get("path").and_then(Value::as_str)),
+            );
+        for p in paths {
+            if let Ok(p) = std::fs::canonicalize(dir.join(p)) {
+                out.insert(p);
+            }
+        }
+    }
+    out
+}
+
+fn is_kustomization(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| KUSTOMIZATION_FILES.contains(&n))
 }
 
 /// Most documents one manifest file may hold (a generated fleet file can
@@ -289,6 +483,7 @@ pub struct Loader {
     objects: usize,
     max_objects: usize,
     fields: FieldValidation,
+    keep_sources: bool,
 }
 
 impl Default for Loader {
@@ -306,7 +501,15 @@ impl Loader {
             objects: 0,
             max_objects: max,
             fields: FieldValidation::default(),
+            keep_sources: false,
         }
+    }
+
+    /// Keeps where each object was read in [`Snapshot::sources`] (for
+    /// explaining a result; a pass does not need it).
+    pub fn keep_sources(mut self) -> Self {
+        self.keep_sources = true;
+        self
     }
 
     /// How fields no schema declares are treated ([`FieldValidation::Warn`] by default).
@@ -317,7 +520,12 @@ impl Loader {
 
     /// Adds every document of one YAML file.
     pub fn add_file(&mut self, file: &Path, text: &str) -> Result<(), ManifestError> {
-        for (p, source) in self.parse_file(file, text)? {
+        let text = Text {
+            name: file.to_owned(),
+            text: text.to_owned(),
+            lines: true,
+        };
+        for (p, source) in self.parse_file(&text)? {
             self.insert(p, source)?;
         }
         Ok(())
@@ -325,11 +533,8 @@ impl Loader {
 
     /// Checks every document of one YAML file, counting them against the
     /// object limit.
-    fn parse_file(
-        &mut self,
-        file: &Path,
-        text: &str,
-    ) -> Result<Vec<(Prepared, Source)>, ManifestError> {
+    fn parse_file(&mut self, t: &Text) -> Result<Vec<(Prepared, Source)>, ManifestError> {
+        let (file, text) = (t.name.as_path(), t.text.as_str());
         let docs: Vec<Value> =
             serde_saphyr::from_multiple_with_options(text, yaml_options(text.len())).map_err(
                 |e| {
@@ -353,6 +558,11 @@ impl Loader {
                     }
                 },
             )?;
+        let lines = if t.lines {
+            document_lines(text)
+        } else {
+            Vec::new()
+        };
         let mut docs: Vec<(Value, Source)> = docs
             .into_iter()
             .enumerate()
@@ -361,6 +571,7 @@ impl Loader {
                 let source = Source {
                     file: file.to_owned(),
                     document: i + 1,
+                    line: lines.get(i).copied().unwrap_or(0),
                 };
                 (doc, source)
             })
@@ -425,12 +636,12 @@ impl Loader {
     /// that file, not every file.
     fn add_file_cached(
         &mut self,
-        file: &Path,
-        text: &str,
+        t: &Text,
         cache: &ManifestCache,
         next: &mut ManifestCache,
     ) -> Result<(), ManifestError> {
-        let hash = text_hash(text);
+        let file = t.name.as_path();
+        let hash = text_hash(&t.text);
         let docs = match cache.files.get(file).filter(|c| c.hash == hash) {
             Some(c) => {
                 for _ in c.docs.iter() {
@@ -438,7 +649,17 @@ impl Loader {
                 }
                 Arc::clone(&c.docs)
             }
-            None => Arc::new(self.parse_file(file, text)?),
+            None => {
+                let docs = self.parse_file(t)?;
+                // Said when a file is read anew, not when its check is
+                // reused: the loop says it once per change of the file.
+                for (p, _) in &docs {
+                    if let Item::Invalid(inv) = &p.item {
+                        tracing::error!("invalid {inv}");
+                    }
+                }
+                Arc::new(docs)
+            }
         };
         for (p, source) in docs.iter() {
             self.insert(p.clone(), source.clone())?;
@@ -456,6 +677,10 @@ impl Loader {
 
     /// Adds one checked document, unless its object was seen before.
     fn insert(&mut self, p: Prepared, source: Source) -> Result<(), ManifestError> {
+        if let Item::Foreign = p.item {
+            *self.snapshot.skipped.entry(p.kind).or_default() += 1;
+            return Ok(());
+        }
         if let Some(first) = self
             .seen
             .insert((p.kind.clone(), p.key.clone()), source.clone())
@@ -463,8 +688,8 @@ impl Loader {
             return Err(ManifestError::Duplicate {
                 kind: p.kind,
                 key: p.key.to_string(),
-                first,
-                second: source,
+                first: Box::new(first),
+                second: Box::new(source),
             });
         }
         let key = p.key;
@@ -489,13 +714,16 @@ impl Loader {
                     .secrets
                     .insert(&key.namespace, &key.name, data);
             }
-            Item::Secret(None) => {}
+            Item::Secret(None) | Item::Foreign => {}
         }
         Ok(())
     }
 
     /// The snapshot.
-    pub fn finish(self) -> Snapshot {
+    pub fn finish(mut self) -> Snapshot {
+        if self.keep_sources {
+            self.snapshot.sources = self.seen;
+        }
         self.snapshot
     }
 }
@@ -516,6 +744,9 @@ enum Item {
     Invalid(InvalidObject),
     /// A Secret's data; `None` when it lacks the label (it is ignored).
     Secret(Option<BTreeMap<String, SecretValue>>),
+    /// A document for someone else (a Deployment, a Flux Kustomization):
+    /// skipped and counted by kind.
+    Foreign,
 }
 
 /// Checks one document by itself (schema, rules, Secret data); what spans
@@ -529,27 +760,41 @@ fn prepare(
         source_doc: source.clone(),
         message,
     };
-    let Some(obj) = doc.as_object() else {
-        return Err(fail("a manifest document must be a mapping".into()));
-    };
+    let obj = doc.as_object();
     let text = |k: &str| {
-        obj.get(k)
+        obj.and_then(|o| o.get(k))
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned()
     };
     let (api_version, kind) = (text("apiVersion"), text("kind"));
-    let meta = obj.get("metadata").and_then(Value::as_object);
+    match classify(obj.is_some(), &api_version, &kind) {
+        Class::Ours => {}
+        Class::Foreign(what) if fields == FieldValidation::Warn => {
+            return Ok(Prepared {
+                kind: what,
+                key: ObjectKey::new("", ""),
+                item: Item::Foreign,
+                unknown_fields: Vec::new(),
+            });
+        }
+        Class::Foreign(what) => {
+            return Err(fail(format!(
+                "a {what}, not an agent-env object: refused under --strict (expected one of {KINDS})"
+            )));
+        }
+        Class::Broken(message) => return Err(fail(message)),
+    }
+    let meta = obj
+        .and_then(|o| o.get("metadata"))
+        .and_then(Value::as_object);
     let name = meta
         .and_then(|m| m.get("name"))
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned();
     if name.is_empty() {
-        return Err(fail(format!(
-            "{} has no metadata.name",
-            if kind.is_empty() { "document" } else { &kind }
-        )));
+        return Err(fail(format!("{kind} has no metadata.name")));
     }
     let namespace = meta
         .and_then(|m| m.get("namespace"))
@@ -570,16 +815,6 @@ fn prepare(
         )));
     }
     let key = ObjectKey::new(&namespace, &name);
-    let ours = api_version == format!("{}/{}", crd::GROUP, crd::VERSION);
-    match (ours, kind.as_str(), api_version.as_str()) {
-        (true, "AgentInstance" | "PluginBinding" | "PluginMarketplace" | "McpServer", _)
-        | (false, "Secret", "v1") => {}
-        _ => {
-            return Err(fail(format!(
-                "unknown kind {kind:?} (apiVersion {api_version:?}); expected one of {KINDS}"
-            )));
-        }
-    }
     let mut doc = doc;
     // Objects read from files carry the namespace they will be applied to.
     doc["metadata"]["namespace"] = Value::String(namespace.clone());
@@ -625,6 +860,81 @@ fn prepare(
             Vec::new()
         },
     })
+}
+
+/// What a document is to agent-env.
+enum Class {
+    /// One of the four agent kinds, or a core Secret.
+    Ours,
+    /// Anything else a GitOps repository holds (a Deployment, a Flux
+    /// Kustomization, a Helm values file): what it is, for the summary.
+    Foreign(String),
+    /// Meant for agent-env but not a kind it serves (a typo, another
+    /// version), or half an object: an error, never skipped.
+    Broken(String),
+}
+
+fn classify(mapping: bool, api_version: &str, kind: &str) -> Class {
+    const AGENT_KINDS: [&str; 4] = [
+        "AgentInstance",
+        "PluginBinding",
+        "PluginMarketplace",
+        "McpServer",
+    ];
+    let ours = api_version == format!("{}/{}", crd::GROUP, crd::VERSION);
+    let our_group = api_version
+        .split_once('/')
+        .is_some_and(|(group, _)| group == crd::GROUP);
+    let agent_kind = AGENT_KINDS.contains(&kind);
+    match (api_version, kind) {
+        _ if !mapping => Class::Foreign("document that is not a mapping".into()),
+        _ if ours && agent_kind => Class::Ours,
+        ("v1", "Secret") => Class::Ours,
+        _ if our_group || agent_kind => Class::Broken(format!(
+            "unknown kind {kind:?} (apiVersion {api_version:?}); expected one of {KINDS}"
+        )),
+        ("", "") => Class::Foreign("document without apiVersion and kind".into()),
+        ("", _) => Class::Broken(format!("{kind} has no apiVersion")),
+        (_, "") => Class::Broken(format!(
+            "document of apiVersion {api_version:?} has no kind"
+        )),
+        (_, kind) => Class::Foreign(kind.to_owned()),
+    }
+}
+
+/// The 1-based line each YAML document of `text` starts on, by document
+/// index as the parser counts them (documents with content; an empty one
+/// between two markers is not counted): a document starts at its `---`
+/// marker, or else at its first line of content.
+fn document_lines(text: &str) -> Vec<usize> {
+    fn marker<'a>(line: &'a str, m: &str) -> Option<&'a str> {
+        line.strip_prefix(m)
+            .filter(|rest| rest.is_empty() || rest.starts_with([' ', '\t']))
+            .map(str::trim)
+    }
+    let mut starts = Vec::new();
+    // The marker line of a document with no content yet.
+    let mut marked: Option<usize> = None;
+    // Whether a document with content is open (its content goes on).
+    let mut open = false;
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let content = |rest: &str| !rest.is_empty() && !rest.starts_with('#');
+        if let Some(rest) = marker(line, "---") {
+            if content(rest) {
+                starts.push(n);
+                (marked, open) = (None, true);
+            } else {
+                (marked, open) = (Some(n), false);
+            }
+        } else if marker(line, "...").is_some() {
+            (marked, open) = (None, false);
+        } else if !open && !line.starts_with('%') && content(line.trim_start()) {
+            starts.push(marked.take().unwrap_or(n));
+            open = true;
+        }
+    }
+    starts
 }
 
 fn secret_data(
@@ -907,10 +1217,13 @@ fn typed<K: serde::de::DeserializeOwned>(doc: &Value, compiled: &Compiled) -> Re
     check_limits(&compiled.schema, doc, "", &mut errors);
     if let Err(cel) = kube::core::cel::Validator::new().validate_compiled(&compiled.cel, doc, None)
     {
-        errors.extend(
-            cel.iter()
-                .map(|e| format!("field {}: {}", e.field_path, e.message)),
-        );
+        // The validator's order varies from run to run; a message should not.
+        let mut cel: Vec<String> = cel
+            .iter()
+            .map(|e| format!("field {}: {}", e.field_path, e.message))
+            .collect();
+        cel.sort();
+        errors.extend(cel);
     }
     if !errors.is_empty() {
         return Err(errors.join("; "));
@@ -1191,8 +1504,8 @@ mod tests {
         let paths = vec![dir.path().to_owned()];
         let mut cache = ManifestCache::default();
         let same = |cache: &mut ManifestCache| {
-            let cached =
-                load_paths_cached(&paths, FieldValidation::Warn, cache).map(|s| format!("{s:?}"));
+            let cached = load_cached(&Inputs::files(&paths, FieldValidation::Warn), cache)
+                .map(|s| format!("{s:?}"));
             let fresh = load_paths(&paths, FieldValidation::Warn).map(|s| format!("{s:?}"));
             match (cached, fresh) {
                 (Ok(c), Ok(f)) => assert_eq!(c, f),
@@ -1208,13 +1521,13 @@ mod tests {
         // A duplicate across an unchanged file and a changed one is still found.
         std::fs::write(&b, inst("xa", "t2")).unwrap();
         same(&mut cache);
-        assert!(load_paths_cached(&paths, FieldValidation::Warn, &mut cache).is_err());
+        assert!(load_cached(&Inputs::files(&paths, FieldValidation::Warn), &mut cache).is_err());
         std::fs::write(&b, inst("ya", "no spaces allowed here")).unwrap();
         same(&mut cache);
         std::fs::remove_file(&a).unwrap();
         std::fs::write(&b, inst("ya", "t3")).unwrap();
         same(&mut cache);
-        let s = load_paths_cached(&paths, FieldValidation::Warn, &mut cache).unwrap();
+        let s = load_cached(&Inputs::files(&paths, FieldValidation::Warn), &mut cache).unwrap();
         assert_eq!(s.instances.len(), 1);
         assert_eq!(s.instances.values().next().unwrap().spec.agent_type, "t3");
     }
@@ -1260,6 +1573,7 @@ mod tests {
         let source = Source {
             file: "x.yaml".into(),
             document: 1,
+            line: 0,
         };
         let mut warn = Loader::default();
         warn.add_document(doc.clone(), source.clone()).unwrap();
@@ -1295,6 +1609,7 @@ mod tests {
                     Source {
                         file: "x.yaml".into(),
                         document: 1,
+                        line: 0,
                     },
                 )
                 .unwrap();
@@ -1358,6 +1673,7 @@ mod tests {
                 Source {
                     file: "x.yaml".into(),
                     document: 1,
+                    line: 0,
                 },
             )
             .unwrap();
@@ -1506,7 +1822,7 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(
-                e.starts_with(&format!("x.yaml (document 1): field {field}: ")),
+                e.starts_with(&format!("x.yaml:1 (document 1): field {field}: ")),
                 "{meta}: {e}"
             );
         }
@@ -1558,5 +1874,140 @@ mod tests {
             snap.instances
                 .contains_key(&ObjectKey::new(DEFAULT_NAMESPACE, "a"))
         );
+    }
+
+    /// The line each object's source names is where its document starts,
+    /// counted as the parser counts documents, whatever the layout.
+    #[test]
+    fn sources_name_the_line_each_document_starts_on() {
+        let inst = |name: &str| {
+            format!(
+                "apiVersion: agentenv.io/v1alpha1\nkind: AgentInstance\nmetadata: {{name: {name}}}\nspec: {{agentType: t}}\n"
+            )
+        };
+        // Each layout, and each object's name, document and line in it.
+        type Layout<'a> = (String, Vec<(&'a str, usize, usize)>);
+        let layouts: Vec<Layout> = vec![
+            (inst("a"), vec![("a", 1, 1)]),
+            (format!("# head\n\n{}", inst("a")), vec![("a", 1, 3)]),
+            (
+                format!("---\n{}---\n{}", inst("a"), inst("b")),
+                vec![("a", 1, 1), ("b", 2, 6)],
+            ),
+            (
+                format!("{}---\n---\n\n{}", inst("a"), inst("b")),
+                vec![("a", 1, 1), ("b", 2, 6)],
+            ),
+            (
+                format!("%YAML 1.2\n---\n{}...\n# between\n{}", inst("a"), inst("b")),
+                vec![("a", 1, 2), ("b", 2, 9)],
+            ),
+            (
+                format!(
+                    "--- # first\n{}--- {{apiVersion: agentenv.io/v1alpha1, kind: AgentInstance, metadata: {{name: b}}, spec: {{agentType: t}}}}\n",
+                    inst("a")
+                ),
+                vec![("a", 1, 1), ("b", 2, 6)],
+            ),
+            // A block scalar's indented `---` is content, not a marker.
+            (
+                format!(
+                    "apiVersion: agentenv.io/v1alpha1\nkind: AgentInstance\nmetadata:\n  name: a\n  annotations:\n    note: |\n      ---\n      text\nspec: {{agentType: t}}\n---\n{}",
+                    inst("b")
+                ),
+                vec![("a", 1, 1), ("b", 2, 10)],
+            ),
+        ];
+        for (text, want) in layouts {
+            let mut loader = Loader::default().keep_sources();
+            loader.add_file(Path::new("x.yaml"), &text).unwrap();
+            let snap = loader.finish();
+            for (name, document, line) in want {
+                let source = &snap.sources[&(
+                    "AgentInstance".to_owned(),
+                    ObjectKey::new(DEFAULT_NAMESPACE, name),
+                )];
+                assert_eq!(
+                    (source.document, source.line),
+                    (document, line),
+                    "{name} in:\n{text}"
+                );
+                assert_eq!(
+                    source.to_string(),
+                    format!("x.yaml:{line} (document {document})")
+                );
+            }
+        }
+    }
+
+    /// What a GitOps repository holds beside agent objects is skipped and
+    /// counted (refused when strict); what looks meant for agent-env but is
+    /// not a kind it serves is an error naming the document.
+    #[test]
+    fn foreign_documents_are_skipped_and_counted_and_near_misses_refused() {
+        let text = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: api}\n---\nreplicas: 3\n---\n- a\n- b\n---\napiVersion: kustomize.toolkit.fluxcd.io/v1\nkind: Kustomization\nspec: {path: ./x}\n---\napiVersion: agentenv.io/v1alpha1\nkind: AgentInstance\nmetadata: {name: a}\nspec: {agentType: t}\n";
+        let mut loader = Loader::default();
+        loader.add_file(Path::new("x.yaml"), text).unwrap();
+        let snap = loader.finish();
+        assert_eq!(snap.instances.len(), 1);
+        assert_eq!(
+            snap.skipped,
+            BTreeMap::from([
+                ("ConfigMap".to_owned(), 1),
+                ("Deployment".to_owned(), 2),
+                ("Kustomization".to_owned(), 1),
+                ("document that is not a mapping".to_owned(), 1),
+                ("document without apiVersion and kind".to_owned(), 1),
+            ])
+        );
+        assert_eq!(
+            snap.skipped_summary().unwrap(),
+            "skipped 6 not for agent-env (ConfigMap 1, Deployment 2, Kustomization 1, document that is not a mapping 1, document without apiVersion and kind 1); --strict refuses them"
+        );
+        let mut strict = Loader::default().with_field_validation(FieldValidation::Strict);
+        let e = strict
+            .add_file(Path::new("x.yaml"), text)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "x.yaml:1 (document 1): a Deployment, not an agent-env object: refused under --strict (expected one of {KINDS})"
+            )
+        );
+        for (doc, message) in [
+            (
+                "apiVersion: agentenv.io/v1alpha1\nkind: PluginBindng\nmetadata: {name: b}\n",
+                "unknown kind \"PluginBindng\"",
+            ),
+            (
+                "apiVersion: agentenv.io/v1\nkind: PluginBinding\nmetadata: {name: b}\n",
+                "unknown kind \"PluginBinding\" (apiVersion \"agentenv.io/v1\")",
+            ),
+            (
+                "apiVersion: v1alpha1\nkind: McpServer\nmetadata: {name: b}\n",
+                "unknown kind \"McpServer\"",
+            ),
+            (
+                "kind: Deployment\nmetadata: {name: b}\n",
+                "Deployment has no apiVersion",
+            ),
+            (
+                "apiVersion: apps/v1\nmetadata: {name: b}\n",
+                "document of apiVersion \"apps/v1\" has no kind",
+            ),
+            (
+                "apiVersion: agentenv.io/v1alpha1\nkind: PluginBinding\nmetadata: {namespace: x}\n",
+                "PluginBinding has no metadata.name",
+            ),
+        ] {
+            let mut loader = Loader::default();
+            let e = loader
+                .add_file(Path::new("y.yaml"), &format!("# c\n{doc}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("y.yaml:2 (document 1): "), "{e}");
+            assert!(e.contains(message), "{e}");
+        }
     }
 }

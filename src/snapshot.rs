@@ -77,6 +77,12 @@ pub struct Snapshot {
     pub invalid: Vec<InvalidObject>,
     /// Labelled Secrets.
     pub secrets: LabelledSecrets,
+    /// Documents and files read but not for agent-env (a GitOps
+    /// repository's Deployments, kustomizations, Helm charts), by what they are.
+    pub skipped: BTreeMap<String, usize>,
+    /// Where each object (by kind and key) was read, when the loader was
+    /// asked to keep it.
+    pub sources: BTreeMap<(String, ObjectKey), crate::manifest::Source>,
     derived: OnceLock<Derived>,
 }
 
@@ -90,8 +96,30 @@ impl Clone for Snapshot {
             mcp_servers: self.mcp_servers.clone(),
             invalid: self.invalid.clone(),
             secrets: self.secrets.clone(),
+            skipped: self.skipped.clone(),
+            sources: self.sources.clone(),
             derived: OnceLock::new(),
         }
+    }
+}
+
+impl Snapshot {
+    /// One line saying what was skipped as not for agent-env, by kind;
+    /// `None` when nothing was.
+    pub fn skipped_summary(&self) -> Option<String> {
+        if self.skipped.is_empty() {
+            return None;
+        }
+        let total: usize = self.skipped.values().sum();
+        let kinds: Vec<String> = self
+            .skipped
+            .iter()
+            .map(|(what, n)| format!("{what} {n}"))
+            .collect();
+        Some(format!(
+            "skipped {total} not for agent-env ({}); --strict refuses them",
+            kinds.join(", ")
+        ))
     }
 }
 

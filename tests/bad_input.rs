@@ -59,7 +59,7 @@ fn unknown_kind_names_file_document_and_kind() {
     let run = h.reconcile();
     assert_eq!(run.code, 2);
     assert!(
-        run.stderr.contains("typo.yaml (document 1)"),
+        run.stderr.contains("typo.yaml:1 (document 1)"),
         "{}",
         run.stderr
     );
@@ -415,11 +415,10 @@ fn an_unknown_field_is_a_warning_by_default_and_refused_under_strict() {
         ("Secret dev/tokens", "strinData"),
     ] {
         assert!(
-            run.stderr
-                .lines()
-                .any(|l| l.contains("typos.yaml (document ")
-                    && l.contains(object)
-                    && l.contains(&format!("unknown field {field:?}"))),
+            run.stderr.lines().any(|l| l.contains("typos.yaml:")
+                && l.contains(" (document ")
+                && l.contains(object)
+                && l.contains(&format!("unknown field {field:?}"))),
             "{object} {field}: {}",
             run.stderr
         );
@@ -452,7 +451,7 @@ fn an_unknown_field_is_a_warning_by_default_and_refused_under_strict() {
     assert_eq!(run.code, 2, "{}", run.stderr);
     assert!(
         run.stderr
-            .contains("typos.yaml (document 1): Secret dev/tokens: unknown field \"strinData\""),
+            .contains("typos.yaml:1 (document 1): Secret dev/tokens: unknown field \"strinData\""),
         "{}",
         run.stderr
     );

@@ -379,6 +379,7 @@ fn local(doc: &Value) -> Result<(), String> {
     let source = Source {
         file: "parity.yaml".into(),
         document: 1,
+        line: 1,
     };
     loader
         .add_document(doc.clone(), source)

@@ -59,13 +59,19 @@ fn check_manifest_error(e: &ManifestError) {
             message,
         } => {
             assert!(source_doc.document >= 1, "{msg}");
+            assert!(source_doc.line >= 1, "a file's document has a line: {msg}");
             assert!(msg.contains("(document "), "{msg}");
             assert!(!message.is_empty(), "{msg}");
         }
         ManifestError::Duplicate { first, second, .. } => {
             assert!(first.document < second.document, "{msg}")
         }
-        ManifestError::Read { .. } => panic!("nothing is read from disk here: {msg}"),
+        ManifestError::Read { .. }
+        | ManifestError::Foreign { .. }
+        | ManifestError::KubectlMissing { .. }
+        | ManifestError::Kustomize { .. } => {
+            panic!("nothing is read from disk or built here: {msg}")
+        }
         // Limits: each names the file and its limit.
         ManifestError::FileTooLarge { limit, .. } => {
             assert!(msg.contains(&limit.to_string()), "{msg}")

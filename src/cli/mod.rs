@@ -7,7 +7,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::builtin::Builtin;
-use crate::engine::{Engine, Mode, Outcome};
+use crate::engine::{Engine, Mode, Outcome, PassOptions};
 use crate::envdir::{EnvRoot, STATE_DIR};
 use crate::metrics::Metrics;
 use crate::restart::RestartCommand;
@@ -17,6 +17,7 @@ use crate::{error_chain, local, manifest, report, state};
 
 mod cluster;
 mod inspect;
+mod progress;
 mod secret;
 
 /// Renders Claude Code plugins, marketplaces and MCP servers into agent env dirs.
@@ -64,7 +65,8 @@ pub enum Command {
     /// Block until the operator has checked this pod's env dir (an init container).
     Wait(cluster::WaitArgs),
     /// Show what `reconcile` would change, secrets masked; changes nothing.
-    /// Exit 0: no changes, 1: changes, 2: error or an instance not ready.
+    /// Exit 0: no changes, 1: changes, 2: error, an invalid object or an
+    /// instance not ready.
     Diff(InputArgs),
     /// Manage the encrypted secret store (`${SECRET:NAME}` values after labelled Secrets).
     Secret {
@@ -150,15 +152,26 @@ impl StateArgs {
 /// Where objects, builtins, env dirs and state are.
 #[derive(Args, Debug)]
 pub struct InputArgs {
-    /// Manifest files or directories (multi-document YAML; directories are read recursively).
+    /// Manifest files or directories (multi-document YAML; directories are
+    /// read recursively). Documents of other kinds, kustomization files and
+    /// Helm chart directories are skipped (`--strict` refuses them).
     #[arg(
         short = 'f',
         long = "filename",
         env = "AGENT_ENV_MANIFESTS",
         value_delimiter = ',',
-        required = true
+        required_unless_present = "kustomize"
     )]
     pub files: Vec<PathBuf>,
+    /// Kustomization directories, built with `kubectl kustomize` (as Argo CD
+    /// and Flux build them); kubectl from `PATH` or `AGENT_ENV_KUBECTL`.
+    #[arg(
+        short = 'k',
+        long = "kustomize",
+        env = "AGENT_ENV_KUSTOMIZE",
+        value_delimiter = ','
+    )]
+    pub kustomize: Vec<PathBuf>,
     /// Config dir with the builtin layer (agents.json, marketplaces-builtin.json, mcp-builtin.json).
     #[arg(long, env = "AGENT_ENV_CONFIG")]
     pub config: Option<PathBuf>,
@@ -173,17 +186,24 @@ pub struct InputArgs {
     pub no_fsync: bool,
     /// Refuse an object with a field its schema does not declare (as `kubectl
     /// apply` does by default) instead of warning and ignoring the field (as
-    /// the API server does for a client that asks for no strictness).
+    /// the API server does for a client that asks for no strictness); also
+    /// refuse documents and files that are not for agent-env instead of
+    /// skipping them.
     #[arg(long, env = "AGENT_ENV_STRICT")]
     pub strict: bool,
 }
 
 impl InputArgs {
-    fn field_validation(&self) -> manifest::FieldValidation {
-        if self.strict {
-            manifest::FieldValidation::Strict
-        } else {
-            manifest::FieldValidation::Warn
+    /// Where the manifests are and how strictly they are read.
+    pub fn inputs(&self) -> manifest::Inputs {
+        manifest::Inputs {
+            files: self.files.clone(),
+            kustomize: self.kustomize.clone(),
+            fields: if self.strict {
+                manifest::FieldValidation::Strict
+            } else {
+                manifest::FieldValidation::Warn
+            },
         }
     }
 }
@@ -195,7 +215,7 @@ pub struct ReconcileArgs {
     #[command(flatten)]
     pub input: InputArgs,
     /// One full pass, then exit. Exit 0: every instance ready, 1: any not
-    /// ready, 2: the input could not be read. Without it: keep running,
+    /// ready or any object invalid, 2: the input could not be read. Without it: keep running,
     /// watching the manifests and the env root, until SIGTERM or SIGINT.
     #[arg(long, env = "AGENT_ENV_ONCE")]
     pub once: bool,
@@ -271,8 +291,10 @@ async fn load(input: &InputArgs, mode: Mode) -> Result<Loaded, ExitCode> {
         Some(dir) => Builtin::load_dir(dir).map_err(|e| fail(&e))?,
         None => Builtin::default(),
     };
-    let snapshot =
-        manifest::load_paths(&input.files, input.field_validation()).map_err(|e| fail(&e))?;
+    let snapshot = manifest::load(&input.inputs()).map_err(|e| fail(&e))?;
+    if let Some(summary) = snapshot.skipped_summary() {
+        tracing::info!("{summary}");
+    }
     let store = match mode {
         Mode::Apply => input.state.open().await?,
         Mode::DryRun => {
@@ -298,39 +320,60 @@ async fn load(input: &InputArgs, mode: Mode) -> Result<Loaded, ExitCode> {
     })
 }
 
-async fn pass(input: &InputArgs, mode: Mode) -> Result<Vec<Outcome>, ExitCode> {
+/// One pass's result: every instance's outcome, and how many objects were
+/// invalid (each already reported on stderr).
+struct Passed {
+    outcomes: Vec<Outcome>,
+    invalid: usize,
+}
+
+async fn pass(input: &InputArgs, mode: Mode) -> Result<Passed, ExitCode> {
     let started = std::time::Instant::now();
     let loaded = load(input, mode).await?;
     let loaded_in = started.elapsed();
+    // Every invalid object, whether or not it targets an instance: `kubectl
+    // apply` of the same files would fail on each.
+    for inv in &loaded.snapshot.invalid {
+        eprintln!("invalid {inv}");
+    }
+    let bar = progress::Bar::start(loaded.snapshot.instances.len());
+    let mut opts = PassOptions::new(mode);
+    opts.progress = bar.as_ref().map(progress::Bar::ticker);
     let outcomes = loaded
         .engine
-        .pass(&loaded.snapshot, loaded.secrets.as_ref(), mode)
+        .pass_with(&loaded.snapshot, loaded.secrets.as_ref(), &opts)
         .await
-        .map_err(|e| fail(&e))?;
+        .map_err(|e| fail(&e));
+    drop(bar);
+    let outcomes = outcomes?;
     let written = crate::engine::written(&outcomes);
     tracing::info!(
         instances = outcomes.len(),
         written,
+        invalid = loaded.snapshot.invalid.len(),
         load_ms = loaded_in.as_millis() as u64,
         pass_ms = (started.elapsed() - loaded_in).as_millis() as u64,
         "pass done"
     );
-    Ok(outcomes)
+    Ok(Passed {
+        outcomes,
+        invalid: loaded.snapshot.invalid.len(),
+    })
 }
 
 async fn reconcile(args: ReconcileArgs) -> ExitCode {
     if !args.once {
         return watch(args).await;
     }
-    let outcomes = match pass(&args.input, Mode::Apply).await {
-        Ok(o) => o,
+    let Passed { outcomes, invalid } = match pass(&args.input, Mode::Apply).await {
+        Ok(p) => p,
         Err(code) => return code,
     };
     match args.output {
         Output::Table => print!("{}", report::table(&outcomes)),
         Output::Json => println!("{}", report::json(&outcomes)),
     }
-    if outcomes.iter().all(|o| o.ready) {
+    if invalid == 0 && outcomes.iter().all(|o| o.ready) {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -349,8 +392,7 @@ async fn watch(args: ReconcileArgs) -> ExitCode {
     };
     let engine = Engine::new(root, store, Builtin::default()).with_concurrency(input.concurrency);
     let settings = local::Settings {
-        files: input.files.clone(),
-        fields: input.field_validation(),
+        inputs: input.inputs(),
         config: input.config.clone(),
         env_root: input.state.env_root.clone(),
         resync: args.resync_interval,
@@ -364,12 +406,15 @@ async fn watch(args: ReconcileArgs) -> ExitCode {
 }
 
 async fn diff(args: InputArgs) -> ExitCode {
-    let outcomes = match pass(&args, Mode::DryRun).await {
-        Ok(o) => o,
+    let Passed { outcomes, invalid } = match pass(&args, Mode::DryRun).await {
+        Ok(p) => p,
         Err(code) => return code,
     };
     print!("{}", report::diff(&outcomes));
-    if outcomes.iter().any(|o| !o.ready) {
+    // An invalid object is an error, not a change (as with `kubectl diff`,
+    // whose 1 means differences): a gate on "1: apply pending" must not take
+    // a broken manifest for a pending change.
+    if invalid > 0 || outcomes.iter().any(|o| !o.ready) {
         ExitCode::from(EXIT_INPUT)
     } else if outcomes.iter().any(|o| !o.changes.is_empty()) {
         ExitCode::from(1)

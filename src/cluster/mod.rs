@@ -826,6 +826,7 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
                 mode: Mode::Apply,
                 only: Some(HashSet::from([key.clone()])),
                 defer_corrupt: attempts < BUSY_ATTEMPTS,
+                progress: None,
             };
             let secrets: Vec<Arc<dyn SecretProvider>> = vec![
                 Arc::new(snapshot.secrets.clone()),

@@ -8,6 +8,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 pub mod db;
+pub mod host_loop;
 
 use db::Backend;
 
