@@ -172,7 +172,10 @@ fn check_snapshot(snap: &Snapshot) {
             inv.message.starts_with("field "),
             "an invalid object must name the field: {inv}"
         );
-        assert!(inv.source.contains("fuzz.yaml (document "), "{inv}");
+        assert!(
+            inv.source.starts_with("fuzz.yaml:") && inv.source.contains(" (document "),
+            "{inv}"
+        );
     }
 
     // Resolution of what was accepted: deterministic, and each entry comes
