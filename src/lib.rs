@@ -10,6 +10,7 @@ pub mod crypto;
 pub mod drift;
 pub mod engine;
 pub mod envdir;
+pub mod explain;
 pub mod fswatch;
 pub mod handshake;
 pub mod kustomize;
