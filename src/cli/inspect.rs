@@ -66,7 +66,7 @@ pub struct HistoryArgs {
     pub state: StateArgs,
 }
 
-fn parse_instance(s: &str) -> Result<InstanceKey, String> {
+pub(super) fn parse_instance(s: &str) -> Result<InstanceKey, String> {
     match s.split_once('/') {
         Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
             Ok(InstanceKey::new(ns, name))

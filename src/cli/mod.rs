@@ -16,6 +16,7 @@ use crate::state::{KeySource, StateStore, StoreSecrets};
 use crate::{error_chain, local, manifest, report, state};
 
 mod cluster;
+mod explain;
 mod inspect;
 mod progress;
 mod secret;
@@ -82,6 +83,11 @@ pub enum Command {
     },
     /// Show the audit trail of an instance: what each pass did.
     History(inspect::HistoryArgs),
+    /// Explain one instance: every entry with its scope, deciding object and
+    /// manifest file:line, or why one entry is absent; secrets masked,
+    /// changes nothing. Exit 0: explained, 2: input error or the instance
+    /// unknown or invalid.
+    Explain(explain::ExplainArgs),
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
 }
@@ -270,6 +276,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Secret { command } => secret::run(command).await,
         Command::Installed { command } => inspect::installed(command).await,
         Command::History(args) => inspect::history(args).await,
+        Command::Explain(args) => explain::run(args).await,
     }
 }
 
