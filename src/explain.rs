@@ -563,7 +563,7 @@ fn blockers(
     for inv in index.blockers(&key.namespace, &inst.spec.agent_type, &key.name) {
         let source = source_of(snapshot, &inv.kind, &inv.key).unwrap_or_else(|| inv.source.clone());
         let why = if inv.key.namespace == key.namespace && inv.scope.is_empty() {
-            "it names no valid target, so it holds back its whole namespace".to_owned()
+            "it names no valid target and so holds back its whole namespace".to_owned()
         } else {
             "it targets this instance's type or the instance itself".to_owned()
         };
@@ -575,7 +575,7 @@ fn blockers(
                 source: Some(source),
             }),
             message: format!(
-                "invalid: {}; {why}: nothing is written, the last good render is kept",
+                "invalid: {}; {why}, so nothing is written and the last good render is kept",
                 inv.message
             ),
         });
@@ -632,7 +632,7 @@ fn blockers(
             reason: "MissingSecret",
             object: None,
             message: format!(
-                "missing secrets: {} (no Secret labelled agentenv.io/secrets: \"true\" in namespace {} defines them, nor the encrypted store); nothing is written, the last good render is kept",
+                "missing secrets: {} (no Secret labelled agentenv.io/secrets: \"true\" in namespace {} defines them and the encrypted store does not hold them); nothing is written, the last good render is kept",
                 missing.join(", "),
                 key.namespace
             ),
@@ -1588,6 +1588,61 @@ mod tests {
         let err = secrets_to_check(&s, &b, &k("bob")).unwrap_err();
         assert!(matches!(err, ExplainError::Invalid { .. }));
         assert!(err.to_string().contains("dev/bob") && err.to_string().contains("spec.agentType"));
+    }
+
+    /// The secret blocker is the reason `secrets::fill`, which a pass calls,
+    /// gives for the same lookups: a conflict or an unsafe value stops it at
+    /// the first such reference in name order, otherwise every missing name.
+    #[tokio::test]
+    async fn secret_blockers_give_the_reason_the_pass_gives() {
+        use crate::secrets::{LabelledSecrets, Lookup, SecretProvider, SecretValue};
+        let mut labelled = LabelledSecrets::default();
+        let v = |x: &str| SecretValue::new(x.into());
+        labelled.insert("dev", "a", BTreeMap::from([("DUP".into(), v("1"))]));
+        labelled.insert("dev", "b", BTreeMap::from([("DUP".into(), v("2"))]));
+        labelled.insert("dev", "c", BTreeMap::from([("LOOP".into(), v("${HOME}"))]));
+        labelled.insert("dev", "d", BTreeMap::from([("OK".into(), v("fine"))]));
+        for env in [
+            json!({"A": "${SECRET:ZZ_MISSING}", "B": "${SECRET:DUP}"}),
+            json!({"A": "${SECRET:AA_MISSING}", "B": "${SECRET:LOOP}"}),
+            json!({"A": "${SECRET:AA_MISSING}", "B": "${SECRET:BB_MISSING}", "C": "${SECRET:OK}"}),
+            json!({"A": "${SECRET:OK}"}),
+        ] {
+            let (mut s, b) = fleet();
+            s.mcp_servers.insert(
+                k("srv"),
+                obj(
+                    "McpServer",
+                    "srv",
+                    json!({"target": {"instance": "alice"}, "stdio": {"command": "x", "env": env}}),
+                ),
+            );
+            let mut states = BTreeMap::new();
+            for r in secrets_to_check(&s, &b, &k("alice")).unwrap() {
+                let state = match labelled.lookup("dev", &r).await.unwrap() {
+                    Lookup::Found(v) if v.expose().contains("${") => SecretState::Unsafe,
+                    Lookup::Found(_) => SecretState::Found,
+                    Lookup::Missing => SecretState::Missing,
+                    Lookup::Conflict(secrets) => SecretState::Conflict { secrets },
+                };
+                states.insert(r, state);
+            }
+            let e = run(&s, &b, &Installed::default(), &states, None);
+            let ours: Vec<&str> = e.blocked.iter().map(|b| b.reason).collect();
+            let mut value = shape::mcp_entry(&s.mcp_servers[&k("srv")].spec);
+            let theirs = match secrets::fill("dev", [&mut value], &labelled).await {
+                Ok(_) => vec![],
+                Err(err) => vec![err.reason()],
+            };
+            assert_eq!(ours, theirs, "{env}");
+            if let Err(err) = secrets::fill("dev", [&mut value], &labelled).await {
+                assert!(
+                    e.blocked[0].message.starts_with(&err.to_string()),
+                    "{env}: {}",
+                    e.blocked[0].message
+                );
+            }
+        }
     }
 
     #[test]
