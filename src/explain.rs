@@ -493,6 +493,7 @@ pub fn explain(
         declared: &declared,
         blocked: &blocked,
         layers: Default::default(),
+        desired: Default::default(),
     };
     let mut entries = Vec::new();
     for section in Section::ALL {
@@ -504,6 +505,12 @@ pub fn explain(
             layer_candidates(&type_layer, section),
             layer_candidates(&instance_layer, section),
         ];
+        cx.desired = resolve::desired_section(
+            section,
+            &declared.sections[section],
+            &inputs.installed[section],
+            spec.runtime_installs,
+        );
         let names: BTreeSet<&String> = match entry {
             Some(_) => BTreeSet::new(),
             None => cx
@@ -651,6 +658,8 @@ struct EntryContext<'a> {
     blocked: &'a [Blocker],
     /// builtin, type, instance candidates of the section at hand.
     layers: [LayerCandidates; 3],
+    /// What a pass renders into the section at hand, from resolve.
+    desired: resolve::Entries,
 }
 
 const SCOPES: [&str; 3] = ["builtin", "type", "instance"];
@@ -715,13 +724,7 @@ impl EntryContext<'_> {
 
         let top = (0..3).rev().find(|l| self.layers[*l].contains_key(name));
         let top_decider = top.and_then(|l| self.decider_at(section, name, l).map(|i| (l, i)));
-        let desired = resolve::desired_section(
-            section,
-            &self.declared.sections[section],
-            &self.inputs.installed[section],
-            self.mode,
-        );
-        let fin = desired.get(name);
+        let fin = self.desired.get(name);
         let install_wins = fin.is_some_and(|e| e.origin == Origin::Installed);
 
         let mut story = Vec::new();
