@@ -242,6 +242,15 @@ pub struct EntryExplanation {
     pub did_you_mean: Vec<String>,
 }
 
+impl EntryExplanation {
+    /// Whether the entry is in its owned key (a plugin disabled is: it is
+    /// written as `false`).
+    pub fn in_key(&self) -> bool {
+        self.status == EntryStatus::Rendered
+            || (self.status == EntryStatus::Disabled && self.key == Section::Plugins)
+    }
+}
+
 /// The explanation of one instance.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -664,6 +673,21 @@ struct EntryContext<'a> {
 
 const SCOPES: [&str; 3] = ["builtin", "type", "instance"];
 
+/// Whether an entry's value from `scope` is left out of the output: runtime
+/// installs of marketplaces and MCP servers may carry tokens.
+fn withheld(section: Section, scope: &str) -> bool {
+    scope == "installed" && section != Section::Plugins
+}
+
+/// What [`EntryContext::story`] found.
+#[derive(Default)]
+struct Story {
+    steps: Vec<Step>,
+    overrode: Vec<Step>,
+    won_over: Vec<ObjectRef>,
+    rule: Option<&'static str>,
+}
+
 impl EntryContext<'_> {
     fn obj(&self, id: &Option<ObjectId>) -> Option<ObjectRef> {
         id.as_ref()
@@ -719,18 +743,105 @@ impl EntryContext<'_> {
 
     fn entry(&self, section: Section, name: &str) -> EntryExplanation {
         let installed_value = self.inputs.installed[section].get(name);
-        // Runtime installs of marketplaces and MCP servers may carry tokens.
-        let withhold = |scope: &str| scope == "installed" && section != Section::Plugins;
-
         let top = (0..3).rev().find(|l| self.layers[*l].contains_key(name));
         let top_decider = top.and_then(|l| self.decider_at(section, name, l).map(|i| (l, i)));
         let fin = self.desired.get(name);
         let install_wins = fin.is_some_and(|e| e.origin == Origin::Installed);
+        let story = self.story(section, name, top_decider, install_wins);
+        let decider_ref = top_decider.map(|(l, i)| {
+            let c = &self.layers[l][name][i];
+            (SCOPES[l], self.obj(&c.object))
+        });
 
-        let mut story = Vec::new();
-        let mut overrode = Vec::new();
-        let mut won_over = Vec::new();
-        let mut rule = None;
+        // The final answer is resolve's; the decider's story only names it.
+        let (status, scope, object, value) = match (fin, &decider_ref) {
+            (Some(e), _) => {
+                let status = if section == Section::Plugins
+                    && e.value == Value::Bool(false)
+                    && e.origin.is_declared()
+                {
+                    EntryStatus::Disabled
+                } else {
+                    EntryStatus::Rendered
+                };
+                let object = e
+                    .origin
+                    .object()
+                    .map(|id| object_ref(self.inputs.snapshot, &self.key.namespace, id));
+                (
+                    status,
+                    Some(e.origin.scope()),
+                    object,
+                    Some(e.value.clone()),
+                )
+            }
+            (None, Some((s, o))) => (EntryStatus::Disabled, Some(*s), o.clone(), None),
+            (None, None) if installed_value.is_some() => (EntryStatus::Absent, None, None, None),
+            (None, None) => (EntryStatus::Undeclared, None, None, None),
+        };
+        let value_withheld = scope.is_some_and(|s| withheld(section, s));
+        let value = if value_withheld { None } else { value };
+        // Secrets of the declared value: a pass fills it even when a runtime
+        // install replaces it.
+        let secret_value = match (fin, top_decider) {
+            (Some(e), _) if e.origin.is_declared() => Some(e.value.clone()),
+            (_, Some((l, i))) => self.layers[l][name][i].value.clone(),
+            _ => None,
+        };
+        let secrets: Vec<SecretUse> = secret_value
+            .map(|v| refs_of(&v))
+            .unwrap_or_default()
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .map(|r| SecretUse {
+                state: self
+                    .inputs
+                    .secrets
+                    .get(&r)
+                    .cloned()
+                    .unwrap_or(SecretState::Missing),
+                name: r.to_string(),
+            })
+            .collect();
+
+        let mut x = EntryExplanation {
+            key: section,
+            kind: kind_word(section),
+            name: name.to_owned(),
+            status,
+            written: fin.is_some() && self.blocked.is_empty(),
+            value,
+            value_withheld,
+            scope,
+            object,
+            won_over: story.won_over,
+            rule: story.rule,
+            overrode: story.overrode,
+            secrets,
+            reasons: Vec::new(),
+            story: story.steps,
+            elsewhere: Vec::new(),
+            did_you_mean: Vec::new(),
+        };
+        debug_assert_eq!(x.in_key(), fin.is_some());
+        x.reasons = self.reasons(&x);
+        if !x.in_key() {
+            x.elsewhere = self.elsewhere(section, name);
+            x.did_you_mean = self.near(section, name);
+        }
+        x
+    }
+
+    /// Every candidate of every layer and what became of it.
+    fn story(
+        &self,
+        section: Section,
+        name: &str,
+        top_decider: Option<(usize, usize)>,
+        install_wins: bool,
+    ) -> Story {
+        let mut out = Story::default();
         let decider_ref = top_decider.map(|(l, i)| {
             let c = &self.layers[l][name][i];
             (SCOPES[l], self.obj(&c.object))
@@ -740,7 +851,6 @@ impl EntryContext<'_> {
                 continue;
             };
             for (i, c) in cands.iter().enumerate() {
-                let object = self.obj(&c.object);
                 let (outcome, note) = match top_decider {
                     Some((tl, ti)) if tl == l && ti == i => {
                         if install_wins {
@@ -782,7 +892,7 @@ impl EntryContext<'_> {
                 };
                 let step = Step {
                     scope,
-                    object,
+                    object: self.obj(&c.object),
                     enabled: !disables(section, &c.value),
                     value: c.value.clone(),
                     outcome,
@@ -790,19 +900,17 @@ impl EntryContext<'_> {
                 };
                 match outcome {
                     StepOutcome::Overridden | StepOutcome::ReplacedByInstall => {
-                        overrode.push(step.clone())
+                        out.overrode.push(step.clone())
                     }
                     StepOutcome::LostConflict if !install_wins => {
-                        if let Some(o) = step.object.clone() {
-                            won_over.push(o);
-                        }
+                        out.won_over.extend(step.object.clone());
                     }
                     _ => {}
                 }
-                story.push(step);
+                out.steps.push(step);
             }
         }
-        if let Some(v) = installed_value {
+        if let Some(v) = self.inputs.installed[section].get(name) {
             let (outcome, note) = if install_wins {
                 (
                     StepOutcome::Decides,
@@ -820,11 +928,11 @@ impl EntryContext<'_> {
                         .to_owned(),
                 )
             };
-            story.push(Step {
+            out.steps.push(Step {
                 scope: "installed",
                 object: None,
                 enabled: !disables(section, &Some(v.clone())),
-                value: (!withhold("installed")).then(|| v.clone()),
+                value: (!withheld(section, "installed")).then(|| v.clone()),
                 outcome,
                 note,
             });
@@ -833,63 +941,18 @@ impl EntryContext<'_> {
             && !install_wins
             && let Some(c) = self.conflict(section, name, SCOPES[tl])
         {
-            rule = Some(c.rule);
+            out.rule = Some(c.rule);
         }
+        out
+    }
 
-        // The final answer is resolve's; the decider's story only names it.
-        let (status, scope, object, value) = match (fin, &decider_ref) {
-            (Some(e), _) => {
-                let status = if section == Section::Plugins
-                    && e.value == Value::Bool(false)
-                    && e.origin.is_declared()
-                {
-                    EntryStatus::Disabled
-                } else {
-                    EntryStatus::Rendered
-                };
-                let object = e
-                    .origin
-                    .object()
-                    .map(|id| object_ref(self.inputs.snapshot, &self.key.namespace, id));
-                (
-                    status,
-                    Some(e.origin.scope()),
-                    object,
-                    Some(e.value.clone()),
-                )
-            }
-            (None, Some((s, o))) => (EntryStatus::Disabled, Some(*s), o.clone(), None),
-            (None, None) if installed_value.is_some() => (EntryStatus::Absent, None, None, None),
-            (None, None) => (EntryStatus::Undeclared, None, None, None),
-        };
-        let value_withheld = scope.is_some_and(withhold);
-        let value = if value_withheld { None } else { value };
-        let secret_value = match (fin, top_decider) {
-            (Some(e), _) if e.origin.is_declared() => Some(e.value.clone()),
-            (_, Some((l, i))) => self.layers[l][name][i].value.clone(),
-            _ => None,
-        };
-        let secrets: Vec<SecretUse> = secret_value
-            .map(|v| refs_of(&v))
-            .unwrap_or_default()
-            .into_iter()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .map(|r| SecretUse {
-                state: self
-                    .inputs
-                    .secrets
-                    .get(&r)
-                    .cloned()
-                    .unwrap_or(SecretState::Missing),
-                name: r.to_string(),
-            })
-            .collect();
-
+    /// The answer in sentences, the deciding one first.
+    fn reasons(&self, x: &EntryExplanation) -> Vec<String> {
+        let section = x.key;
         let mut reasons = Vec::new();
-        match status {
+        match x.status {
             EntryStatus::Rendered => {
-                let from = scope.map(|s| self.who(s, &object, section));
+                let from = x.scope.map(|s| self.who(s, &x.object, section));
                 reasons.push(format!("rendered from {}", from.unwrap_or_default()));
             }
             EntryStatus::Disabled => {
@@ -898,47 +961,51 @@ impl EntryContext<'_> {
                 } else {
                     "left out"
                 };
-                let by = object.as_ref().map(|o| format!(" by {o}")).unwrap_or_default();
+                let by = x
+                    .object
+                    .as_ref()
+                    .map(|o| format!(" by {o}"))
+                    .unwrap_or_default();
                 reasons.push(format!(
                     "{how}: disabled at {} scope{by} with enabled: false",
-                    scope.unwrap_or_default()
+                    x.scope.unwrap_or_default()
                 ));
             }
             EntryStatus::Absent => reasons.push(
-                story
+                x.story
                     .last()
                     .map(|s| format!("not rendered: {}", s.note))
                     .unwrap_or_default(),
             ),
-            EntryStatus::Undeclared => reasons.push(format!(
-                "not declared for this instance: not in the builtin layer, named by no object targeting agentType {} or instance {} in namespace {}, and not installed at runtime",
-                self.agent_type, self.key.name, self.key.namespace
-            )),
-        }
-        if status == EntryStatus::Undeclared {
-            // An invalid object is not read past its error: it may be the one
-            // meant to declare this entry.
-            let invalid: Vec<String> = self
-                .blocked
-                .iter()
-                .filter(|b| b.reason == "InvalidObject")
-                .filter_map(|b| b.object.as_ref().map(ToString::to_string))
-                .collect();
-            if !invalid.is_empty() {
+            EntryStatus::Undeclared => {
                 reasons.push(format!(
-                    "what invalid objects declare is not known; they hold the instance back: {}",
-                    invalid.join(", ")
+                    "not declared for this instance: not in the builtin layer, named by no object targeting agentType {} or instance {} in namespace {}, and not installed at runtime",
+                    self.agent_type, self.key.name, self.key.namespace
                 ));
+                // An invalid object is not read past its error: it may be the
+                // one meant to declare this entry.
+                let invalid: Vec<String> = self
+                    .blocked
+                    .iter()
+                    .filter(|b| b.reason == "InvalidObject")
+                    .filter_map(|b| b.object.as_ref().map(ToString::to_string))
+                    .collect();
+                if !invalid.is_empty() {
+                    reasons.push(format!(
+                        "what invalid objects declare is not known; they hold the instance back: {}",
+                        invalid.join(", ")
+                    ));
+                }
             }
         }
-        if let Some(rule) = rule {
-            let losers: Vec<String> = won_over.iter().map(ToString::to_string).collect();
+        if let Some(rule) = x.rule {
+            let losers: Vec<String> = x.won_over.iter().map(ToString::to_string).collect();
             reasons.push(format!(
                 "won a conflict over {} ({rule}); both are reported as a Conflict warning",
                 losers.join(", ")
             ));
         }
-        for s in &overrode {
+        for s in &x.overrode {
             let who = self.who(s.scope, &s.object, section);
             let what = match (&s.value, s.enabled) {
                 (Some(v), _) if section == Section::Plugins => format!("value {v}"),
@@ -947,7 +1014,7 @@ impl EntryContext<'_> {
             };
             reasons.push(format!("overrode {who} ({what})"));
         }
-        for s in &secrets {
+        for s in &x.secrets {
             let state = match &s.state {
                 SecretState::Found => continue,
                 SecretState::Missing => "is missing".to_owned(),
@@ -962,52 +1029,26 @@ impl EntryContext<'_> {
             };
             reasons.push(format!("needs secret {}, which {state}", s.name));
         }
-        let in_key = fin.is_some();
-        let holding: Vec<&Blocker> = self
-            .blocked
-            .iter()
-            .filter(|b| b.reason != "Suspended")
-            .collect();
-        let written = in_key && self.blocked.is_empty();
-        if in_key && !holding.is_empty() {
-            let why: Vec<String> = holding
+        if x.in_key() && !x.written {
+            let holding: Vec<String> = self
+                .blocked
                 .iter()
+                .filter(|b| b.reason != "Suspended")
                 .map(|b| match &b.object {
                     Some(o) => format!("{} {o}", b.reason),
                     None => b.reason.to_owned(),
                 })
                 .collect();
-            reasons.push(format!(
-                "not written now: the instance is held back ({}); its files keep the last good render",
-                why.join(", ")
-            ));
-        } else if in_key && !written {
-            reasons.push("not written now: the instance is suspended".to_owned());
+            if holding.is_empty() {
+                reasons.push("not written now: the instance is suspended".to_owned());
+            } else {
+                reasons.push(format!(
+                    "not written now: the instance is held back ({}); its files keep the last good render",
+                    holding.join(", ")
+                ));
+            }
         }
-        let (elsewhere, did_you_mean) = if status == EntryStatus::Undeclared || !in_key {
-            (self.elsewhere(section, name), self.near(section, name))
-        } else {
-            (Vec::new(), Vec::new())
-        };
-        EntryExplanation {
-            key: section,
-            kind: kind_word(section),
-            name: name.to_owned(),
-            status,
-            written,
-            value,
-            value_withheld,
-            scope,
-            object,
-            won_over,
-            rule,
-            overrode,
-            secrets,
-            reasons,
-            story,
-            elsewhere,
-            did_you_mean,
-        }
+        reasons
     }
 
     /// Objects naming this entry that do not apply to the instance: another

@@ -182,10 +182,7 @@ fn status_word(e: &EntryExplanation) -> String {
         EntryStatus::Absent => "absent",
         EntryStatus::Undeclared => "undeclared",
     };
-    // A plugin disabled is still in the owned key, written as `false`.
-    let in_key = e.status == EntryStatus::Rendered
-        || (e.status == EntryStatus::Disabled && e.key == Section::Plugins);
-    if in_key && !e.written {
+    if e.in_key() && !e.written {
         format!("{s}, not written")
     } else {
         s.to_owned()
