@@ -775,10 +775,12 @@ async fn hostile_env_dirs_meet_the_same_refusals_under_the_controller() {
     assert_eq!(std::fs::read(&outside).unwrap(), b"{\"outside\": true}\n");
     std::fs::remove_file(&settings).unwrap();
     c.ready("team-a", "bob").await;
-    assert_eq!(
-        c.plugins("team-a/bob"),
-        BTreeSet::from(["lint@tools".to_owned()])
-    );
+    // Seen once on a loaded machine: Ready before the file read back with
+    // its plugin. The render must arrive; waiting for it keeps the check.
+    eventually("bob's settings.json rendered again", || async {
+        c.plugins("team-a/bob") == BTreeSet::from(["lint@tools".to_owned()])
+    })
+    .await;
 }
 
 /// Settings and `.claude.json` stamps of the instances named, for showing
