@@ -1007,6 +1007,17 @@ fn no_command_on_a_host_leaks_a_secret() {
         let r = run(&mut s, cat(&[args, &state]), None);
         assert_eq!(r.code, 0, "{args:?}: {}", r.err());
     }
+    // Why each instance renders what it does: values as declared, an
+    // adopted install's value withheld, never a filled secret.
+    for args in [
+        &["explain", "dev/alice"][..],
+        &["explain", "dev/alice", "-o", "json"],
+        &["explain", "dev/alice", "mcp", "mine"],
+        &["explain", "dev/bob", "-o", "json"],
+    ] {
+        let r = run(&mut s, cat(&[args, &input, &trace]), None);
+        assert_eq!(r.code, 0, "{args:?}: {}", r.err());
+    }
     let r = run(
         &mut s,
         cat(&[
