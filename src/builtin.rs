@@ -108,6 +108,12 @@ fn invalid(file: &str, field: String, message: impl Into<String>) -> BuiltinErro
 }
 
 impl Builtin {
+    /// The builtin layer of `--config`: read from the directory when one is
+    /// given, empty otherwise.
+    pub fn load(config: Option<&Path>) -> Result<Builtin, BuiltinError> {
+        config.map_or_else(|| Ok(Builtin::default()), Builtin::load_dir)
+    }
+
     /// Reads the builtin files from a directory; each file is optional.
     pub fn load_dir(dir: &Path) -> Result<Builtin, BuiltinError> {
         if !dir.is_dir() {

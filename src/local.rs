@@ -88,10 +88,8 @@ pub fn read_inputs(
     config: Option<&PathBuf>,
     cache: &mut crate::manifest::ManifestCache,
 ) -> Result<(Builtin, Snapshot), String> {
-    let builtin = match config {
-        Some(dir) => Builtin::load_dir(dir).map_err(|e| crate::error_chain(&e))?,
-        None => Builtin::default(),
-    };
+    let builtin =
+        Builtin::load(config.map(PathBuf::as_path)).map_err(|e| crate::error_chain(&e))?;
     let snapshot =
         crate::manifest::load_cached(inputs, cache).map_err(|e| crate::error_chain(&e))?;
     Ok((builtin, snapshot))

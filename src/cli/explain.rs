@@ -87,10 +87,7 @@ pub async fn run(args: ExplainArgs) -> ExitCode {
 async fn build(args: &ExplainArgs) -> Result<Explanation, ExitCode> {
     let input = &args.input;
     let key = &args.instance;
-    let builtin = match &input.config {
-        Some(dir) => Builtin::load_dir(dir).map_err(|e| fail(&e))?,
-        None => Builtin::default(),
-    };
+    let builtin = Builtin::load(input.config.as_deref()).map_err(|e| fail(&e))?;
     // Sources (file:line per object) are kept only for this command: a pass
     // has no use for them.
     let snapshot: Snapshot =

@@ -294,10 +294,7 @@ struct Loaded {
 }
 
 async fn load(input: &InputArgs, mode: Mode) -> Result<Loaded, ExitCode> {
-    let builtin = match &input.config {
-        Some(dir) => Builtin::load_dir(dir).map_err(|e| fail(&e))?,
-        None => Builtin::default(),
-    };
+    let builtin = Builtin::load(input.config.as_deref()).map_err(|e| fail(&e))?;
     let snapshot = manifest::load(&input.inputs()).map_err(|e| fail(&e))?;
     if let Some(summary) = snapshot.skipped_summary() {
         tracing::info!("{summary}");
