@@ -204,10 +204,14 @@ impl Inputs {
         self.files.iter().chain(&self.kustomize).cloned().collect()
     }
 
-    /// The texts to load: every manifest file under `files`, then each
-    /// kustomization's output; files and directories that are not for
-    /// agent-env are counted in `skipped` (or refused when strict).
-    fn texts(&self, skipped: &mut BTreeMap<String, usize>) -> Result<Vec<Text>, ManifestError> {
+    /// What to read, in order: every manifest file under `files`, then each
+    /// kustomization; files and directories that are not for agent-env are
+    /// counted in `skipped` (or refused when strict). Each is read only
+    /// when its turn comes, so one file's text is held at a time.
+    fn sources(
+        &self,
+        skipped: &mut BTreeMap<String, usize>,
+    ) -> Result<Vec<TextSource>, ManifestError> {
         let mut files = Vec::new();
         let mut foreign = Vec::new();
         for p in &self.files {
@@ -217,6 +221,9 @@ impl Inputs {
         // not an object: read alone it would be a second, partial object.
         let patches = kustomize_patches(&foreign);
         files.retain(|f| {
+            if patches.is_empty() {
+                return true;
+            }
             let patch = std::fs::canonicalize(f).is_ok_and(|f| patches.contains(&f));
             if patch {
                 foreign.push((f.clone(), "kustomize patch"));
@@ -232,24 +239,42 @@ impl Inputs {
             }
             *skipped.entry(what.to_owned()).or_default() += 1;
         }
-        let mut texts = Vec::with_capacity(files.len() + self.kustomize.len());
-        for file in files {
-            let text = read_manifest(&file)?;
-            texts.push(Text {
+        Ok(files
+            .into_iter()
+            .map(TextSource::File)
+            .chain(
+                self.kustomize
+                    .iter()
+                    .cloned()
+                    .map(TextSource::Kustomization),
+            )
+            .collect())
+    }
+}
+
+/// Where one manifest text comes from.
+enum TextSource {
+    /// A manifest file.
+    File(PathBuf),
+    /// A kustomization directory, built.
+    Kustomization(PathBuf),
+}
+
+impl TextSource {
+    fn read(self) -> Result<Text, ManifestError> {
+        Ok(match self {
+            TextSource::File(file) => Text {
+                text: read_manifest(&file)?,
                 name: file,
-                text,
                 lines: true,
-            });
-        }
-        for dir in &self.kustomize {
-            texts.push(Text {
-                name: crate::kustomize::source_name(dir),
-                text: crate::kustomize::build(dir)?,
+            },
+            TextSource::Kustomization(dir) => Text {
+                name: crate::kustomize::source_name(&dir),
+                text: crate::kustomize::build(&dir)?,
                 // Lines of generated output point nowhere a user can edit.
                 lines: false,
-            });
-        }
-        Ok(texts)
+            },
+        })
     }
 }
 
@@ -280,8 +305,8 @@ pub fn load_with_sources(inputs: &Inputs) -> Result<Snapshot, ManifestError> {
 
 fn load_into(inputs: &Inputs, loader: Loader) -> Result<Snapshot, ManifestError> {
     let mut loader = loader.with_field_validation(inputs.fields);
-    for t in inputs.texts(&mut loader.snapshot.skipped)? {
-        let docs = loader.parse_file(&t)?;
+    for source in inputs.sources(&mut loader.snapshot.skipped)? {
+        let docs = loader.parse_file(&source.read()?)?;
         for (p, source) in docs {
             loader.insert(p, source)?;
         }
@@ -314,8 +339,8 @@ fn text_hash(text: &str) -> u64 {
 pub fn load_cached(inputs: &Inputs, cache: &mut ManifestCache) -> Result<Snapshot, ManifestError> {
     let mut loader = Loader::default().with_field_validation(inputs.fields);
     let mut next = ManifestCache::default();
-    for t in inputs.texts(&mut loader.snapshot.skipped)? {
-        loader.add_file_cached(&t, cache, &mut next)?;
+    for source in inputs.sources(&mut loader.snapshot.skipped)? {
+        loader.add_file_cached(&source.read()?, cache, &mut next)?;
     }
     *cache = next;
     Ok(loader.finish())
