@@ -48,9 +48,12 @@ pub struct Change {
     pub section: Section,
     /// Entry name.
     pub name: String,
-    /// Value on disk before, if any.
+    /// Value on disk before, if any. Values are kept in a dry run only (what
+    /// `diff` shows): a pass that writes reports changes by name, and holding
+    /// every changed value of a large fleet until its report would double
+    /// what the pass holds (and keep filled secrets in memory).
     pub old: Option<Value>,
-    /// Value after, if any.
+    /// Value after, if any (dry run only, as `old`).
     pub new: Option<Value>,
 }
 
@@ -162,7 +165,7 @@ pub fn apply(root: &EnvRoot, input: &ApplyInput<'_>) -> Result<Applied, EnvDirEr
             let mut changes = Vec::new();
             if !unchanged {
                 for (s, m) in &new_maps {
-                    changes.extend(entry_changes(*s, observed.present.get(s), m));
+                    changes.extend(entry_changes(*s, observed.present.get(s), m, input.dry_run));
                 }
             }
             let done = match (&dir, unchanged || input.dry_run) {
@@ -321,21 +324,25 @@ fn observe(
     Ok(o)
 }
 
+/// The entries of one owned key that differ between `old` and `new`, with
+/// both values when `values` is set.
 fn entry_changes(
     section: Section,
     old: Option<&Map<String, Value>>,
     new: &Map<String, Value>,
+    values: bool,
 ) -> Vec<Change> {
     let empty = Map::new();
     let old = old.unwrap_or(&empty);
+    let kept = |v: Option<&Value>| v.filter(|_| values).cloned();
     let mut out = Vec::new();
     for (name, v) in new {
         if old.get(name) != Some(v) {
             out.push(Change {
                 section,
                 name: name.clone(),
-                old: old.get(name).cloned(),
-                new: Some(v.clone()),
+                old: kept(old.get(name)),
+                new: kept(Some(v)),
             });
         }
     }
@@ -344,10 +351,46 @@ fn entry_changes(
             out.push(Change {
                 section,
                 name: name.clone(),
-                old: Some(v.clone()),
+                old: kept(Some(v)),
                 new: None,
             });
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn map(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    /// A dry run keeps what `diff` shows; a writing pass names its changes
+    /// and holds no values (nor the secrets filled into them).
+    #[test]
+    fn changed_values_are_kept_in_a_dry_run_only() {
+        let old = map(json!({"a": {"token": "s1"}, "gone": 1, "same": 2}));
+        let new = map(json!({"a": {"token": "s2"}, "added": 3, "same": 2}));
+        let named = |changes: &[Change]| -> Vec<String> {
+            changes.iter().map(Change::label).collect()
+        };
+        let dry = entry_changes(Section::McpServers, Some(&old), &new, true);
+        let wet = entry_changes(Section::McpServers, Some(&old), &new, false);
+        assert_eq!(named(&dry), named(&wet));
+        assert_eq!(
+            named(&dry),
+            [
+                ".claude.json:mcpServers.a",
+                ".claude.json:mcpServers.added",
+                ".claude.json:mcpServers.gone"
+            ]
+        );
+        assert_eq!(dry[0].old, Some(json!({"token": "s1"})));
+        assert_eq!(dry[0].new, Some(json!({"token": "s2"})));
+        assert_eq!(dry[2].old, Some(json!(1)));
+        assert!(wet.iter().all(|c| c.old.is_none() && c.new.is_none()));
+    }
 }

@@ -375,7 +375,11 @@ async fn reconcile(args: ReconcileArgs) -> ExitCode {
     };
     match args.output {
         Output::Table => print!("{}", report::table(&outcomes)),
-        Output::Json => println!("{}", report::json(&outcomes)),
+        Output::Json => {
+            if let Err(e) = report::write_json(&outcomes, std::io::stdout().lock()) {
+                return fail(&e);
+            }
+        }
     }
     if invalid == 0 && outcomes.iter().all(|o| o.ready) {
         ExitCode::SUCCESS
