@@ -374,9 +374,8 @@ mod tests {
     fn changed_values_are_kept_in_a_dry_run_only() {
         let old = map(json!({"a": {"token": "s1"}, "gone": 1, "same": 2}));
         let new = map(json!({"a": {"token": "s2"}, "added": 3, "same": 2}));
-        let named = |changes: &[Change]| -> Vec<String> {
-            changes.iter().map(Change::label).collect()
-        };
+        let named =
+            |changes: &[Change]| -> Vec<String> { changes.iter().map(Change::label).collect() };
         let dry = entry_changes(Section::McpServers, Some(&old), &new, true);
         let wet = entry_changes(Section::McpServers, Some(&old), &new, false);
         assert_eq!(named(&dry), named(&wet));
