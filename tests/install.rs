@@ -21,9 +21,13 @@ async fn control_plane(what: &str) -> Option<&'static ControlPlane> {
 
 #[tokio::test]
 async fn crds_install_without_a_warning_and_are_served() {
-    let Some(cp) = control_plane("install: crds/").await else {
+    // A control plane of its own: the first apply below must meet CRDs no
+    // other test applied (a client-side apply over server-side applied
+    // objects warns of the missing last-applied annotation).
+    let Some(own) = ControlPlane::start("install: crds/").await else {
         return;
     };
+    let cp = &own;
     // Client-side apply first (what most people type), then server-side
     // (what Argo CD and Flux do), each of the committed file and of what
     // `agent-env crd` prints.
