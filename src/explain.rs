@@ -14,13 +14,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::builtin::Builtin;
 use crate::crd::{AgentInstance, RuntimeInstalls, Scope};
-use crate::resolve::{self, Conflict, Declared, Installed, Layer, ObjectId, Origin};
-use crate::secrets::{self, SecretRef};
-use crate::section::Section;
-use crate::shape;
-use crate::snapshot::{ObjectKey, ScopeIndex, Snapshot};
+use crate::engine::builtin::Builtin;
+use crate::engine::resolve::{self, Conflict, Declared, Installed, Layer, ObjectId, Origin};
+use crate::engine::secrets::{self, SecretRef};
+use crate::engine::section::Section;
+use crate::engine::shape;
+use crate::engine::snapshot::{ObjectKey, ScopeIndex, Snapshot};
 
 /// How one `${SECRET:...}` reference resolves in the instance's namespace,
 /// as the pass's secret providers answer it. Holds no value.
@@ -572,7 +572,7 @@ fn blockers(
             object: None,
             message: format!(
                 "field spec.envDir.path: env dir {} {clash}",
-                crate::snapshot::env_path(key, inst)
+                crate::engine::snapshot::env_path(key, inst)
             ),
         });
     }
@@ -730,11 +730,11 @@ impl EntryContext<'_> {
                 match section {
                     Section::Plugins => format!(
                         "{} for type {}",
-                        crate::builtin::AGENTS_FILE,
+                        crate::engine::builtin::AGENTS_FILE,
                         self.agent_type
                     ),
-                    Section::Marketplaces => crate::builtin::MARKETPLACES_FILE.to_owned(),
-                    Section::McpServers => crate::builtin::MCP_FILE.to_owned(),
+                    Section::Marketplaces => crate::engine::builtin::MARKETPLACES_FILE.to_owned(),
+                    Section::McpServers => crate::engine::builtin::MCP_FILE.to_owned(),
                 }
             ),
             _ => "the installed set (a runtime install adopted by an earlier pass)".to_owned(),
@@ -1115,7 +1115,7 @@ impl EntryContext<'_> {
                 if t != self.agent_type && plugins.iter().any(|p| p == name) {
                     out.push(format!(
                         "the builtin layer ({}) lists it for agentType {t}",
-                        crate::builtin::AGENTS_FILE
+                        crate::engine::builtin::AGENTS_FILE
                     ));
                 }
             }
@@ -1184,7 +1184,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::InvalidObject;
+    use crate::engine::snapshot::InvalidObject;
     use serde_json::json;
 
     fn obj<T: serde::de::DeserializeOwned>(kind: &str, name: &str, spec: Value) -> T {
@@ -1205,7 +1205,7 @@ mod tests {
     fn locate(s: &mut Snapshot, kind: &str, name: &str, line: usize) {
         s.sources.insert(
             (kind.to_owned(), k(name)),
-            crate::manifest::Source {
+            crate::host::manifest::Source {
                 file: "fleet.yaml".into(),
                 document: line,
                 line,
@@ -1639,7 +1639,7 @@ mod tests {
     /// the first such reference in name order, otherwise every missing name.
     #[tokio::test]
     async fn secret_blockers_give_the_reason_the_pass_gives() {
-        use crate::secrets::{LabelledSecrets, Lookup, SecretProvider, SecretValue};
+        use crate::engine::secrets::{LabelledSecrets, Lookup, SecretProvider, SecretValue};
         let mut labelled = LabelledSecrets::default();
         let v = |x: &str| SecretValue::new(x.into());
         labelled.insert("dev", "a", BTreeMap::from([("DUP".into(), v("1"))]));

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::envdir::{BOOT_MARKER, InstanceDir};
+use crate::engine::envdir::{BOOT_MARKER, InstanceDir};
 
 /// The marker's content.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,11 +44,11 @@ pub fn read(env_dir: &Path) -> Option<Marker> {
         .open(env_dir.join(BOOT_MARKER))
         .ok()?;
     let meta = f.metadata().ok()?;
-    if !meta.is_file() || meta.len() > crate::envdir::MAX_FILE_BYTES {
+    if !meta.is_file() || meta.len() > crate::engine::envdir::MAX_FILE_BYTES {
         return None;
     }
     let mut bytes = Vec::new();
-    f.take(crate::envdir::MAX_FILE_BYTES)
+    f.take(crate::engine::envdir::MAX_FILE_BYTES)
         .read_to_end(&mut bytes)
         .ok()?;
     serde_json::from_slice(&bytes).ok()
@@ -56,7 +56,7 @@ pub fn read(env_dir: &Path) -> Option<Marker> {
 
 /// Reads the marker through the env dir's handle, as the operator does: the
 /// agent can write its env dir, so no symlink is followed and nothing but a
-/// regular file within [`crate::envdir::MAX_FILE_BYTES`] is read. `None`
+/// regular file within [`crate::engine::envdir::MAX_FILE_BYTES`] is read. `None`
 /// when absent, refused or not a marker (the next write replaces it).
 pub fn read_in(dir: &InstanceDir) -> Option<Marker> {
     let read = dir.read_file(BOOT_MARKER).ok()??;

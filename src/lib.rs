@@ -2,29 +2,14 @@
 //! of Claude Code agents into their env dirs, from layered declarations.
 #![forbid(unsafe_code)]
 
-pub mod apply;
-pub mod builtin;
 pub mod cluster;
 pub mod crd;
 pub mod crypto;
-pub mod drift;
 pub mod engine;
-pub mod envdir;
 pub mod explain;
-pub mod fswatch;
 pub mod handshake;
-pub mod kustomize;
-pub mod ledger;
-pub mod local;
-pub mod manifest;
-pub mod merge;
+pub mod host;
 pub mod metrics;
-pub mod resolve;
-pub mod restart;
-pub mod secrets;
-pub mod section;
-pub mod shape;
-pub mod snapshot;
 pub mod state;
 pub mod time;
 

@@ -4,11 +4,11 @@
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::apply::Change;
 use crate::crd::EntrySource;
 use crate::engine::Outcome;
-use crate::secrets::UsedSecrets;
-use crate::section::Section;
+use crate::engine::apply::Change;
+use crate::engine::secrets::UsedSecrets;
+use crate::engine::section::Section;
 
 /// One output row (`reconcile --output json` prints an array of these).
 #[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
@@ -229,7 +229,7 @@ pub fn diff(outcomes: &[Outcome]) -> String {
             continue;
         }
         out.push_str(&format!("{} ({}):\n", o.key, o.env_dir));
-        for file in crate::section::EnvFile::ALL {
+        for file in crate::engine::section::EnvFile::ALL {
             let changes: Vec<&Change> = o
                 .changes
                 .iter()
@@ -267,7 +267,7 @@ pub fn diff(outcomes: &[Outcome]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secrets::{SecretRef, SecretValue};
+    use crate::engine::secrets::{SecretRef, SecretValue};
     use serde_json::json;
 
     #[test]

@@ -5,15 +5,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use agent_env_operator::builtin::Builtin;
 use agent_env_operator::crd::{
     AgentInstance, AgentInstanceSpec, GithubSource, MarketplaceSource, McpServer, McpServerSpec,
     PluginBinding, PluginBindingSpec, PluginMarketplace, PluginMarketplaceSpec, PluginRef,
     RemoteServer, RuntimeInstalls, Scope, Target,
 };
-use agent_env_operator::resolve::{self, Declared, Entries, Installed, Layer, Origin};
-use agent_env_operator::section::Section;
-use agent_env_operator::snapshot::{ObjectKey, Snapshot};
+use agent_env_operator::engine::builtin::Builtin;
+use agent_env_operator::engine::resolve::{self, Declared, Entries, Installed, Layer, Origin};
+use agent_env_operator::engine::section::Section;
+use agent_env_operator::engine::snapshot::{ObjectKey, Snapshot};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -493,7 +493,7 @@ proptest! {
         fill_namespace(&mut alone, "ns-a", &a_type, &a_inst, "");
         let (ix_both, ix_alone) = (both.index(), alone.index());
         for name in ["alice", "bob"] {
-            let resolve_in = |ix: &agent_env_operator::snapshot::ScopeIndex<'_>| {
+            let resolve_in = |ix: &agent_env_operator::engine::snapshot::ScopeIndex<'_>| {
                 resolve::resolve_declared(
                     &builtin,
                     AGENT_TYPE,

@@ -490,7 +490,7 @@ fn a_rotation_killed_at_random_moments_loses_nothing() {
 
 /// Stores `n` secrets under key `key` through the library (faster than `n` processes).
 fn populate(h: &Host, b: &Backend, key: &Path, n: usize) {
-    use agent_env_operator::secrets::SecretValue;
+    use agent_env_operator::engine::secrets::SecretValue;
     use agent_env_operator::state::{self, KeySource};
     let url = match b {
         Backend::Sqlite => format!("sqlite:{}/.agent-env/state.db", h.root().display()),

@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use agent_env_operator::crypto::{CryptoError, MasterKey};
-use agent_env_operator::ledger::{Ledger, LedgerEntry};
-use agent_env_operator::secrets::SecretValue;
-use agent_env_operator::section::Section;
+use agent_env_operator::engine::ledger::{Ledger, LedgerEntry};
+use agent_env_operator::engine::secrets::SecretValue;
+use agent_env_operator::engine::section::Section;
 use agent_env_operator::state::{
     self, AuditRecord, InstanceKey, InstanceState, KeySource, StateStore, StoreError,
 };
@@ -132,7 +132,7 @@ fn sample_state() -> InstanceState {
         json!({"type": "http", "url": "https://api.example/mcp", "headers": {"Authorization": format!("Bearer {TOKEN}")}}),
     );
     let mut entries =
-        agent_env_operator::section::PerSection::<BTreeMap<String, LedgerEntry>>::default();
+        agent_env_operator::engine::section::PerSection::<BTreeMap<String, LedgerEntry>>::default();
     entries[Section::McpServers].insert(
         "github".into(),
         LedgerEntry {
@@ -538,7 +538,7 @@ async fn plain_text_state_of_an_older_version_is_sealed_on_open() {
     // Same salt as before, so every stored ledger hash still matches.
     assert_eq!(
         store.hasher().entry(&json!(1)),
-        agent_env_operator::ledger::Hasher::new(b"legacy-salt".to_vec()).entry(&json!(1))
+        agent_env_operator::engine::ledger::Hasher::new(b"legacy-salt".to_vec()).entry(&json!(1))
     );
     drop(store);
     let mut bytes = Vec::new();

@@ -12,7 +12,7 @@ mod envtest;
 
 use std::fmt::Write as _;
 
-use agent_env_operator::manifest::{FieldValidation, Loader, Source};
+use agent_env_operator::host::manifest::{FieldValidation, Loader, Source};
 use envtest::{ControlPlane, repo};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, PostParams};
@@ -444,7 +444,7 @@ async fn local_validation_refuses_what_the_api_server_refuses() {
             (Err(_), Err(theirs)) => {
                 refused += 1;
                 // An unknown field is named as the server names it.
-                let unknown = agent_env_operator::manifest::unknown_fields(
+                let unknown = agent_env_operator::host::manifest::unknown_fields(
                     doc["kind"].as_str().unwrap(),
                     doc,
                 );

@@ -10,17 +10,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use agent_env_operator::builtin::Builtin;
 use agent_env_operator::crd::Scope;
-use agent_env_operator::manifest::{self, Loader, ManifestError, Object};
-use agent_env_operator::merge::{self, Document};
-use agent_env_operator::resolve;
-use agent_env_operator::secrets::{
+use agent_env_operator::engine::builtin::Builtin;
+use agent_env_operator::engine::merge::{self, Document};
+use agent_env_operator::engine::resolve;
+use agent_env_operator::engine::secrets::{
     self, LabelledSecrets, Lookup, PLACEHOLDER_PREFIX, SecretProvider, SecretValue, UsedSecrets,
 };
-use agent_env_operator::section::Section;
-use agent_env_operator::shape;
-use agent_env_operator::snapshot::{self, ObjectKey, Snapshot};
+use agent_env_operator::engine::section::Section;
+use agent_env_operator::engine::shape;
+use agent_env_operator::engine::snapshot::{self, ObjectKey, Snapshot};
+use agent_env_operator::host::manifest::{self, Loader, ManifestError, Object};
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};

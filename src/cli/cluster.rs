@@ -9,10 +9,10 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{StateArgs, fail};
-use crate::builtin::Builtin;
 use crate::cluster;
 use crate::engine::Engine;
-use crate::envdir::EnvRoot;
+use crate::engine::builtin::Builtin;
+use crate::engine::envdir::EnvRoot;
 use crate::metrics::Metrics;
 
 /// Where the service account's namespace is mounted in a pod.

@@ -8,16 +8,16 @@ use std::sync::Arc;
 use clap::{Args, ValueEnum};
 
 use super::{InputArgs, Output, fail};
-use crate::builtin::Builtin;
+use crate::engine::builtin::Builtin;
+use crate::engine::envdir::EnvRoot;
+use crate::engine::secrets::{Chain, Lookup, SecretProvider, SecretRef};
+use crate::engine::section::Section;
+use crate::engine::snapshot::{ObjectKey, Snapshot};
 use crate::engine::{Engine, Mode, PassOptions};
-use crate::envdir::EnvRoot;
 use crate::explain::{
     self, EntryExplanation, EntryStatus, Explanation, Inputs, PassVerdict, SecretState, Step,
 };
 use crate::report::aligned;
-use crate::secrets::{Chain, Lookup, SecretProvider, SecretRef};
-use crate::section::Section;
-use crate::snapshot::{ObjectKey, Snapshot};
 use crate::state::{self, StoreSecrets};
 
 /// The owned key of the entry asked about.
@@ -91,7 +91,7 @@ async fn build(args: &ExplainArgs) -> Result<Explanation, ExitCode> {
     // Sources (file:line per object) are kept only for this command: a pass
     // has no use for them.
     let snapshot: Snapshot =
-        crate::manifest::load_with_sources(&input.inputs()).map_err(|e| fail(&e))?;
+        crate::host::manifest::load_with_sources(&input.inputs()).map_err(|e| fail(&e))?;
     if let Some(summary) = snapshot.skipped_summary() {
         tracing::info!("{summary}");
     }
@@ -191,9 +191,9 @@ fn origin_source(e: &EntryExplanation) -> String {
     match (&e.object, e.scope) {
         (Some(o), _) => o.source.clone().unwrap_or_else(|| "-".into()),
         (None, Some("builtin")) => match e.key {
-            Section::Plugins => crate::builtin::AGENTS_FILE,
-            Section::Marketplaces => crate::builtin::MARKETPLACES_FILE,
-            Section::McpServers => crate::builtin::MCP_FILE,
+            Section::Plugins => crate::engine::builtin::AGENTS_FILE,
+            Section::Marketplaces => crate::engine::builtin::MARKETPLACES_FILE,
+            Section::McpServers => crate::engine::builtin::MCP_FILE,
         }
         .to_owned(),
         (None, Some("installed")) => "state store".to_owned(),

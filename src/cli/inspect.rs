@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 
 use super::{Output, StateArgs, fail};
+use crate::engine::section::Section;
 use crate::report::aligned;
-use crate::section::Section;
 use crate::state::InstanceKey;
 
 /// `installed` subcommands.

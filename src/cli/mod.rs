@@ -6,14 +6,15 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::builtin::Builtin;
+use crate::engine::builtin::Builtin;
+use crate::engine::envdir::{EnvRoot, STATE_DIR};
+use crate::engine::restart::RestartCommand;
+use crate::engine::secrets::{Chain, SecretProvider};
 use crate::engine::{Engine, Mode, Outcome, PassOptions};
-use crate::envdir::{EnvRoot, STATE_DIR};
+use crate::host::{self as local, manifest};
 use crate::metrics::Metrics;
-use crate::restart::RestartCommand;
-use crate::secrets::{Chain, SecretProvider};
 use crate::state::{KeySource, StateStore, StoreSecrets};
-use crate::{error_chain, local, manifest, report, state};
+use crate::{error_chain, report, state};
 
 mod cluster;
 mod explain;
@@ -289,7 +290,7 @@ fn fail(e: &dyn std::error::Error) -> ExitCode {
 /// Everything loaded for a pass.
 struct Loaded {
     engine: Engine,
-    snapshot: crate::snapshot::Snapshot,
+    snapshot: crate::engine::snapshot::Snapshot,
     secrets: Arc<dyn SecretProvider>,
 }
 

@@ -10,8 +10,8 @@ use zeroize::Zeroizing;
 
 use super::{EXIT_INPUT, Output, StateArgs, fail};
 use crate::crypto::MasterKey;
+use crate::engine::secrets::{SecretValue, is_secret_name};
 use crate::report::aligned;
-use crate::secrets::{SecretValue, is_secret_name};
 use crate::state::keyring;
 
 /// `secret` subcommands.

@@ -14,9 +14,9 @@ use kube::runtime::watcher;
 use serde_json::Value;
 
 use crate::crd::{AgentInstanceStatus, ObjectStatus, SECRETS_LABEL, Scope};
-use crate::manifest::{self, Object};
-use crate::secrets::{LabelledSecrets, SecretRef, SecretValue};
-use crate::snapshot::{InvalidObject, ObjectKey, Snapshot};
+use crate::engine::secrets::{LabelledSecrets, SecretRef, SecretValue};
+use crate::engine::snapshot::{InvalidObject, ObjectKey, Snapshot};
+use crate::host::manifest::{self, Object};
 
 /// The kinds the catalog follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -124,7 +124,7 @@ struct Inner {
     unscoped: HashMap<String, BTreeSet<(Kind, ObjectKey)>>,
     by_type: HashMap<(String, String), BTreeSet<String>>,
     by_namespace: HashMap<String, BTreeSet<String>>,
-    /// Instances by [`crate::snapshot::env_dir_key`]; ordered, so the env
+    /// Instances by [`crate::engine::snapshot::env_dir_key`]; ordered, so the env
     /// dirs inside one are a range.
     env_paths: BTreeMap<String, BTreeSet<ObjectKey>>,
     secrets: HashMap<String, BTreeMap<String, BTreeMap<String, SecretValue>>>,
@@ -350,7 +350,7 @@ impl Catalog {
         if let Ok(Object::Instance(inst)) = &entry.validated {
             // One instance whose env dir clashes with this one's is enough
             // for the pass to refuse it and name the other.
-            let path = crate::snapshot::env_dir_key(key, inst);
+            let path = crate::engine::snapshot::env_dir_key(key, inst);
             for other in inner.clashing(&path) {
                 if other != key
                     && let Some(e) = inner.objects.get(&(Kind::Instance, other.clone()))
@@ -400,7 +400,7 @@ impl Catalog {
     /// Instances whose env dir a change at `rel` touches.
     pub fn instances_at(&self, rel: &str) -> Vec<ObjectKey> {
         let inner = self.inner.read().expect("catalog lock");
-        crate::snapshot::touched(&inner.env_paths, rel)
+        crate::engine::snapshot::touched(&inner.env_paths, rel)
             .into_iter()
             .flat_map(|keys| keys.iter().cloned())
             .collect()
@@ -422,10 +422,10 @@ impl Catalog {
     pub fn object_statuses(&self) -> Vec<ObjectReport> {
         let inner = self.inner.read().expect("catalog lock");
         let mut conflicts: HashMap<(Kind, ObjectKey), Vec<String>> = HashMap::new();
-        let empty = crate::resolve::Layer::default();
-        let builtin = crate::builtin::Builtin::default();
+        let empty = crate::engine::resolve::Layer::default();
+        let builtin = crate::engine::builtin::Builtin::default();
         for ((ns, scope), keys) in &inner.by_scope {
-            let mut layer = crate::resolve::Layer::default();
+            let mut layer = crate::engine::resolve::Layer::default();
             for (kind, k) in keys {
                 match inner.objects.get(&(*kind, k.clone())).map(|e| &e.validated) {
                     Some(Ok(Object::Binding(o))) => layer.bindings.push(o),
@@ -435,9 +435,11 @@ impl Catalog {
                 }
             }
             let declared = match scope {
-                Scope::Type(t) => crate::resolve::resolve_declared(&builtin, t, &layer, &empty),
+                Scope::Type(t) => {
+                    crate::engine::resolve::resolve_declared(&builtin, t, &layer, &empty)
+                }
                 Scope::Instance(_) => {
-                    crate::resolve::resolve_declared(&builtin, "", &empty, &layer)
+                    crate::engine::resolve::resolve_declared(&builtin, "", &empty, &layer)
                 }
             };
             for c in &declared.conflicts {
@@ -726,7 +728,7 @@ impl Inner {
             }
             if let Ok(Object::Instance(i)) = &entry.validated {
                 self.env_paths
-                    .entry(crate::snapshot::env_dir_key(key, i))
+                    .entry(crate::engine::snapshot::env_dir_key(key, i))
                     .or_default()
                     .insert(key.clone());
             }
@@ -805,7 +807,7 @@ impl Inner {
             // Instances whose env dir clashes with its own report (or stop
             // reporting) the clash.
             if let Ok(Object::Instance(i)) = &entry.validated {
-                let path = crate::snapshot::env_dir_key(key, i);
+                let path = crate::engine::snapshot::env_dir_key(key, i);
                 out.extend(self.clashing(&path).cloned());
             }
             return out;

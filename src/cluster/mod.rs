@@ -31,17 +31,17 @@ use kube::{Client, Resource, ResourceExt};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, instrument, warn};
 
-use crate::builtin::Builtin;
 use crate::crd::{AgentInstance, DeletionPolicy, McpServer, PluginBinding, PluginMarketplace};
+use crate::engine::builtin::Builtin;
+use crate::engine::envdir::{BOOT_MARKER, Owner};
+use crate::engine::fswatch::{Change, FsWatch, WatchError};
+use crate::engine::restart::{self, Restarter, Target};
+use crate::engine::retry::{BUSY_ATTEMPTS, BUSY_RETRY, io_retry_delay};
+use crate::engine::secrets::{Chain, SecretProvider};
+use crate::engine::snapshot::ObjectKey;
 use crate::engine::{Engine, Mode, Outcome, PassOptions, reason};
-use crate::envdir::{BOOT_MARKER, Owner};
-use crate::fswatch::{Change, FsWatch, WatchError};
 use crate::handshake::Marker;
-use crate::local::{BUSY_ATTEMPTS, BUSY_RETRY, io_retry_delay};
 use crate::metrics::Metrics;
-use crate::restart::{self, Restarter, Target};
-use crate::secrets::{Chain, SecretProvider};
-use crate::snapshot::ObjectKey;
 use crate::state::StoreSecrets;
 use catalog::{Catalog, Kind};
 use status::InstanceReport;
@@ -594,7 +594,7 @@ impl Ctx {
         let engine = self.engine();
         let snapshot = self.catalog.snapshot_for(key).map(|(s, _)| s);
         let inst = snapshot.as_ref().and_then(|s| s.instances.get(key));
-        let path = inst.map(|i| crate::snapshot::env_path(key, i));
+        let path = inst.map(|i| crate::engine::snapshot::env_path(key, i));
         let shared = snapshot.as_ref().is_some_and(|s| s.instances.len() > 1);
         match path {
             Some(rel) if !shared => {
@@ -644,7 +644,7 @@ impl Ctx {
             content_hash: outcome.content_hash.clone().unwrap_or_default(),
         };
         let engine = self.engine();
-        let rel = crate::snapshot::env_path(key, inst);
+        let rel = crate::engine::snapshot::env_path(key, inst);
         let owner = inst
             .spec
             .env_dir

@@ -342,7 +342,7 @@ pub fn object_status(r: &ObjectReport, previous: &ObjectStatus, now: &Time) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::ObjectKey;
+    use crate::engine::snapshot::ObjectKey;
 
     fn outcome(ready: bool, why: &'static str) -> Outcome {
         let mut o = Outcome::new(&ObjectKey::new("ns", "a"), "coder", "ns/a".into());

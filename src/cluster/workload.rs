@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::cluster::catalog::Catalog;
 use crate::crd::{RestartStrategy, WorkloadKind};
-use crate::restart::{RestartAction, Target};
+use crate::engine::restart::{RestartAction, Target};
 
 /// The pod-template annotation `kubectl rollout restart` sets.
 pub const RESTARTED_AT: &str = "kubectl.kubernetes.io/restartedAt";

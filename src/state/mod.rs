@@ -14,10 +14,10 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{CryptoError, KeyError, MasterKey};
-use crate::ledger::Hasher;
-use crate::resolve::Installed;
-use crate::secrets::SecretValue;
-use crate::section::Section;
+use crate::engine::ledger::Hasher;
+use crate::engine::resolve::Installed;
+use crate::engine::secrets::SecretValue;
+use crate::engine::section::Section;
 use crate::time::Timestamp;
 
 pub use keys::{KeySource, create_key_file, create_key_file_with, default_key_path, keyring};
@@ -26,13 +26,13 @@ pub use provider::StoreSecrets;
 pub use sql::SqlStore;
 
 /// Instances are keyed like every object.
-pub use crate::snapshot::ObjectKey as InstanceKey;
+pub use crate::engine::snapshot::ObjectKey as InstanceKey;
 
 /// The stored state of one instance.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct InstanceState {
     /// What was last written, if anything.
-    pub ledger: Option<crate::ledger::Ledger>,
+    pub ledger: Option<crate::engine::ledger::Ledger>,
     /// Adopted runtime installs.
     pub installed: Installed,
     /// What a pass recorded it was about to write and never confirmed (it
@@ -42,7 +42,8 @@ pub struct InstanceState {
 }
 
 /// Ledger entries per owned key.
-pub type LedgerEntries = crate::section::PerSection<BTreeMap<String, crate::ledger::LedgerEntry>>;
+pub type LedgerEntries =
+    crate::engine::section::PerSection<BTreeMap<String, crate::engine::ledger::LedgerEntry>>;
 
 /// One line of the audit trail; never holds a value, only names.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use tokio::sync::Mutex;
 
 use super::StateStore;
-use crate::secrets::{Lookup, ProviderError, SecretProvider, SecretRef, SecretValue};
+use crate::engine::secrets::{Lookup, ProviderError, SecretProvider, SecretRef, SecretValue};
 
 /// Reads a namespace's secrets once per provider (one pass), so a fleet of
 /// instances costs one query and one decryption per secret, not per use.

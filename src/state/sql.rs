@@ -18,9 +18,9 @@ use super::{
     SecretInfo, StateStore, StoreError,
 };
 use crate::crypto::{Aad, Keyring, MasterKey, Sealed};
-use crate::ledger::{Hasher, Ledger, LedgerEntry};
-use crate::secrets::SecretValue;
-use crate::section::{PerSection, Section};
+use crate::engine::ledger::{Hasher, Ledger, LedgerEntry};
+use crate::engine::secrets::SecretValue;
+use crate::engine::section::{PerSection, Section};
 use crate::time::Timestamp;
 
 static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -191,7 +191,7 @@ fn open_installed(
             what: format!("installed entry {section}.{entry} of {key}"),
             source,
         })?;
-    crate::merge::parse_value(&plain).map_err(corrupt("installed entry", key))
+    crate::engine::merge::parse_value(&plain).map_err(corrupt("installed entry", key))
 }
 
 fn open_secret(

@@ -1,7 +1,7 @@
 //! The double against a real kube-apiserver, request by request.
 //!
 //! Each scenario below is one kind of request the controller makes
-//! (`src/cluster/`, `src/restart.rs`), sent the way the controller sends it.
+//! (`src/cluster/`, `src/engine/restart.rs`), sent the way the controller sends it.
 //! The harness runs every scenario twice, on a fresh double and on a real
 //! kube-apiserver (`kube-envtest`), each in a namespace of its own, and
 //! compares what the two servers answered: status codes, the reason,

@@ -14,27 +14,18 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::builtin::Builtin;
+use crate::engine::builtin::Builtin;
+use crate::engine::fswatch::{Change, FsWatch, WatchError};
+use crate::engine::restart::{self, RestartCommand, Restarter, Target, sleep_until};
+use crate::engine::retry::{BUSY_ATTEMPTS, BUSY_RETRY, io_retry_delay};
+use crate::engine::secrets::{Chain, SecretProvider};
+use crate::engine::snapshot::{InputDigest, ObjectKey, Snapshot};
 use crate::engine::{Engine, Mode, Outcome, PassOptions, reason};
-use crate::fswatch::{Change, FsWatch, WatchError};
 use crate::metrics::Metrics;
-use crate::restart::{self, RestartCommand, Restarter, Target, sleep_until};
-use crate::secrets::{Chain, SecretProvider};
-use crate::snapshot::{InputDigest, ObjectKey, Snapshot};
 use crate::state::StoreSecrets;
 
-/// A file that does not parse right after an event is read again this often...
-pub const BUSY_RETRY: Duration = Duration::from_millis(100);
-/// ...this many times, then treated as corrupt (moved aside, rendered fresh).
-pub const BUSY_ATTEMPTS: u32 = 5;
-/// First wait before a failed write is tried again; doubles up to [`IO_RETRY_MAX`].
-pub const IO_RETRY: Duration = Duration::from_millis(250);
-/// Longest wait between tries of a failed write.
-pub const IO_RETRY_MAX: Duration = Duration::from_secs(30);
-/// Wait before the `attempt`th retry (from 1) of a failed write.
-pub fn io_retry_delay(attempt: u32) -> Duration {
-    (IO_RETRY * 2u32.saturating_pow(attempt.min(8))).min(IO_RETRY_MAX)
-}
+pub mod kustomize;
+pub mod manifest;
 
 /// Corrections of one instance within this window that count as a fight.
 pub const FIGHT_WINDOW: Duration = Duration::from_secs(60);
@@ -46,7 +37,7 @@ pub const FIGHT_BACKOFF: (Duration, Duration) = (Duration::from_secs(2), Duratio
 /// How the loop runs.
 pub struct Settings {
     /// Where the manifests are, and how strictly they are read.
-    pub inputs: crate::manifest::Inputs,
+    pub inputs: crate::host::manifest::Inputs,
     /// Builtin config dir.
     pub config: Option<PathBuf>,
     /// The env root (for the watch and `{envDir}`).
@@ -84,14 +75,14 @@ pub enum LoopError {
 
 /// Reads the builtin layer and the manifests.
 pub fn read_inputs(
-    inputs: &crate::manifest::Inputs,
+    inputs: &crate::host::manifest::Inputs,
     config: Option<&PathBuf>,
-    cache: &mut crate::manifest::ManifestCache,
+    cache: &mut crate::host::manifest::ManifestCache,
 ) -> Result<(Builtin, Snapshot), String> {
     let builtin =
         Builtin::load(config.map(PathBuf::as_path)).map_err(|e| crate::error_chain(&e))?;
     let snapshot =
-        crate::manifest::load_cached(inputs, cache).map_err(|e| crate::error_chain(&e))?;
+        crate::host::manifest::load_cached(inputs, cache).map_err(|e| crate::error_chain(&e))?;
     Ok((builtin, snapshot))
 }
 
@@ -108,7 +99,7 @@ struct Loop {
     engine: Engine,
     snapshot: Arc<Snapshot>,
     /// Checked documents per manifest file: a reload re-checks changed files only.
-    manifests: crate::manifest::ManifestCache,
+    manifests: crate::host::manifest::ManifestCache,
     digests: HashMap<ObjectKey, InputDigest>,
     env_dirs: std::collections::BTreeMap<String, ObjectKey>,
     metrics: Arc<Metrics>,
@@ -133,7 +124,7 @@ pub async fn run(
     let mut int = signal(SignalKind::interrupt()).map_err(LoopError::Signals)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
-    let mut manifests = crate::manifest::ManifestCache::default();
+    let mut manifests = crate::host::manifest::ManifestCache::default();
     let (builtin, snapshot) =
         read_inputs(&settings.inputs, settings.config.as_ref(), &mut manifests)
             .map_err(LoopError::Input)?;
@@ -237,7 +228,7 @@ impl Loop {
         self.env_dirs = snapshot
             .instances
             .iter()
-            .map(|(k, i)| (crate::snapshot::env_dir_key(k, i), k.clone()))
+            .map(|(k, i)| (crate::engine::snapshot::env_dir_key(k, i), k.clone()))
             .collect();
         self.metrics.instances.set(snapshot.instances.len() as i64);
         self.digests = digests;
@@ -309,7 +300,7 @@ impl Loop {
 
     /// Instances whose env dir a change at `rel` touches.
     fn instances_at(&self, rel: &str) -> Vec<ObjectKey> {
-        crate::snapshot::touched(&self.env_dirs, rel)
+        crate::engine::snapshot::touched(&self.env_dirs, rel)
             .into_iter()
             .cloned()
             .collect()

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::manifest::{MAX_MANIFEST_FILE_BYTES, ManifestError};
+use crate::host::manifest::{MAX_MANIFEST_FILE_BYTES, ManifestError};
 
 /// Environment variable naming the kubectl to run (default: `kubectl` on `PATH`).
 pub const KUBECTL_ENV: &str = "AGENT_ENV_KUBECTL";

@@ -16,9 +16,9 @@ use base64::Engine as _;
 use serde_json::Value;
 
 use crate::crd::{self, AgentInstance, McpServer, PluginBinding, PluginMarketplace, Scope};
-use crate::secrets::{self, SecretValue};
-use crate::shape;
-use crate::snapshot::{InvalidObject, ObjectKey, Snapshot};
+use crate::engine::secrets::{self, SecretValue};
+use crate::engine::shape;
+use crate::engine::snapshot::{InvalidObject, ObjectKey, Snapshot};
 
 /// Namespace of an object whose manifest names none, as with `kubectl apply`.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -128,7 +128,7 @@ pub enum ManifestError {
     #[error(
         "-k {}: cannot run {kubectl:?} to build the kustomization (install kubectl, or set {} to its path)",
         .dir.display(),
-        crate::kustomize::KUBECTL_ENV
+        crate::host::kustomize::KUBECTL_ENV
     )]
     KubectlMissing {
         /// The kustomization directory.
@@ -269,8 +269,8 @@ impl TextSource {
                 lines: true,
             },
             TextSource::Kustomization(dir) => Text {
-                name: crate::kustomize::source_name(&dir),
-                text: crate::kustomize::build(&dir)?,
+                name: crate::host::kustomize::source_name(&dir),
+                text: crate::host::kustomize::build(&dir)?,
                 // Lines of generated output point nowhere a user can edit.
                 lines: false,
             },

@@ -11,8 +11,8 @@ use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RemoveKind};
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use crate::envdir::{LOCK_SUFFIX, STATE_DIR};
-use crate::section::EnvFile;
+use crate::engine::envdir::{LOCK_SUFFIX, STATE_DIR};
+use crate::engine::section::EnvFile;
 
 /// What a notification means to the loop.
 #[derive(Clone, Debug, PartialEq, Eq)]

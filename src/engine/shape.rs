@@ -132,7 +132,7 @@ pub fn check_mcp_entry(entry: &Value) -> Result<(), (String, String)> {
         _ => return Err((required.into(), "must be a non-empty string".into())),
     }
     if let Some(Value::String(cmd)) = obj.get("command")
-        && cmd.contains(crate::secrets::PLACEHOLDER_PREFIX)
+        && cmd.contains(crate::engine::secrets::PLACEHOLDER_PREFIX)
     {
         return Err((
             "command".into(),

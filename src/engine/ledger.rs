@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::section::{PerSection, Section};
+use crate::engine::section::{PerSection, Section};
 use crate::time::Timestamp;
 
 /// One written entry.

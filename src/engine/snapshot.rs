@@ -8,8 +8,8 @@ use std::sync::OnceLock;
 use serde::{Deserialize, Serialize};
 
 use crate::crd::{AgentInstance, McpServer, PluginBinding, PluginMarketplace, Scope};
-use crate::resolve::Layer;
-use crate::secrets::LabelledSecrets;
+use crate::engine::resolve::Layer;
+use crate::engine::secrets::LabelledSecrets;
 
 /// An object, by namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -82,7 +82,7 @@ pub struct Snapshot {
     pub skipped: BTreeMap<String, usize>,
     /// Where each object (by kind and key) was read, when the loader was
     /// asked to keep it.
-    pub sources: BTreeMap<(String, ObjectKey), crate::manifest::Source>,
+    pub sources: BTreeMap<(String, ObjectKey), crate::host::manifest::Source>,
     derived: OnceLock<Derived>,
 }
 

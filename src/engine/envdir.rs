@@ -20,7 +20,7 @@ use cap_std::fs::{
     OpenOptionsExt,
 };
 
-use crate::section::EnvFile;
+use crate::engine::section::EnvFile;
 
 /// The directory under the env root holding the operator's own state.
 pub const STATE_DIR: &str = ".agent-env";
@@ -154,7 +154,7 @@ pub enum Refusal {
         /// The limit.
         limit: u64,
     },
-    /// An owned key nested deeper than [`crate::merge::MAX_OWNED_DEPTH`].
+    /// An owned key nested deeper than [`crate::engine::merge::MAX_OWNED_DEPTH`].
     #[error("nests {key} deeper than {limit} levels, the limit for an owned key")]
     TooDeep {
         /// The owned key.

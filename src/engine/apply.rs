@@ -7,12 +7,14 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 
 use crate::crd::RuntimeInstalls;
-use crate::drift::{self, Findings};
-use crate::envdir::{EnvDirError, EnvRoot, InstanceDir, Owner, Refusal, Stamp, WriteOutcome};
-use crate::ledger::{Hasher, Ledger, LedgerEntry};
-use crate::merge::{Document, OwnedError};
-use crate::resolve::{self, Entries, Installed, Origin};
-use crate::section::{EnvFile, PerSection, Section};
+use crate::engine::drift::{self, Findings};
+use crate::engine::envdir::{
+    EnvDirError, EnvRoot, InstanceDir, Owner, Refusal, Stamp, WriteOutcome,
+};
+use crate::engine::ledger::{Hasher, Ledger, LedgerEntry};
+use crate::engine::merge::{Document, OwnedError};
+use crate::engine::resolve::{self, Entries, Installed, Origin};
+use crate::engine::section::{EnvFile, PerSection, Section};
 use crate::state::InstanceState;
 
 /// How often a file is read, merged and written again when someone else

@@ -8,10 +8,10 @@ use std::fmt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 
-use crate::builtin::Builtin;
 use crate::crd::{McpServer, PluginBinding, PluginMarketplace, RuntimeInstalls};
-use crate::section::{PerSection, Section};
-use crate::shape;
+use crate::engine::builtin::Builtin;
+use crate::engine::section::{PerSection, Section};
+use crate::engine::shape;
 
 /// An object that decided or contested an entry.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

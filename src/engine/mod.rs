@@ -2,22 +2,37 @@
 //! report, per instance, with bounded concurrency. Used by `reconcile` and
 //! `diff` alike.
 
+pub mod apply;
+pub mod builtin;
+pub mod drift;
+pub mod envdir;
+pub mod fswatch;
+pub mod ledger;
+pub mod merge;
+pub mod resolve;
+pub mod restart;
+pub mod retry;
+pub mod secrets;
+pub mod section;
+pub mod shape;
+pub mod snapshot;
+
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::StreamExt;
 use tracing::{info, instrument, warn};
 
-use crate::apply::{self, Applied, ApplyInput, Change};
-use crate::builtin::Builtin;
 use crate::crd::{AgentInstance, EntrySource, Scope};
-use crate::envdir::{EnvDirError, EnvRoot, Owner};
-use crate::ledger::LedgerEntry;
-use crate::resolve::{self, Declared};
-use crate::secrets::{self, SecretProvider, SecretRef, UsedSecrets};
-use crate::section::PerSection;
-use crate::snapshot::{self, ObjectKey, ScopeIndex, Snapshot};
+use crate::engine::builtin::Builtin;
+use crate::engine::envdir::{EnvDirError, EnvRoot, Owner};
+use crate::engine::ledger::LedgerEntry;
+use crate::engine::section::PerSection;
 use crate::state::{AuditRecord, InstanceState, StateStore, StoreError};
+use apply::{Applied, ApplyInput, Change};
+use resolve::Declared;
+use secrets::{SecretProvider, SecretRef, UsedSecrets};
+use snapshot::{ObjectKey, ScopeIndex, Snapshot};
 
 /// Whether a pass writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

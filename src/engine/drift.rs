@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 
 use crate::crd::RuntimeInstalls;
-use crate::ledger::{Hasher, LedgerEntry};
-use crate::resolve::Entries;
-use crate::section::Section;
-use crate::shape;
+use crate::engine::ledger::{Hasher, LedgerEntry};
+use crate::engine::resolve::Entries;
+use crate::engine::section::Section;
+use crate::engine::shape;
 
 /// What one owned key on disk says about the world.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -128,7 +128,7 @@ pub fn with_pending<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resolve::{Entry, Origin};
+    use crate::engine::resolve::{Entry, Origin};
     use serde_json::json;
 
     fn hasher() -> Hasher {

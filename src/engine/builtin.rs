@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::{secrets, shape};
+use crate::engine::{secrets, shape};
 
 /// File naming the builtin plugins of each agent type.
 pub const AGENTS_FILE: &str = "agents.json";

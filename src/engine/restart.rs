@@ -15,8 +15,8 @@ use tracing::{info, warn};
 use async_trait::async_trait;
 
 use crate::crd::{RestartPolicy, RestartStrategy, WorkloadRef};
+use crate::engine::snapshot::ObjectKey;
 use crate::metrics::Metrics;
-use crate::snapshot::ObjectKey;
 
 /// Placeholders a restart command template may use.
 pub const PLACEHOLDERS: [&str; 4] = ["{namespace}", "{name}", "{agentType}", "{envDir}"];
