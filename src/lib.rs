@@ -10,6 +10,7 @@ pub mod explain;
 pub mod handshake;
 pub mod host;
 pub mod metrics;
+pub mod sidecar;
 pub mod state;
 pub mod time;
 

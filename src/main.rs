@@ -25,7 +25,11 @@ fn main() -> ExitCode {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs.init(),
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if cli.command.is_small() {
+        runtime.worker_threads(1).max_blocking_threads(4);
+    }
+    let runtime = runtime
         .enable_all()
         .build()
         .expect("the tokio runtime starts");

@@ -815,8 +815,16 @@ fn rbac_is_least_privilege() {
         );
         if g.resource == "secrets" {
             assert!(
-                g.verb == "list" || g.verb == "watch",
-                "{g:?}: Secrets are only read through the labelled watch"
+                ["list", "watch", "create", "patch", "delete"].contains(&g.verb.as_str()),
+                "{g:?}: Secrets are read through watches, and only the sidecar \
+                 render and report Secrets are written (by server-side apply)"
+            );
+        }
+        if g.group == "rbac.authorization.k8s.io" {
+            assert!(
+                ["roles", "rolebindings"].contains(&g.resource.as_str())
+                    && ["create", "patch", "delete"].contains(&g.verb.as_str()),
+                "{g:?}: only the per-instance sidecar grants are written"
             );
         }
         if ["leases", "configmaps"].contains(&g.resource.as_str()) {

@@ -1127,6 +1127,8 @@ async fn helm_install_and_uninstall_on_a_real_api_server() {
         ("patch", "agentinstances.agentenv.io/status", "team-a"),
         ("watch", "mcpservers.agentenv.io", "team-a"),
         ("watch", "secrets", "team-a"),
+        ("patch", "secrets", "team-a"),
+        ("create", "roles.rbac.authorization.k8s.io", "team-a"),
         ("create", "pods/eviction", "team-a"),
         ("patch", "deployments.apps", "team-a"),
         ("create", "events.events.k8s.io", "team-a"),
@@ -1140,6 +1142,7 @@ async fn helm_install_and_uninstall_on_a_real_api_server() {
     }
     for (verb, resource, in_ns) in [
         ("get", "secrets", "team-a"),
+        ("bind", "clusterroles.rbac.authorization.k8s.io", "team-a"),
         ("delete", "pods", "team-a"),
         ("create", "agentinstances.agentenv.io", "team-a"),
         ("update", "agentinstances.agentenv.io", "team-a"),

@@ -563,6 +563,7 @@ fn fill_namespace(
                 restart: None,
                 runtime_installs: RuntimeInstalls::Preserve,
                 suspend: false,
+                delivery: None,
             },
         );
         inst.metadata.namespace = Some(ns.into());

@@ -21,6 +21,7 @@ mod explain;
 mod inspect;
 mod progress;
 mod secret;
+mod sidecar;
 
 /// Renders Claude Code plugins, marketplaces and MCP servers into agent env dirs.
 #[derive(Parser, Debug)]
@@ -66,6 +67,9 @@ pub enum Command {
     Run(cluster::RunArgs),
     /// Block until the operator has checked this pod's env dir (an init container).
     Wait(cluster::WaitArgs),
+    /// Keep this pod's env dir at the render the controller published for
+    /// its instance (`delivery.mode: Sidecar`; a native sidecar container).
+    Sidecar(sidecar::SidecarArgs),
     /// Show what `reconcile` would change, secrets masked; changes nothing.
     /// Exit 0: no changes, 1: changes, 2: error, an invalid object or an
     /// instance not ready.
@@ -260,6 +264,14 @@ pub enum Output {
     Json,
 }
 
+impl Command {
+    /// Runs beside an agent in its pod, where a small footprint matters
+    /// more than parallel passes.
+    pub fn is_small(&self) -> bool {
+        matches!(self, Command::Sidecar(_))
+    }
+}
+
 /// Exit code for input that could not be read at all.
 pub const EXIT_INPUT: u8 = 2;
 
@@ -273,6 +285,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Reconcile(args) => reconcile(args).await,
         Command::Run(args) => cluster::run(args).await,
         Command::Wait(args) => cluster::wait(args).await,
+        Command::Sidecar(args) => sidecar::run(args).await,
         Command::Diff(args) => diff(args).await,
         Command::Secret { command } => secret::run(command).await,
         Command::Installed { command } => inspect::installed(command).await,

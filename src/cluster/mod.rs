@@ -8,6 +8,7 @@
 //! a filesystem watch on the env root. Only the holder of the Lease writes.
 
 pub mod catalog;
+pub mod delivery;
 pub mod events;
 pub mod lease;
 pub mod status;
@@ -31,7 +32,9 @@ use kube::{Client, Resource, ResourceExt};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, instrument, warn};
 
-use crate::crd::{AgentInstance, DeletionPolicy, McpServer, PluginBinding, PluginMarketplace};
+use crate::crd::{
+    AgentInstance, DeletionPolicy, DeliveryMode, McpServer, PluginBinding, PluginMarketplace,
+};
 use crate::engine::builtin::Builtin;
 use crate::engine::envdir::{BOOT_MARKER, Owner};
 use crate::engine::fswatch::{Change, FsWatch, WatchError};
@@ -108,6 +111,9 @@ pub enum ReconcileError {
     /// The engine could not run the pass.
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
+    /// Publishing for the sidecars failed.
+    #[error(transparent)]
+    Delivery(#[from] delivery::DeliveryError),
     /// An API call failed.
     #[error("{action} of AgentInstance {key} failed")]
     Api {
@@ -165,6 +171,8 @@ struct Ctx {
     metrics: Arc<Metrics>,
     /// Consecutive retried passes per instance (busy files, IO errors).
     retries: Mutex<HashMap<ObjectKey, u32>>,
+    /// The render and report Secrets of sidecar instances.
+    delivery: delivery::Tracker,
     queue: mpsc::UnboundedSender<ObjectKey>,
 }
 
@@ -263,6 +271,7 @@ pub async fn run(
         restarter,
         metrics: metrics.clone(),
         retries: Mutex::new(HashMap::new()),
+        delivery: delivery::Tracker::default(),
         queue: queue.clone(),
         settings: settings.clone(),
     });
@@ -304,6 +313,7 @@ pub async fn run(
     )
     .default_backoff();
     synced.push(feed(pods, Kind::Pod, &ctx, catalog::pod_item));
+    synced.push(watch_sidecar_secrets(&ctx));
     synced.push(watch_builtin(&ctx));
 
     let mut stop = stop_rx.clone();
@@ -427,6 +437,39 @@ where
                     }
                 }
                 Err(e) => warn!(kind = kind.name(), error = %e, "watch error; retrying"),
+            }
+        }
+    });
+    rx
+}
+
+/// Watches the render and report Secrets of sidecar instances: a report
+/// changes an instance's status (and maybe its installed set), a render
+/// edited or deleted by hand is published again.
+fn watch_sidecar_secrets(ctx: &Arc<Ctx>) -> oneshot::Receiver<()> {
+    let (tx, rx) = oneshot::channel();
+    let ctx = ctx.clone();
+    let stream = watcher(
+        api::<Secret>(&ctx.client, ctx.settings.namespace.as_deref()),
+        watcher::Config::default().labels(delivery::SIDECAR_LABEL),
+    )
+    .default_backoff();
+    tokio::spawn(async move {
+        let mut tx = Some(tx);
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(event) => {
+                    for key in ctx.delivery.on_event(&event) {
+                        let _ = ctx.queue.send(key);
+                    }
+                    if matches!(event, watcher::Event::InitDone)
+                        && let Some(tx) = tx.take()
+                    {
+                        let _ = tx.send(());
+                    }
+                }
+                Err(e) => warn!(error = %e, "sidecar Secret watch error; retrying"),
             }
         }
     });
@@ -594,7 +637,9 @@ impl Ctx {
         let engine = self.engine();
         let snapshot = self.catalog.snapshot_for(key).map(|(s, _)| s);
         let inst = snapshot.as_ref().and_then(|s| s.instances.get(key));
-        let path = inst.map(|i| crate::engine::snapshot::env_path(key, i));
+        let path = inst
+            .filter(|i| i.spec.delivery_mode() == DeliveryMode::Volume)
+            .map(|i| crate::engine::snapshot::env_path(key, i));
         let shared = snapshot.as_ref().is_some_and(|s| s.instances.len() > 1);
         match path {
             Some(rel) if !shared => {
@@ -678,6 +723,100 @@ impl Ctx {
                 warn!(instance = %key, error = %crate::error_chain(&e), "cannot write the boot marker")
             }
         }
+    }
+
+    /// Takes the installed set the instance's sidecars reported last into
+    /// the store, so the render published next carries it.
+    async fn take_reported_installs(
+        &self,
+        engine: &Engine,
+        key: &ObjectKey,
+    ) -> Result<(), ReconcileError> {
+        let seen = self.delivery.seen(key);
+        let Some((at, installed)) = delivery::newest_installed(&seen.reports, seen.ingested) else {
+            return Ok(());
+        };
+        let store = engine.store();
+        let mut state = store
+            .load(key)
+            .await
+            .map_err(crate::engine::EngineError::from)?;
+        if state.installed != installed {
+            state.installed = installed;
+            let audit = crate::state::AuditRecord {
+                at: crate::time::now(),
+                outcome: "InstallsReported".into(),
+                content_hash: None,
+                changed: Vec::new(),
+                drift: Vec::new(),
+                adopted: Vec::new(),
+                message: "installed set taken from the sidecars' newest report".into(),
+                repeats: 1,
+                last_at: None,
+            };
+            store
+                .save(key, &state, &audit)
+                .await
+                .map_err(crate::engine::EngineError::from)?;
+            info!(instance = %key, "installed set taken from the sidecars' report");
+        }
+        self.delivery.update(key, |s| s.ingested = Some(at));
+        Ok(())
+    }
+
+    /// Publishes a sidecar instance's render and sums up its pods.
+    async fn deliver(
+        &self,
+        obj: &DynamicObject,
+        key: &ObjectKey,
+        inst: &AgentInstance,
+        outcome: &Outcome,
+    ) -> Result<crate::crd::SidecarStatus, ReconcileError> {
+        let owner = obj
+            .controller_owner_ref(&self.resources.instance)
+            .expect("a served object has a name and UID");
+        let sa = inst
+            .spec
+            .delivery
+            .as_ref()
+            .and_then(|d| d.service_account_name.clone())
+            .unwrap_or_default();
+        let suspended;
+        let render = match (&outcome.published, outcome.reason) {
+            (Some(render), _) => Some(render),
+            (None, reason::SUSPENDED) => {
+                // The sidecars stop writing too.
+                let p = crate::engine::published::Published::new(
+                    key,
+                    &Default::default(),
+                    Default::default(),
+                    inst.spec.runtime_installs,
+                    true,
+                    Owner::default(),
+                );
+                let bytes = p.to_bytes();
+                suspended = crate::engine::PublishedRender {
+                    digest: crate::engine::published::digest(&bytes),
+                    bytes,
+                };
+                Some(&suspended)
+            }
+            // Not published (held back): the last good render stays.
+            (None, _) => None,
+        };
+        if let Some(render) = render
+            && delivery::publish(&self.client, &self.delivery, key, &owner, &sa, render).await?
+        {
+            info!(instance = %key, digest = %render.digest, "render published for the sidecars");
+        }
+        let seen = self.delivery.seen(key);
+        let pods = self.catalog.pods_of(key);
+        let stale = delivery::stale_reports(&pods, &seen.reports, crate::time::now());
+        if !stale.is_empty() {
+            delivery::prune(&self.client, key, &stale).await?;
+        }
+        let digest = seen.render_digest.unwrap_or_default();
+        Ok(delivery::status(&digest, &pods, &seen.reports))
     }
 
     /// Asks for a restart when the pass changed what the agent runs with
@@ -805,6 +944,15 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
         ctx.sync_finalizer(&obj, &key, inst).await?;
     }
     let engine = ctx.engine();
+    let sidecar = inst
+        .as_ref()
+        .is_some_and(|i| i.spec.delivery_mode() == DeliveryMode::Sidecar);
+    if sidecar {
+        ctx.take_reported_installs(&engine, &key).await?;
+    } else if ctx.delivery.seen(&key).any() {
+        delivery::retract(&ctx.client, &ctx.delivery, &key).await?;
+        info!(instance = %key, "sidecar delivery ended: render, report and grant removed");
+    }
     let builtin_error = ctx.builtin_error.read().expect("builtin lock").clone();
     let outcome = match builtin_error {
         Some(e) => {
@@ -827,6 +975,7 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
                 only: Some(HashSet::from([key.clone()])),
                 defer_corrupt: attempts < BUSY_ATTEMPTS,
                 progress: None,
+                publish_sidecars: true,
             };
             let secrets: Vec<Arc<dyn SecretProvider>> = vec![
                 Arc::new(snapshot.secrets.clone()),
@@ -849,10 +998,15 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
     let action = ctx.next_pass(&outcome);
 
     let (seen_version, previous) = ctx.catalog.instance_status(&key);
+    let sidecar_status = match &inst {
+        Some(inst) if sidecar => Some(ctx.deliver(&obj, &key, inst, &outcome).await?),
+        _ => None,
+    };
     let mut restart = None;
     if let Some(inst) = &inst
         && outcome.ready
         && outcome.reason != reason::SUSPENDED
+        && !sidecar
     {
         ctx.mark_booted(inst, &key, &outcome);
         restart = ctx.restart(inst, &outcome);
@@ -867,6 +1021,7 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
         restart,
         requested_at: obj.annotations().get(REQUESTED_AT).map(String::as_str),
         now: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(crate::time::now()),
+        sidecar: sidecar_status.as_ref(),
     };
     let new = status::instance_status(&report);
     if new != previous {

@@ -7,7 +7,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::runtime::events::EventType;
 
 use crate::cluster::catalog::ObjectReport;
-use crate::crd::{AgentInstanceStatus, DriftRecord, ObjectStatus, RenderSummary, RestartRecord};
+use crate::crd::{
+    AgentInstanceStatus, DriftRecord, ObjectStatus, RenderSummary, RestartRecord, SidecarStatus,
+};
 use crate::engine::{Outcome, reason};
 
 /// `Ready`: the object is fine.
@@ -76,6 +78,49 @@ fn settled<'a>(r: &InstanceReport<'a>) -> Option<&'a Condition> {
         .then_some(last)
 }
 
+/// `InSync` of a sidecar instance: whether every running pod holds the
+/// current render, naming the pods that do not and why.
+fn sidecar_sync(
+    s: &SidecarStatus,
+    cond: &dyn Fn(&str, &str, &str, &str) -> Condition,
+) -> Condition {
+    if s.pods.is_empty() {
+        return cond(
+            IN_SYNC,
+            "Unknown",
+            "NoPods",
+            "no running pod is labelled agentenv.io/instance with this instance's name",
+        );
+    }
+    let behind: Vec<String> = s
+        .pods
+        .iter()
+        .filter(|p| !p.current)
+        .map(|p| {
+            if p.message.is_empty() {
+                format!("{} ({})", p.name, p.reason)
+            } else {
+                format!("{} ({}: {})", p.name, p.reason, p.message)
+            }
+        })
+        .collect();
+    if behind.is_empty() {
+        cond(
+            IN_SYNC,
+            "True",
+            "PodsCurrent",
+            &format!("{} pod(s) hold the current render", s.pods.len()),
+        )
+    } else {
+        cond(
+            IN_SYNC,
+            "False",
+            "PodsBehind",
+            &format!("pods not on the current render: {}", behind.join("; ")),
+        )
+    }
+}
+
 /// What an instance's status is computed from.
 pub struct InstanceReport<'a> {
     /// `metadata.generation`.
@@ -90,6 +135,8 @@ pub struct InstanceReport<'a> {
     pub requested_at: Option<&'a str>,
     /// Now.
     pub now: Time,
+    /// With sidecar delivery: how far the pods are.
+    pub sidecar: Option<&'a SidecarStatus>,
 }
 
 /// The status of an AgentInstance after a pass. Never holds a secret
@@ -145,7 +192,9 @@ pub fn instance_status(r: &InstanceReport<'_>) -> AgentInstanceStatus {
         )
     };
     conditions.push(secrets);
-    let in_sync = if ready && why != reason::SUSPENDED {
+    let in_sync = if let Some(s) = r.sidecar.filter(|_| ready && why != reason::SUSPENDED) {
+        sidecar_sync(s, &cond)
+    } else if ready && why != reason::SUSPENDED {
         if o.drift.is_empty() {
             cond(IN_SYNC, "True", why, "the files hold the declared entries")
         } else {
@@ -211,6 +260,7 @@ pub fn instance_status(r: &InstanceReport<'_>) -> AgentInstanceStatus {
             .requested_at
             .map(str::to_owned)
             .or_else(|| prev.last_handled_reconcile_at.clone()),
+        sidecar: r.sidecar.cloned(),
     }
 }
 
@@ -369,7 +419,7 @@ mod tests {
             outcome: &outcome(true, reason::RENDERED),
             restart: None,
             requested_at: None,
-            now: t(100),
+            now: t(100),            sidecar: None,
         });
         assert_eq!(first.observed_generation, Some(3));
         assert_eq!(get(&first, READY).status, "True");
@@ -380,7 +430,7 @@ mod tests {
             outcome: &outcome(true, reason::RENDERED),
             restart: None,
             requested_at: None,
-            now: t(200),
+            now: t(200),            sidecar: None,
         });
         assert_eq!(again, first, "times carry over; nothing to patch");
     }
@@ -393,7 +443,7 @@ mod tests {
             outcome: &outcome(true, reason::RENDERED),
             restart: None,
             requested_at: None,
-            now: t(100),
+            now: t(100),            sidecar: None,
         });
         let echo = InstanceReport {
             generation: Some(1),
@@ -401,7 +451,7 @@ mod tests {
             outcome: &outcome(true, reason::UP_TO_DATE),
             restart: None,
             requested_at: None,
-            now: t(101),
+            now: t(101),            sidecar: None,
         };
         assert_eq!(instance_status(&echo), rendered);
         // A new generation is news even when the files are as they were.
@@ -420,7 +470,7 @@ mod tests {
             outcome: &other,
             restart: None,
             requested_at: None,
-            now: t(102),
+            now: t(102),            sidecar: None,
         });
         assert_eq!(get(&moved, READY).reason, reason::UP_TO_DATE);
     }
@@ -433,7 +483,7 @@ mod tests {
             outcome: &outcome(true, reason::UP_TO_DATE),
             restart: None,
             requested_at: None,
-            now: t(100),
+            now: t(100),            sidecar: None,
         });
         let missing = outcome(false, "MissingSecret");
         let report = InstanceReport {
@@ -442,7 +492,7 @@ mod tests {
             outcome: &missing,
             restart: None,
             requested_at: None,
-            now: t(200),
+            now: t(200),            sidecar: None,
         };
         let s = instance_status(&report);
         assert_eq!(get(&s, READY).status, "False");
@@ -471,7 +521,7 @@ mod tests {
             outcome: &outcome(false, reason::WRITE_FAILED),
             restart: None,
             requested_at: Some("2026-01-01T00:00:00Z"),
-            now: t(100),
+            now: t(100),            sidecar: None,
         });
         assert_eq!(get(&s, RECONCILING).status, "True");
         assert_eq!(get(&s, STALLED).status, "False");

@@ -36,6 +36,11 @@ use super::common::{MAX_ENV_DIR_PATH_LENGTH, MAX_NAME_LENGTH, MAX_SHORT_LENGTH};
         json_path = ".status.rendered.mcpServers"
     ),
     printcolumn(
+        name = "Pods Current",
+        type_ = "string",
+        json_path = ".status.sidecar.podsCurrent"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -65,6 +70,51 @@ pub struct AgentInstanceSpec {
     /// Stop rendering this instance; its files are left as they are.
     #[serde(default)]
     pub suspend: bool,
+    /// How the render reaches the agent: written by the operator into a
+    /// volume it mounts (`Volume`, the default), or published for an
+    /// `agent-env sidecar` in the agent's pod that writes it into a
+    /// pod-local volume (`Sidecar`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<Delivery>,
+}
+
+impl AgentInstanceSpec {
+    /// The delivery mode, `Volume` when unset.
+    pub fn delivery_mode(&self) -> DeliveryMode {
+        self.delivery
+            .as_ref()
+            .map_or(DeliveryMode::Volume, |d| d.mode)
+    }
+}
+
+/// How the render reaches the agent's env dir.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.mode != 'Sidecar' || has(self.serviceAccountName)").message("serviceAccountName is required with mode Sidecar: it names the only identity allowed to read this instance's render"))]
+pub struct Delivery {
+    /// `Volume` (default): the operator writes the env dir on the volume it
+    /// mounts (ReadWriteMany or hostPath). `Sidecar`: the operator publishes
+    /// the render in the Secret `agent-env-render-<instance>` and an
+    /// `agent-env sidecar` container in each agent pod writes it into that
+    /// pod's own volume.
+    #[serde(default)]
+    pub mode: DeliveryMode,
+    /// With `Sidecar`: the ServiceAccount the agent's pods run as. The
+    /// operator grants it reading this instance's render and writing its
+    /// report, and nothing else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = MAX_NAME_LENGTH))]
+    pub service_account_name: Option<String>,
+}
+
+/// Where the env dir is written.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeliveryMode {
+    /// The operator writes the env dir on a volume it mounts.
+    #[default]
+    Volume,
+    /// A sidecar in each agent pod writes the env dir into a pod-local volume.
+    Sidecar,
 }
 
 /// The env dir of an instance.
@@ -198,6 +248,41 @@ pub struct AgentInstanceStatus {
     /// The `reconcile.fluxcd.io/requestedAt` annotation value last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_reconcile_at: Option<String>,
+    /// With `delivery.mode: Sidecar`: which pods applied the current render.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<SidecarStatus>,
+}
+
+/// How far the sidecars of an instance's pods are.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarStatus {
+    /// Digest of the render now published.
+    pub render_digest: String,
+    /// `<pods that applied the current render>/<pods>`, e.g. `2/3`.
+    pub pods_current: String,
+    /// Each running pod's sidecar, as it last reported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pods: Vec<SidecarPod>,
+}
+
+/// One pod's sidecar, as it last reported.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarPod {
+    /// The pod's name.
+    pub name: String,
+    /// Whether the pod's env dir holds the current render.
+    pub current: bool,
+    /// What the sidecar last reported (`Rendered`, `UpToDate`,
+    /// `WriteFailed`, ...); `NotReported` when it has not yet.
+    pub reason: String,
+    /// What a human should know.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// When it last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Time>,
 }
 
 /// Summary of one render; never holds a secret value.

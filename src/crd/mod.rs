@@ -18,9 +18,9 @@ pub use common::{
     VERSION, is_dns_label, is_dns_subdomain,
 };
 pub use instance::{
-    AgentInstance, AgentInstanceSpec, AgentInstanceStatus, DeletionPolicy, DriftRecord,
-    EntrySource, EnvDir, RenderSummary, RestartPolicy, RestartRecord, RestartStrategy,
-    RuntimeInstalls, WorkloadKind, WorkloadRef,
+    AgentInstance, AgentInstanceSpec, AgentInstanceStatus, DeletionPolicy, Delivery, DeliveryMode,
+    DriftRecord, EntrySource, EnvDir, RenderSummary, RestartPolicy, RestartRecord, RestartStrategy,
+    RuntimeInstalls, SidecarPod, SidecarStatus, WorkloadKind, WorkloadRef,
 };
 pub use marketplace::{
     GitSource, GithubSource, MarketplaceSource, PathSource, PluginMarketplace,

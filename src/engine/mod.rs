@@ -9,6 +9,7 @@ pub mod envdir;
 pub mod fswatch;
 pub mod ledger;
 pub mod merge;
+pub mod published;
 pub mod resolve;
 pub mod restart;
 pub mod retry;
@@ -56,6 +57,11 @@ pub struct PassOptions {
     pub defer_corrupt: bool,
     /// Told each time an instance is done (a progress bar).
     pub progress: Option<Progress>,
+    /// Instances with `delivery.mode: Sidecar` are resolved and filled but
+    /// not written: the outcome carries the render for their sidecars (the
+    /// controller publishes it). Elsewhere `delivery` is not looked at: on a
+    /// host there are no pods, and the env root is written as for `Volume`.
+    pub publish_sidecars: bool,
 }
 
 impl PassOptions {
@@ -66,6 +72,7 @@ impl PassOptions {
             only: None,
             defer_corrupt: false,
             progress: None,
+            publish_sidecars: false,
         }
     }
 }
@@ -98,6 +105,8 @@ pub mod reason {
     pub const STATE_FAILED: &str = "StateFailed";
     /// A file did not parse right after it changed; retried shortly.
     pub const FILE_BUSY: &str = "FileBusy";
+    /// The render was published for the instance's sidecars.
+    pub const PUBLISHED: &str = "Published";
 }
 
 /// The result of one instance in one pass.
@@ -137,6 +146,8 @@ pub struct Outcome {
     /// Nothing was rendered for this instance before this pass (its agent
     /// boots with this render: no restart is due).
     pub first_render: bool,
+    /// With [`PassOptions::publish_sidecars`], the render of a sidecar instance.
+    pub published: Option<PublishedRender>,
     /// The audit record was stored with the state (otherwise the pass
     /// appends it with the others at the end).
     audited: bool,
@@ -161,6 +172,7 @@ impl Outcome {
             secret_refs: BTreeSet::new(),
             content_hash: None,
             first_render: false,
+            published: None,
             audited: false,
         }
     }
@@ -171,6 +183,29 @@ impl Outcome {
         self.message = message;
         self
     }
+}
+
+/// A render for sidecars, as the bytes of its Secret. Its `Debug` shows
+/// the digest only: the bytes hold filled secret values.
+#[derive(Clone, PartialEq)]
+pub struct PublishedRender {
+    /// The Secret's [`published::DATA_KEY`] value.
+    pub bytes: Vec<u8>,
+    /// [`published::digest`] of the bytes.
+    pub digest: String,
+}
+
+impl std::fmt::Debug for PublishedRender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PublishedRender({})", self.digest)
+    }
+}
+
+/// Where and how the apply step writes one instance.
+struct Target {
+    rel: String,
+    owner: Owner,
+    runtime_installs: crate::crd::RuntimeInstalls,
 }
 
 /// How many instances of a pass had files written.
@@ -313,10 +348,6 @@ impl Engine {
         opts: &PassOptions,
         collision: Option<String>,
     ) -> Outcome {
-        let mode = opts.mode;
-        let defer_corrupt = opts.defer_corrupt;
-        // Full passes (start, resync) clean up after a killed run.
-        let sweep_temp_files = opts.only.is_none();
         let spec = &inst.spec;
         let rel = snapshot::env_path(key, inst);
         let out = Outcome::new(key, &spec.agent_type, rel.clone());
@@ -379,28 +410,95 @@ impl Engine {
         };
         out.used_secrets = used;
 
+        let owner = spec.env_dir.as_ref().map_or(Owner::default(), |e| Owner {
+            uid: e.uid,
+            gid: e.gid,
+        });
+        if opts.publish_sidecars && spec.delivery_mode() == crate::crd::DeliveryMode::Sidecar {
+            return publish(out, &sections, state, spec.runtime_installs, owner);
+        }
+        let target = Target {
+            rel,
+            owner,
+            runtime_installs: spec.runtime_installs,
+        };
+        self.apply_filled(out, sections, state, target, opts).await
+    }
+
+    /// Applies a render a controller published, for a sidecar: the same
+    /// apply and report as a pass, into `rel` under this engine's root. A
+    /// store that knows nothing of the instance (a pod whose volume started
+    /// empty) starts from the render's installed set.
+    #[instrument(skip_all, fields(instance = %published.key()))]
+    pub async fn apply_published(
+        &self,
+        published: &published::Published,
+        rel: &str,
+        opts: &PassOptions,
+    ) -> Result<Outcome, EngineError> {
+        let key = published.key();
+        let mut out = Outcome::new(&key, "", rel.to_owned());
+        if published.suspend {
+            out.ready = true;
+            out.reason = reason::SUSPENDED;
+            out.message = "spec.suspend is set; the env dir is left as it is".into();
+            return Ok(out);
+        }
+        let declared = match published.declared() {
+            Ok(d) => d,
+            Err(e) => return Ok(out.fail(reason::INVALID_OBJECT, crate::error_chain(&e))),
+        };
+        let mut state = self.store.load(&key).await?;
+        if state == InstanceState::default() {
+            state.installed = published.installed.clone();
+        }
+        let target = Target {
+            rel: rel.to_owned(),
+            owner: published.owner(),
+            runtime_installs: published.runtime_installs,
+        };
+        let outcome = self.apply_filled(out, declared, state, target, opts).await;
+        if opts.mode == Mode::Apply && !outcome.audited {
+            self.audit_rest(std::slice::from_ref(&outcome)).await;
+        }
+        Ok(outcome)
+    }
+
+    /// The IO half of an instance: records what it may write, applies, reports.
+    async fn apply_filled(
+        &self,
+        out: Outcome,
+        sections: PerSection<resolve::Entries>,
+        state: InstanceState,
+        target: Target,
+        opts: &PassOptions,
+    ) -> Outcome {
+        let mode = opts.mode;
+        let defer_corrupt = opts.defer_corrupt;
+        // Full passes (start, resync) clean up after a killed run.
+        let sweep_temp_files = opts.only.is_none();
+        let key = out.key.clone();
         if mode == Mode::Apply
             && let Err(e) = self
-                .record_pending(key, &sections, &state, spec.runtime_installs)
+                .record_pending(&key, &sections, &state, target.runtime_installs)
                 .await
         {
             return out.fail(reason::STATE_FAILED, crate::error_chain(&e));
         }
 
-        let owner = spec.env_dir.as_ref().map_or(Owner::default(), |e| Owner {
-            uid: e.uid,
-            gid: e.gid,
-        });
         let root = self.root.clone();
         let store = self.store.clone();
-        let runtime_installs = spec.runtime_installs;
-        let rel_for_io = rel.clone();
+        let Target {
+            rel,
+            owner,
+            runtime_installs,
+        } = target;
         let old_state = state.clone();
         let io = tokio::task::spawn_blocking(move || {
             apply::apply(
                 &root,
                 &ApplyInput {
-                    rel: &rel_for_io,
+                    rel: &rel,
                     owner,
                     mode: runtime_installs,
                     dry_run: mode == Mode::DryRun,
@@ -601,6 +699,54 @@ impl Engine {
             warn!(error = %crate::error_chain(&e), "cannot append to the audit trail");
         }
     }
+}
+
+/// The outcome of a sidecar instance: resolved and filled, described as
+/// the sidecars will render it, and carried out for the controller to
+/// publish. Nothing is written and no state is stored here.
+fn publish(
+    mut out: Outcome,
+    declared: &PerSection<resolve::Entries>,
+    state: InstanceState,
+    runtime_installs: crate::crd::RuntimeInstalls,
+    owner: Owner,
+) -> Outcome {
+    let desired = PerSection::from_fn(|s| {
+        resolve::desired_section(s, &declared[s], &state.installed[s], runtime_installs)
+    });
+    out.rendered = desired.map(|_, e| e.keys().cloned().collect());
+    out.sources = desired
+        .iter()
+        .flat_map(|(section, entries)| {
+            entries.iter().map(move |(name, e)| EntrySource {
+                key: section.key().to_owned(),
+                name: name.clone(),
+                scope: e.origin.scope().to_owned(),
+                object: e.origin.object().map(ToString::to_string),
+            })
+        })
+        .collect();
+    let render = published::Published::new(
+        &out.key,
+        declared,
+        state.installed,
+        runtime_installs,
+        false,
+        owner,
+    );
+    let bytes = render.to_bytes();
+    let digest = published::digest(&bytes);
+    out.ready = true;
+    out.reason = reason::PUBLISHED;
+    out.message = format!(
+        "render published for the sidecars ({} plugins, {} marketplaces, {} MCP servers)",
+        out.rendered.plugins.len(),
+        out.rendered.marketplaces.len(),
+        out.rendered.mcp_servers.len()
+    );
+    out.content_hash = Some(digest.clone());
+    out.published = Some(PublishedRender { bytes, digest });
+    out
 }
 
 fn audit_record(out: &Outcome) -> AuditRecord {
