@@ -586,9 +586,59 @@ async fn rbac_grants_exactly_what_the_operator_calls() {
         true,
     ))
     .await;
-    for name in ["alice", "bob", "carol"] {
+    // Sidecar delivery: a render, a report and a grant are written, a
+    // report of a pod long gone is pruned, and all of it is removed when
+    // the instance goes back to Volume delivery.
+    c.cp.service_account("team-a", "agent-dave").await;
+    c.apply(instance(
+        "team-a",
+        "dave",
+        "coder",
+        json!({"delivery": {"mode": "Sidecar", "serviceAccountName": "agent-dave"}}),
+    ))
+    .await;
+    for name in ["alice", "bob", "carol", "dave"] {
         c.ready("team-a", name).await;
     }
+    eventually("dave's report Secret exists", || async {
+        c.get("v1", "Secret", "team-a", "agent-env-report-dave")
+            .await
+            .is_some()
+    })
+    .await;
+    let gone = serde_json::to_vec(&json!({
+        "podUid": "u", "ready": true, "reason": "UpToDate", "installed": {},
+        "at": "2020-01-01T00:00:00Z",
+    }))
+    .unwrap();
+    c.apply(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "agent-env-report-dave", "namespace": "team-a"},
+        "data": {"dave-gone": base64_encode(&gone)},
+    }))
+    .await;
+    eventually("the report of a pod long gone is pruned", || async {
+        c.get("v1", "Secret", "team-a", "agent-env-report-dave")
+            .await
+            .is_some_and(|s| s["data"]["dave-gone"].is_null())
+    })
+    .await;
+    c.apply(instance("team-a", "dave", "coder", json!({})))
+        .await;
+    eventually("dave's sidecar objects are removed", || async {
+        c.get("v1", "Secret", "team-a", "agent-env-render-dave")
+            .await
+            .is_none()
+            && c.get(
+                "rbac.authorization.k8s.io/v1",
+                "Role",
+                "team-a",
+                "agent-env-sidecar-dave",
+            )
+            .await
+            .is_none()
+    })
+    .await;
     eventually("alice carries the finalizer", || async {
         c.instance_json("team-a", "alice").await.is_some_and(|o| {
             o["metadata"]["finalizers"]
@@ -623,7 +673,7 @@ async fn rbac_grants_exactly_what_the_operator_calls() {
     eventually("the marketplace reports its instances", || async {
         c.custom("PluginMarketplace", "team-a", "tools")
             .await
-            .is_some_and(|m| m["status"]["instances"] == 3)
+            .is_some_and(|m| m["status"]["instances"] == 4)
     })
     .await;
     // Deleting with deletionPolicy Delete removes the env dir, then the object.
@@ -652,6 +702,11 @@ async fn rbac_grants_exactly_what_the_operator_calls() {
         "granted but never called by the operator: {unused:?}"
     );
     assert!(missing.is_empty(), "called but not granted: {missing:?}");
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// `agent-<instance>`, a Deployment or StatefulSet whose pods carry the instance label.

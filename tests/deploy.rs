@@ -596,6 +596,11 @@ fn containers_use_only_flags_the_binary_accepts() {
     let agent = find(&team, "Deployment", "team-a", "agent-alice").unwrap();
     let wait = container(agent, "initContainers", "wait-for-env");
     check_flags(wait, "examples/kubernetes agent-alice init container");
+    let sidecar = build(&repo().join("examples/kubernetes/sidecar"));
+    let agent = find(&sidecar, "Deployment", "team-b", "agent-bob").unwrap();
+    let container = container(agent, "initContainers", "agent-env");
+    assert_eq!(container["restartPolicy"], "Always", "a native sidecar");
+    check_flags(container, "examples/kubernetes/sidecar agent-bob sidecar");
 }
 
 // --- (d) the Argo CD health check -------------------------------------------
@@ -1124,4 +1129,72 @@ fn example_objects_render_ready() {
         claude.contains("example-dummy-token-replace-me"),
         "the Secret's value was not filled in"
     );
+}
+
+#[test]
+fn sidecar_example_is_wired_to_its_instance_account_and_env_dir() {
+    let docs = build(&repo().join("examples/kubernetes/sidecar"));
+    check_references(&docs, "examples/kubernetes/sidecar");
+    let inst = find(&docs, "AgentInstance", "team-b", "bob").unwrap();
+    assert_eq!(inst["spec"]["delivery"]["mode"], "Sidecar");
+    let account = text(&inst["spec"]["delivery"], "serviceAccountName");
+    assert!(find(&docs, "ServiceAccount", "team-b", account).is_some());
+    let agent = find(&docs, "Deployment", "team-b", "agent-bob").unwrap();
+    let pod = &agent["spec"]["template"];
+    assert_eq!(text(&pod["spec"], "serviceAccountName"), account);
+    assert_eq!(pod["metadata"]["labels"]["agentenv.io/instance"], "bob");
+    let sidecar = container(agent, "initContainers", "agent-env");
+    let env = |name: &str| {
+        sidecar["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("the sidecar sets no {name}"))
+            .clone()
+    };
+    assert_eq!(
+        env("AGENT_ENV_INSTANCE")["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.labels['agentenv.io/instance']"
+    );
+    assert_eq!(
+        env("AGENT_ENV_POD_UID")["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.uid"
+    );
+    assert_eq!(sidecar["startupProbe"]["httpGet"]["path"], "/readyz");
+    let root = text(&env("AGENT_ENV_ROOT"), "value").to_owned();
+    let env_dir = text(&env("AGENT_ENV_ENV_DIR"), "value").to_owned();
+    let volume = sidecar["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == root.as_str())
+        .expect("the sidecar mounts its env root")["name"]
+        .clone();
+    let claude = container(agent, "containers", "claude-code");
+    let config_dir = claude["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "CLAUDE_CONFIG_DIR")
+        .unwrap()["value"]
+        .clone();
+    let mount = claude["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == config_dir)
+        .expect("the agent mounts its CLAUDE_CONFIG_DIR");
+    assert_eq!(
+        mount["name"], volume,
+        "the agent mounts the sidecar's volume"
+    );
+    assert_eq!(
+        mount["subPath"],
+        env_dir.as_str(),
+        "at the sidecar's env dir"
+    );
+    let volumes = pod["spec"]["volumes"].as_array().unwrap();
+    let v = volumes.iter().find(|v| v["name"] == volume).unwrap();
+    assert!(v.get("emptyDir").is_some(), "a pod-local volume: {v}");
 }

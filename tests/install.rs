@@ -94,6 +94,7 @@ async fn deploy_and_the_kubernetes_example_apply_with_kubectl() {
         "deploy",
         "examples/kubernetes/operator",
         "examples/kubernetes/team-a",
+        "examples/kubernetes/sidecar",
     ] {
         let out = kubectl(cp, &["apply", "--server-side", "-k", dir]);
         assert_eq!(

@@ -419,7 +419,8 @@ mod tests {
             outcome: &outcome(true, reason::RENDERED),
             restart: None,
             requested_at: None,
-            now: t(100),            sidecar: None,
+            now: t(100),
+            sidecar: None,
         });
         assert_eq!(first.observed_generation, Some(3));
         assert_eq!(get(&first, READY).status, "True");
@@ -430,7 +431,8 @@ mod tests {
             outcome: &outcome(true, reason::RENDERED),
             restart: None,
             requested_at: None,
-            now: t(200),            sidecar: None,
+            now: t(200),
+            sidecar: None,
         });
         assert_eq!(again, first, "times carry over; nothing to patch");
     }
@@ -443,7 +445,8 @@ mod tests {
             outcome: &outcome(true, reason::RENDERED),
             restart: None,
             requested_at: None,
-            now: t(100),            sidecar: None,
+            now: t(100),
+            sidecar: None,
         });
         let echo = InstanceReport {
             generation: Some(1),
@@ -451,7 +454,8 @@ mod tests {
             outcome: &outcome(true, reason::UP_TO_DATE),
             restart: None,
             requested_at: None,
-            now: t(101),            sidecar: None,
+            now: t(101),
+            sidecar: None,
         };
         assert_eq!(instance_status(&echo), rendered);
         // A new generation is news even when the files are as they were.
@@ -470,7 +474,8 @@ mod tests {
             outcome: &other,
             restart: None,
             requested_at: None,
-            now: t(102),            sidecar: None,
+            now: t(102),
+            sidecar: None,
         });
         assert_eq!(get(&moved, READY).reason, reason::UP_TO_DATE);
     }
@@ -483,7 +488,8 @@ mod tests {
             outcome: &outcome(true, reason::UP_TO_DATE),
             restart: None,
             requested_at: None,
-            now: t(100),            sidecar: None,
+            now: t(100),
+            sidecar: None,
         });
         let missing = outcome(false, "MissingSecret");
         let report = InstanceReport {
@@ -492,7 +498,8 @@ mod tests {
             outcome: &missing,
             restart: None,
             requested_at: None,
-            now: t(200),            sidecar: None,
+            now: t(200),
+            sidecar: None,
         };
         let s = instance_status(&report);
         assert_eq!(get(&s, READY).status, "False");
@@ -521,7 +528,8 @@ mod tests {
             outcome: &outcome(false, reason::WRITE_FAILED),
             restart: None,
             requested_at: Some("2026-01-01T00:00:00Z"),
-            now: t(100),            sidecar: None,
+            now: t(100),
+            sidecar: None,
         });
         assert_eq!(get(&s, RECONCILING).status, "True");
         assert_eq!(get(&s, STALLED).status, "False");

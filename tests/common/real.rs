@@ -282,17 +282,19 @@ impl Cluster {
                     .as_u64()
                     .is_some_and(|c| c < 500)
             })
-            .map(|e| {
+            .flat_map(|e| {
                 let r = &e["objectRef"];
                 let resource = match r["subresource"].as_str() {
                     Some(s) => format!("{}/{s}", r["resource"].as_str().unwrap()),
                     None => r["resource"].as_str().unwrap().to_owned(),
                 };
-                (
-                    r["apiGroup"].as_str().unwrap_or_default().to_owned(),
-                    resource,
-                    e["verb"].as_str().unwrap().to_owned(),
-                )
+                let group = r["apiGroup"].as_str().unwrap_or_default().to_owned();
+                let verb = e["verb"].as_str().unwrap().to_owned();
+                // A server-side apply that creates its object is audited as
+                // a patch, but RBAC also asks for create.
+                let created = (verb == "patch" && e["responseStatus"]["code"] == 201)
+                    .then(|| (group.clone(), resource.clone(), "create".to_owned()));
+                std::iter::once((group, resource, verb)).chain(created)
             })
             .collect()
     }
