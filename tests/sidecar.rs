@@ -407,3 +407,174 @@ async fn a_render_edited_or_deleted_by_hand_is_published_again_and_loses_nothing
     let log = std::fs::read_to_string(&sidecar.log).unwrap();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_killed_mid_write_leaves_no_corrupt_file_and_resumes() {
+    let Some(c) = Cluster::start("sidecar: killed mid-write").await else {
+        return;
+    };
+    let _op = c.operator("a", &[]);
+    let alice_sa = c.cp.service_account(NS, "agent-alice").await;
+    c.apply(sidecar_instance("alice", "agent-alice")).await;
+    let volume = c.dir.path().join("pod");
+    let mut sidecar = start_pod(&c, &alice_sa, "alice", "alice-0", &volume).await;
+    let uid = c.get("v1", "Pod", NS, "alice-0").await.unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The container restarts with the same volume: the kubelet's doing when
+    // a sidecar dies.
+    let restart = |old: &mut Sidecar| {
+        old.kill();
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_agent-env"))
+            .arg("sidecar")
+            .arg("--env-root")
+            .arg(&volume)
+            .args(["--probe-addr", &format!("127.0.0.1:{port}")])
+            .env("KUBECONFIG", &alice_sa)
+            .env("AGENT_ENV_INSTANCE", "alice")
+            .env("AGENT_ENV_POD_NAMESPACE", NS)
+            .env("AGENT_ENV_POD_NAME", "alice-0")
+            .env("AGENT_ENV_POD_UID", &uid)
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&old.log)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        old.child = child;
+        old.port = port;
+    };
+    let mut last = Vec::new();
+    for round in 0..12 {
+        last = (0..=round)
+            .map(|i| format!("p{i:02}@tools"))
+            .collect::<Vec<_>>();
+        let names: Vec<&str> = last.iter().map(String::as_str).collect();
+        c.apply(binding(NS, "coders", json!({"agentType": "coder"}), &names))
+            .await;
+        // Kill at a different moment of each round's write.
+        tokio::time::sleep(Duration::from_millis(40 * (round % 5))).await;
+        restart(&mut sidecar);
+        for file in ["settings.json", ".claude.json"] {
+            let p = sidecar.env_dir().join(file);
+            if let Ok(bytes) = std::fs::read(&p) {
+                serde_json::from_slice::<Value>(&bytes)
+                    .unwrap_or_else(|e| panic!("round {round}: {file} is corrupt: {e}"));
+            }
+        }
+    }
+    eventually("the last render is on disk", || async {
+        sidecar.ready() && plugins(&sidecar.settings()) == last
+    })
+    .await;
+    // Nothing moved aside (no file was ever corrupt) and no temp file left.
+    let left: Vec<String> = std::fs::read_dir(sidecar.env_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "settings.json" && n != ".claude.json")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_change_restarts_the_workload_and_a_reported_install_does_not() {
+    let Some(c) = Cluster::start("sidecar: restarts").await else {
+        return;
+    };
+    let _op = c.operator("a", &[]);
+    c.cp.service_account(NS, "agent-carol").await;
+    c.apply(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "agent-carol", "namespace": NS},
+        "spec": {"selector": {"matchLabels": {"agentenv.io/instance": "carol"}}, "template": {
+            "metadata": {"labels": {"agentenv.io/instance": "carol"}},
+            "spec": {"containers": [{"name": "agent", "image": "registry.example/agent:1"}]}}},
+    }))
+    .await;
+    c.apply(instance(
+        NS,
+        "carol",
+        "coder",
+        json!({
+            "delivery": {"mode": "Sidecar", "serviceAccountName": "agent-carol"},
+            "workload": {"kind": "Deployment", "name": "agent-carol"},
+            "restart": {"strategy": "RolloutRestart", "minInterval": "1s"},
+        }),
+    ))
+    .await;
+    c.apply(binding(
+        NS,
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools"],
+    ))
+    .await;
+    let secrets: Api<Secret> = Api::namespaced(c.client(), NS);
+    let render = || async {
+        secrets
+            .get_opt("agent-env-render-carol")
+            .await
+            .unwrap()
+            .map(|s| serde_json::from_slice::<Value>(&s.data.unwrap()["render.json"].0).unwrap())
+    };
+    eventually("carol's render holds the binding", || async {
+        render()
+            .await
+            .is_some_and(|r| r["declared"]["enabledPlugins"]["lint@tools"]["value"] == true)
+    })
+    .await;
+    let stamped = || async {
+        c.get("apps/v1", "Deployment", NS, "agent-carol")
+            .await
+            .unwrap()["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"]
+            .as_str()
+            .map(str::to_owned)
+    };
+
+    // A pod reports a runtime install: the render carries it, nothing restarts.
+    let report = serde_json::to_vec(&json!({
+        "podUid": "u1", "renderDigest": "x", "ready": true, "reason": "Rendered",
+        "installed": {"enabledPlugins": {"mine@market": true}},
+        "at": "2030-01-01T00:00:00Z",
+    }))
+    .unwrap();
+    secrets
+        .patch(
+            "agent-env-report-carol",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"carol-0": base64::engine::general_purpose::STANDARD.encode(report)}})),
+        )
+        .await
+        .unwrap();
+    eventually("the render carries the reported install", || async {
+        render()
+            .await
+            .is_some_and(|r| r["installed"]["enabledPlugins"]["mine@market"] == true)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        stamped().await,
+        None,
+        "a reported install restarted the agent"
+    );
+
+    // A declared change does.
+    c.apply(binding(
+        NS,
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools", "fmt@tools"],
+    ))
+    .await;
+    eventually("the workload is restarted", || async {
+        stamped().await.is_some()
+    })
+    .await;
+    let status = c.instance_json(NS, "carol").await.unwrap()["status"].clone();
+    assert_eq!(status["lastRestart"]["reason"], "ConfigChanged", "{status}");
+}

@@ -17,7 +17,7 @@
 //! `agent-env run` (for experiments, e.g. `--no-fsync`).
 
 #[path = "../../tests/common/real.rs"]
-mod real;
+pub mod real;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};

@@ -12,20 +12,22 @@
 //! - `FLEET_DIR` (default `target/bench-fleet`): where fleets are generated
 //!   (a real disk: fsync on tmpfs is free);
 //! - `FLEET_IDLE_SECS` (default `60`): the idle CPU window;
-//! - `FLEET_PARTS` (default `host,cluster`): `host` is all of the above,
-//!   `cluster` the controller on a real kube-apiserver (`cluster.rs`; needs
-//!   `KUBEBUILDER_ASSETS`, skipped without);
+//! - `FLEET_PARTS` (default `host,cluster,sidecar`): `host` is all of the
+//!   above, `cluster` the controller on a real kube-apiserver (`cluster.rs`;
+//!   needs `KUBEBUILDER_ASSETS`, skipped without), `sidecar` sidecar
+//!   delivery's drift latency and memory there (`sidecar.rs`);
 //! - `FLEET_CLUSTER_SIZES` (default `1000,10000`): fleet sizes of the
 //!   cluster part;
 //! - `FLEET_REPORT_ONLY=1`: rewrite the `.md` tables from the `.json`
 //!   results and stop.
 //!
 //! Writes `bench/results/fleet.json` and `fleet.md` (host), `cluster.json`
-//! and `cluster.md` (cluster).
+//! and `cluster.md` (cluster), `sidecar.json` and `sidecar.md` (sidecar).
 
 mod cluster;
 mod fleet_gen;
 mod probe;
+mod sidecar;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
@@ -67,7 +69,7 @@ fn main() {
             .map(|s| s.trim().parse().expect("fleet sizes: numbers"))
             .collect()
     };
-    let parts = std::env::var("FLEET_PARTS").unwrap_or_else(|_| "host,cluster".into());
+    let parts = std::env::var("FLEET_PARTS").unwrap_or_else(|_| "host,cluster,sidecar".into());
     let parts: Vec<&str> = parts.split(',').map(str::trim).collect();
     let base = std::env::var_os("FLEET_DIR").map_or_else(
         || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-fleet"),
@@ -78,6 +80,25 @@ fn main() {
     std::fs::create_dir_all(&out).unwrap();
     if parts.contains(&"host") {
         host(&base, &sizes("FLEET_SIZES"), &out);
+    }
+    if parts.contains(&"sidecar") {
+        let measured = sidecar::measure(&base);
+        if !measured.is_null() {
+            let report = json!({
+                "benchmark": "sidecar",
+                "date": date(),
+                "machine": probe::machine(),
+                "sidecar": measured,
+            });
+            std::fs::write(
+                out.join("sidecar.json"),
+                serde_json::to_string_pretty(&report).unwrap() + "\n",
+            )
+            .unwrap();
+            let table = sidecar::markdown(&report);
+            std::fs::write(out.join("sidecar.md"), &table).unwrap();
+            println!("{table}");
+        }
     }
     if parts.contains(&"cluster") {
         let fleets = cluster::measure(&base, &sizes("FLEET_CLUSTER_SIZES"));

@@ -77,6 +77,9 @@ pub struct Seen {
     pub grant: Option<(String, String)>,
     /// The report time whose installed set was last taken in.
     pub ingested: Option<Timestamp>,
+    /// [`PublishedRender::declared_digest`] of the render this controller
+    /// last published (unknown after a restart: no restart is asked for then).
+    pub declared_digest: Option<String>,
 }
 
 impl Seen {
@@ -343,7 +346,7 @@ pub async fn publish(
     owner: &OwnerReference,
     service_account: &str,
     render: &PublishedRender,
-) -> Result<bool, DeliveryError> {
+) -> Result<Published, DeliveryError> {
     let seen = tracker.seen(key);
     let ns = key.namespace.as_str();
     let fail = |action: &'static str| {
@@ -387,8 +390,18 @@ pub async fn publish(
             .map_err(fail("creating the report Secret"))?;
         tracker.update(key, |s| s.report_exists = true);
     }
+    let declared_changed = seen
+        .declared_digest
+        .as_ref()
+        .is_some_and(|d| *d != render.declared_digest);
+    tracker.update(key, |s| {
+        s.declared_digest = Some(render.declared_digest.clone())
+    });
     if seen.render_digest.as_deref() == Some(render.digest.as_str()) {
-        return Ok(false);
+        return Ok(Published {
+            written: false,
+            declared_changed,
+        });
     }
     secrets
         .patch(
@@ -399,7 +412,19 @@ pub async fn publish(
         .await
         .map_err(fail("publishing the render Secret"))?;
     tracker.update(key, |s| s.render_digest = Some(render.digest.clone()));
-    Ok(true)
+    Ok(Published {
+        written: true,
+        declared_changed,
+    })
+}
+
+/// What [`publish`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Published {
+    /// The render Secret was written.
+    pub written: bool,
+    /// The declared entries differ from the render published before.
+    pub declared_changed: bool,
 }
 
 /// Removes reports of pods that are gone.

@@ -764,14 +764,15 @@ impl Ctx {
         Ok(())
     }
 
-    /// Publishes a sidecar instance's render and sums up its pods.
+    /// Publishes a sidecar instance's render and sums up its pods; restarts
+    /// the workload when the declared config changed (`restart.onChange`).
     async fn deliver(
         &self,
         obj: &DynamicObject,
         key: &ObjectKey,
         inst: &AgentInstance,
         outcome: &Outcome,
-    ) -> Result<crate::crd::SidecarStatus, ReconcileError> {
+    ) -> Result<(crate::crd::SidecarStatus, Option<&'static str>), ReconcileError> {
         let owner = obj
             .controller_owner_ref(&self.resources.instance)
             .expect("a served object has a name and UID");
@@ -798,16 +799,27 @@ impl Ctx {
                 suspended = crate::engine::PublishedRender {
                     digest: crate::engine::published::digest(&bytes),
                     bytes,
+                    // Not a config change: nothing to restart for.
+                    declared_digest: self.delivery.seen(key).declared_digest.unwrap_or_default(),
                 };
                 Some(&suspended)
             }
             // Not published (held back): the last good render stays.
             (None, _) => None,
         };
-        if let Some(render) = render
-            && delivery::publish(&self.client, &self.delivery, key, &owner, &sa, render).await?
-        {
-            info!(instance = %key, digest = %render.digest, "render published for the sidecars");
+        let mut restart = None;
+        if let Some(render) = render {
+            let done =
+                delivery::publish(&self.client, &self.delivery, key, &owner, &sa, render).await?;
+            if done.written {
+                info!(instance = %key, digest = %render.digest, "render published for the sidecars");
+            }
+            // The sidecars rewrite the files in place; what the agent loaded
+            // at start (its MCP servers) needs a restart, as with a volume.
+            let policy = inst.spec.restart.clone().unwrap_or_default();
+            if done.declared_changed && policy.on_change {
+                restart = self.request_restart(inst, outcome, restart::Why::ConfigChanged);
+            }
         }
         let seen = self.delivery.seen(key);
         let pods = self.catalog.pods_of(key);
@@ -816,19 +828,31 @@ impl Ctx {
             delivery::prune(&self.client, key, &stale).await?;
         }
         let digest = seen.render_digest.unwrap_or_default();
-        Ok(delivery::status(&digest, &pods, &seen.reports))
+        Ok((delivery::status(&digest, &pods, &seen.reports), restart))
     }
 
     /// Asks for a restart when the pass changed what the agent runs with
     /// (`onChange`) or put drift back (`onDrift`). Not on the first render:
     /// a new agent boots with it.
     fn restart(&self, inst: &AgentInstance, outcome: &Outcome) -> Option<&'static str> {
-        let workload = inst.spec.workload.clone()?;
         if outcome.first_render {
             return None;
         }
         let policy = inst.spec.restart.clone().unwrap_or_default();
-        let why = restart::decide(&policy, outcome)?.reason();
+        let why = restart::decide(&policy, outcome)?;
+        self.request_restart(inst, outcome, why)
+    }
+
+    /// Asks the restarter to restart the instance's workload, if it names one.
+    fn request_restart(
+        &self,
+        inst: &AgentInstance,
+        outcome: &Outcome,
+        why: restart::Why,
+    ) -> Option<&'static str> {
+        let workload = inst.spec.workload.clone()?;
+        let policy = inst.spec.restart.clone().unwrap_or_default();
+        let why = why.reason();
         let target = Target {
             key: outcome.key.clone(),
             agent_type: outcome.agent_type.clone(),
@@ -998,11 +1022,13 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
     let action = ctx.next_pass(&outcome);
 
     let (seen_version, previous) = ctx.catalog.instance_status(&key);
-    let sidecar_status = match &inst {
-        Some(inst) if sidecar => Some(ctx.deliver(&obj, &key, inst, &outcome).await?),
-        _ => None,
+    let (sidecar_status, mut restart) = match &inst {
+        Some(inst) if sidecar => {
+            let (status, restart) = ctx.deliver(&obj, &key, inst, &outcome).await?;
+            (Some(status), restart)
+        }
+        _ => (None, None),
     };
-    let mut restart = None;
     if let Some(inst) = &inst
         && outcome.ready
         && outcome.reason != reason::SUSPENDED

@@ -193,6 +193,10 @@ pub struct PublishedRender {
     pub bytes: Vec<u8>,
     /// [`published::digest`] of the bytes.
     pub digest: String,
+    /// Digest of the declared entries alone: what the agent is configured
+    /// with, apart from the installs its own pods reported (a change here,
+    /// not there, is a reason to restart it).
+    pub declared_digest: String,
 }
 
 impl std::fmt::Debug for PublishedRender {
@@ -736,6 +740,8 @@ fn publish(
     );
     let bytes = render.to_bytes();
     let digest = published::digest(&bytes);
+    let declared_digest =
+        published::digest(&serde_json::to_vec(&render.declared).expect("entries serialize"));
     out.ready = true;
     out.reason = reason::PUBLISHED;
     out.message = format!(
@@ -745,7 +751,11 @@ fn publish(
         out.rendered.mcp_servers.len()
     );
     out.content_hash = Some(digest.clone());
-    out.published = Some(PublishedRender { bytes, digest });
+    out.published = Some(PublishedRender {
+        bytes,
+        digest,
+        declared_digest,
+    });
     out
 }
 
