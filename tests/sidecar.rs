@@ -578,3 +578,41 @@ async fn a_declared_change_restarts_the_workload_and_a_reported_install_does_not
     let status = c.instance_json(NS, "carol").await.unwrap()["status"].clone();
     assert_eq!(status["lastRestart"]["reason"], "ConfigChanged", "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_pod_volume_is_refused_and_the_status_names_the_pod() {
+    let Some(c) = Cluster::start("sidecar: hostile volume").await else {
+        return;
+    };
+    let _op = c.operator("a", &[]);
+    let alice_sa = c.cp.service_account(NS, "agent-alice").await;
+    c.apply(sidecar_instance("alice", "agent-alice")).await;
+    c.apply(binding(
+        NS,
+        "coders",
+        json!({"agentType": "coder"}),
+        &["lint@tools"],
+    ))
+    .await;
+    // The agent replaced its env dir with a symlink out of the volume.
+    let volume = c.dir.path().join("pod");
+    let outside = c.dir.path().join("outside");
+    std::fs::create_dir_all(&volume).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, volume.join("claude")).unwrap();
+    let sidecar = start_pod(&c, &alice_sa, "alice", "alice-0", &volume).await;
+    eventually("the status names the pod and why", || async {
+        c.condition(NS, "alice", "InSync").await.is_some_and(|s| {
+            s["status"] == "False"
+                && s["reason"] == "PodsBehind"
+                && s["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("alice-0 (UnsafePath")
+        })
+    })
+    .await;
+    assert_eq!(pods_current(&c, "alice").await.as_deref(), Some("0/1"));
+    assert!(!sidecar.ready(), "the agent must not start on no config");
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+}

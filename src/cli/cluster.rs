@@ -10,9 +10,6 @@ use clap::Args;
 
 use super::{StateArgs, fail};
 use crate::cluster;
-use crate::engine::Engine;
-use crate::engine::builtin::Builtin;
-use crate::engine::envdir::EnvRoot;
 use crate::metrics::Metrics;
 
 /// Where the service account's namespace is mounted in a pod.
@@ -122,15 +119,10 @@ pub async fn run(args: RunArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
-    let store = match args.state.open().await {
-        Ok(s) => s,
+    let engine = match args.state.engine(!args.no_fsync).await {
+        Ok(e) => e.with_concurrency(1),
         Err(code) => return code,
     };
-    let root = match EnvRoot::open(&args.state.env_root, true) {
-        Ok(r) => r.with_fsync(!args.no_fsync),
-        Err(e) => return fail(&e),
-    };
-    let engine = Engine::new(root, store, Builtin::default()).with_concurrency(1);
     let settings = cluster::Settings {
         namespace: args.namespace,
         operator_namespace: operator_namespace(args.operator_namespace),

@@ -149,6 +149,16 @@ impl StateArgs {
             .map_err(|e| fail(&e))
     }
 
+    /// The engine of a long-running command: the store opened (created if
+    /// needed), the env root created if needed, no builtin layer yet.
+    async fn engine(&self, fsync: bool) -> Result<Engine, ExitCode> {
+        let store = self.open().await?;
+        let root = EnvRoot::open(&self.env_root, true)
+            .map_err(|e| fail(&e))?
+            .with_fsync(fsync);
+        Ok(Engine::new(root, store, Builtin::default()))
+    }
+
     /// Refuses a SQLite database on a network filesystem (see `--allow-network-state`).
     fn check_placement(&self) -> Result<(), ExitCode> {
         match state::Database::parse(&self.url()) {
@@ -404,15 +414,10 @@ async fn reconcile(args: ReconcileArgs) -> ExitCode {
 
 async fn watch(args: ReconcileArgs) -> ExitCode {
     let input = &args.input;
-    let store = match input.state.open().await {
-        Ok(s) => s,
+    let engine = match input.state.engine(!input.no_fsync).await {
+        Ok(e) => e.with_concurrency(input.concurrency),
         Err(code) => return code,
     };
-    let root = match EnvRoot::open(&input.state.env_root, true) {
-        Ok(r) => r.with_fsync(!input.no_fsync),
-        Err(e) => return fail(&e),
-    };
-    let engine = Engine::new(root, store, Builtin::default()).with_concurrency(input.concurrency);
     let settings = local::Settings {
         inputs: input.inputs(),
         config: input.config.clone(),

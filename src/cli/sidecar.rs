@@ -7,9 +7,6 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{StateArgs, fail};
-use crate::engine::Engine;
-use crate::engine::builtin::Builtin;
-use crate::engine::envdir::EnvRoot;
 use crate::engine::snapshot::ObjectKey;
 use crate::metrics::Metrics;
 use crate::sidecar;
@@ -60,15 +57,10 @@ pub async fn run(args: SidecarArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
-    let store = match args.state.open().await {
-        Ok(s) => s,
+    let engine = match args.state.engine(!args.no_fsync).await {
+        Ok(e) => e.with_concurrency(1),
         Err(code) => return code,
     };
-    let root = match EnvRoot::open(&args.state.env_root, true) {
-        Ok(r) => r.with_fsync(!args.no_fsync),
-        Err(e) => return fail(&e),
-    };
-    let engine = Engine::new(root, store, Builtin::default()).with_concurrency(1);
     let settings = sidecar::Settings {
         instance: ObjectKey::new(args.namespace, args.instance),
         pod_name: args.pod_name,

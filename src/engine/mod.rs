@@ -582,18 +582,7 @@ impl Engine {
         mode: Mode,
     ) -> Outcome {
         out.rendered = applied.rendered.map(|_, e| e.keys().cloned().collect());
-        out.sources = applied
-            .rendered
-            .iter()
-            .flat_map(|(section, entries)| {
-                entries.iter().map(move |(name, e)| EntrySource {
-                    key: section.key().to_owned(),
-                    name: name.clone(),
-                    scope: e.origin.scope().to_owned(),
-                    object: e.origin.object().map(ToString::to_string),
-                })
-            })
-            .collect();
+        out.sources = sources(&applied.rendered);
         out.changes = applied.changes;
         for (section, f) in applied.findings.iter() {
             out.drift
@@ -705,6 +694,21 @@ impl Engine {
     }
 }
 
+/// Which scope (and object) each entry came from, for the status.
+fn sources(entries: &PerSection<resolve::Entries>) -> Vec<EntrySource> {
+    entries
+        .iter()
+        .flat_map(|(section, entries)| {
+            entries.iter().map(move |(name, e)| EntrySource {
+                key: section.key().to_owned(),
+                name: name.clone(),
+                scope: e.origin.scope().to_owned(),
+                object: e.origin.object().map(ToString::to_string),
+            })
+        })
+        .collect()
+}
+
 /// The outcome of a sidecar instance: resolved and filled, described as
 /// the sidecars will render it, and carried out for the controller to
 /// publish. Nothing is written and no state is stored here.
@@ -719,17 +723,7 @@ fn publish(
         resolve::desired_section(s, &declared[s], &state.installed[s], runtime_installs)
     });
     out.rendered = desired.map(|_, e| e.keys().cloned().collect());
-    out.sources = desired
-        .iter()
-        .flat_map(|(section, entries)| {
-            entries.iter().map(move |(name, e)| EntrySource {
-                key: section.key().to_owned(),
-                name: name.clone(),
-                scope: e.origin.scope().to_owned(),
-                object: e.origin.object().map(ToString::to_string),
-            })
-        })
-        .collect();
+    out.sources = sources(&desired);
     let render = published::Published::new(
         &out.key,
         declared,

@@ -232,7 +232,8 @@ pub struct PodReport {
     /// volume starts empty gets them back.
     #[serde(default)]
     pub installed: Installed,
-    /// Declared entries put back by the last pass that found drift.
+    /// Declared entries put back by the last pass that found drift, as of
+    /// the last report (a drift correction alone is not reported).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drift: Vec<String>,
     /// When the pod's state last changed.

@@ -352,14 +352,20 @@ impl Sidecar {
             at: crate::time::now(),
         };
         if let Some(sent) = &self.sent {
-            // A pass that found things as they were says nothing new; one
-            // that wrote (drift put back, say) says so once.
+            // Only what the controller acts on is worth an API write: which
+            // render the files hold, whether they are fine (and if not, why),
+            // and the installed set. A drift correction is none of these: a
+            // storm of hand edits must not become a storm of writes (and of
+            // status passes) while the files are put back in milliseconds.
+            let fine = |r: &PodReport| {
+                r.ready && matches!(r.reason.as_str(), reason::RENDERED | reason::UP_TO_DATE)
+            };
             let same = sent.render_digest == report.render_digest
-                && sent.ready == report.ready
                 && sent.installed == report.installed
-                && report.drift.is_empty()
-                && (report.reason == reason::UP_TO_DATE
-                    || (sent.reason == report.reason && sent.message == report.message));
+                && ((fine(sent) && fine(&report))
+                    || (sent.ready == report.ready
+                        && sent.reason == report.reason
+                        && sent.message == report.message));
             if same {
                 return None;
             }
