@@ -349,14 +349,6 @@ pub async fn publish(
 ) -> Result<Published, DeliveryError> {
     let seen = tracker.seen(key);
     let ns = key.namespace.as_str();
-    let fail = |action: &'static str| {
-        let key = key.clone();
-        move |source| DeliveryError {
-            key,
-            action,
-            source,
-        }
-    };
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let grant = (owner.uid.clone(), service_account.to_owned());
     if seen.grant.as_ref() != Some(&grant) {
@@ -367,7 +359,7 @@ pub async fn publish(
                 &Patch::Apply(role_object(key, owner)),
             )
             .await
-            .map_err(fail("granting the render (Role)"))?;
+            .map_err(failed(key, "granting the render (Role)"))?;
         Api::<RoleBinding>::namespaced(client.clone(), ns)
             .patch(
                 &role_name(&key.name),
@@ -375,7 +367,7 @@ pub async fn publish(
                 &Patch::Apply(binding_object(key, owner, service_account)),
             )
             .await
-            .map_err(fail("granting the render (RoleBinding)"))?;
+            .map_err(failed(key, "granting the render (RoleBinding)"))?;
         tracker.update(key, |s| s.grant = Some(grant));
     }
     let secrets = Api::<Secret>::namespaced(client.clone(), ns);
@@ -387,7 +379,7 @@ pub async fn publish(
                 &Patch::Apply(report_object(key, owner)),
             )
             .await
-            .map_err(fail("creating the report Secret"))?;
+            .map_err(failed(key, "creating the report Secret"))?;
         tracker.update(key, |s| s.report_exists = true);
     }
     let declared_changed = seen
@@ -410,7 +402,7 @@ pub async fn publish(
             &Patch::Apply(render_object(key, owner, render)),
         )
         .await
-        .map_err(fail("publishing the render Secret"))?;
+        .map_err(failed(key, "publishing the render Secret"))?;
     tracker.update(key, |s| s.render_digest = Some(render.digest.clone()));
     Ok(Published {
         written: true,
@@ -444,11 +436,7 @@ pub async fn prune(
             &Patch::Merge(json!({"data": data})),
         )
         .await
-        .map_err(|source| DeliveryError {
-            key: key.clone(),
-            action: "removing reports of pods that are gone",
-            source,
-        })?;
+        .map_err(failed(key, "removing reports of pods that are gone"))?;
     Ok(())
 }
 
@@ -460,50 +448,48 @@ pub async fn retract(
     key: &ObjectKey,
 ) -> Result<(), DeliveryError> {
     let ns = key.namespace.as_str();
-    let dp = DeleteParams::default();
-    let gone = |r: Result<(), kube::Error>| match r {
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        other => other,
-    };
-    let fail = |action: &'static str| {
-        let key = key.clone();
-        move |source| DeliveryError {
-            key,
-            action,
-            source,
-        }
-    };
     let secrets = Api::<Secret>::namespaced(client.clone(), ns);
-    gone(
-        secrets
-            .delete(&render_secret(&key.name), &dp)
-            .await
-            .map(|_| ()),
+    delete_if_present(&secrets, &render_secret(&key.name))
+        .await
+        .map_err(failed(key, "removing the render Secret"))?;
+    delete_if_present(&secrets, &report_secret(&key.name))
+        .await
+        .map_err(failed(key, "removing the report Secret"))?;
+    delete_if_present(
+        &Api::<RoleBinding>::namespaced(client.clone(), ns),
+        &role_name(&key.name),
     )
-    .map_err(fail("removing the render Secret"))?;
-    gone(
-        secrets
-            .delete(&report_secret(&key.name), &dp)
-            .await
-            .map(|_| ()),
+    .await
+    .map_err(failed(key, "removing the RoleBinding"))?;
+    delete_if_present(
+        &Api::<Role>::namespaced(client.clone(), ns),
+        &role_name(&key.name),
     )
-    .map_err(fail("removing the report Secret"))?;
-    gone(
-        Api::<RoleBinding>::namespaced(client.clone(), ns)
-            .delete(&role_name(&key.name), &dp)
-            .await
-            .map(|_| ()),
-    )
-    .map_err(fail("removing the RoleBinding"))?;
-    gone(
-        Api::<Role>::namespaced(client.clone(), ns)
-            .delete(&role_name(&key.name), &dp)
-            .await
-            .map(|_| ()),
-    )
-    .map_err(fail("removing the Role"))?;
+    .await
+    .map_err(failed(key, "removing the Role"))?;
     tracker.update(key, |s| *s = Seen::default());
     Ok(())
+}
+
+/// Deletes one object; one already gone is fine.
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<(), kube::Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// Turns an API error into a [`DeliveryError`] naming the instance and the step.
+fn failed(key: &ObjectKey, action: &'static str) -> impl FnOnce(kube::Error) -> DeliveryError {
+    let key = key.clone();
+    move |source| DeliveryError {
+        key,
+        action,
+        source,
+    }
 }
 
 #[cfg(test)]
