@@ -120,7 +120,10 @@ pub fn apply(root: &EnvRoot, input: &ApplyInput<'_>) -> Result<Applied, EnvDirEr
         .map_or(&empty_ledger, |l| &l.entries);
 
     if input.sweep_temp_files && !input.dry_run {
-        let swept = dir.as_ref().map_or(0, InstanceDir::sweep_temp_files);
+        // A dir this pass created holds no one's temp files.
+        let swept = (dir.as_ref())
+            .filter(|d| !d.created())
+            .map_or(0, InstanceDir::sweep_temp_files);
         if swept > 0 {
             tracing::info!(swept, "removed temp files left by an interrupted write");
         }

@@ -356,11 +356,20 @@ impl EnvRoot {
         let Some(root) = &self.dir else {
             return Ok(None);
         };
+        if let Some(dir) = open_beneath(root, rel) {
+            return Ok(Some(InstanceDir {
+                dir,
+                rel: rel.to_owned(),
+                fsync: self.fsync,
+                created: false,
+            }));
+        }
         let segments: Vec<&str> = rel.split('/').filter(|s| !s.is_empty()).collect();
         let mut dir = root
             .try_clone()
             .map_err(|e| EnvDirError::io("cannot open env dir", rel, e))?;
         let mut walked = String::new();
+        let mut created = false;
         for (i, seg) in segments.iter().enumerate() {
             if !walked.is_empty() {
                 walked.push('/');
@@ -375,6 +384,7 @@ impl EnvRoot {
                     match dir.create_dir_with(seg, &b) {
                         Ok(()) => {
                             let leaf = i + 1 == segments.len();
+                            created = leaf;
                             if leaf && (owner.uid.is_some() || owner.gid.is_some()) {
                                 chown_at(&dir, seg, owner).map_err(|e| {
                                     EnvDirError::io("cannot chown env dir", walked.as_str(), e)
@@ -401,14 +411,45 @@ impl EnvRoot {
             dir,
             rel: rel.to_owned(),
             fsync: self.fsync,
+            created,
         }))
     }
 }
 
+/// The process's umask, read once (`None` where the kernel does not show
+/// it): a file created with a mode it does not narrow needs no `fchmod`.
+fn umask() -> Option<u32> {
+    static UMASK: std::sync::LazyLock<Option<u32>> = std::sync::LazyLock::new(|| {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+        u32::from_str_radix(line.trim(), 8).ok()
+    });
+    *UMASK
+}
+
+/// Opens the existing directory `rel` under `root` in one call, refusing
+/// any symlink on the way and any step out of `root` (`openat2` with
+/// `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`). `None` on any failure: the
+/// caller walks component by component, which creates what is missing and
+/// names what it refuses (and is all there is on kernels before 5.6).
+fn open_beneath(root: &Dir, rel: &str) -> Option<Dir> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags, openat2};
+    let fd = openat2(
+        root,
+        rel,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .ok()?;
+    Some(Dir::from_std_file(std::fs::File::from(fd)))
+}
+
 fn temp_name(name: &str) -> String {
+    static PID: std::sync::LazyLock<u32> = std::sync::LazyLock::new(std::process::id);
     format!(
         ".{name}.agent-env-{}-{}.tmp",
-        std::process::id(),
+        *PID,
         TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
     )
 }
@@ -459,9 +500,15 @@ pub struct InstanceDir {
     dir: Dir,
     rel: String,
     fsync: bool,
+    created: bool,
 }
 
 impl InstanceDir {
+    /// Whether opening it created it (so nothing of an earlier run is in it).
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
     /// The path of a file relative to the env root, for messages.
     pub fn display(&self, name: &str) -> String {
         format!("{}/{}", self.rel, name)
@@ -615,6 +662,12 @@ impl InstanceDir {
         owner: Owner,
     ) -> Result<WriteOutcome, EnvDirError> {
         self.write_temp(name, tmp, bytes, mode, owner)?;
+        // Where the filesystem cannot refuse to replace, a create locks as an update does.
+        if expected.is_none()
+            && let Some(outcome) = self.create_from(tmp, name)?
+        {
+            return Ok(outcome);
+        }
         // Claude Code saves its config holding `<file>.lock`; holding it too
         // from the stamp check to the rename means neither side overwrites a
         // write the other has not seen.
@@ -628,6 +681,28 @@ impl InstanceDir {
             .rename(tmp, &self.dir, name)
             .map_err(|e| EnvDirError::io("cannot rename into place", self.display(name), e))?;
         Ok(WriteOutcome::Written)
+    }
+
+    /// Renames `tmp` to `name` only if `name` does not exist: the create
+    /// case of [`InstanceDir::write`] in one call and no lock. No lock guards
+    /// a file that does not exist yet (Claude Code's lock resolves the file's
+    /// path first, so it writes a missing config without one), and a rename
+    /// that refuses to replace settles a race with any writer: whoever
+    /// creates the file first wins, the other reads and merges again.
+    /// `None` when the filesystem cannot do it (NFS, some FUSE mounts).
+    fn create_from(&self, tmp: &str, name: &str) -> Result<Option<WriteOutcome>, EnvDirError> {
+        use rustix::fs::{RenameFlags, renameat_with};
+        use rustix::io::Errno;
+        match renameat_with(&self.dir, tmp, &self.dir, name, RenameFlags::NOREPLACE) {
+            Ok(()) => Ok(Some(WriteOutcome::Written)),
+            Err(Errno::EXIST) => Ok(Some(WriteOutcome::Raced)),
+            Err(Errno::INVAL | Errno::NOSYS | Errno::NOTSUP) => Ok(None),
+            Err(e) => Err(EnvDirError::io(
+                "cannot rename into place",
+                self.display(name),
+                e.into(),
+            )),
+        }
     }
 
     fn write_temp(
@@ -648,10 +723,12 @@ impl InstanceDir {
         })?;
         let io_err = |op, e| EnvDirError::io(op, self.display(name), e);
         // The umask may have narrowed the mode given at creation.
-        f.set_permissions(cap_std::fs::Permissions::from_std(
-            std::os::unix::fs::PermissionsExt::from_mode(mode),
-        ))
-        .map_err(|e| io_err("cannot set the mode of", e))?;
+        if umask().is_none_or(|umask| mode & umask != 0) {
+            f.set_permissions(cap_std::fs::Permissions::from_std(
+                std::os::unix::fs::PermissionsExt::from_mode(mode),
+            ))
+            .map_err(|e| io_err("cannot set the mode of", e))?;
+        }
         if owner.uid.is_some() || owner.gid.is_some() {
             chown(&f, owner).map_err(|e| io_err("cannot chown", e))?;
         }
@@ -1023,6 +1100,10 @@ mod tests {
             .instance("ns/a", true, Owner::default())
             .unwrap()
             .unwrap();
+        // An update takes the lock (a create does not: see the test below).
+        d.write(EnvFile::Settings, b"{}", None, 0o644, Owner::default())
+            .unwrap();
+        let stamp = d.read(EnvFile::Settings).unwrap().unwrap().stamp;
         let lock = tmp.path().join("ns/a/settings.json.lock");
         let old = std::time::SystemTime::now() - LOCK_STALE * 10;
         let d = std::sync::Arc::new(d);
@@ -1042,7 +1123,13 @@ mod tests {
             let (tx, rx) = std::sync::mpsc::channel();
             let d2 = d.clone();
             std::thread::spawn(move || {
-                tx.send(d2.write(EnvFile::Settings, b"{}", None, 0o644, Owner::default()))
+                tx.send(d2.write(
+                    EnvFile::Settings,
+                    b"{\"new\":1}",
+                    Some(stamp),
+                    0o644,
+                    Owner::default(),
+                ))
             });
             let err = rx
                 .recv_timeout(LOCK_WAIT)
@@ -1052,12 +1139,44 @@ mod tests {
                 err.to_string().contains("ns/a/settings.json.lock"),
                 "{make}: {err}"
             );
-            assert!(!tmp.path().join("ns/a/settings.json").exists());
+            assert_eq!(
+                std::fs::read(tmp.path().join("ns/a/settings.json")).unwrap(),
+                b"{}"
+            );
             let left: Vec<_> = std::fs::read_dir(tmp.path().join("ns/a"))
                 .unwrap()
                 .collect();
-            assert_eq!(left.len(), 1, "{make}: the temp file is removed");
+            assert_eq!(left.len(), 2, "{make}: the temp file is removed");
         }
+    }
+
+    /// A file that does not exist yet is created without a lock, by a
+    /// rename that never replaces: one created by someone else since it was
+    /// found missing is kept, and the write reports the race.
+    #[test]
+    fn a_create_never_replaces_a_file_made_meanwhile() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = EnvRoot::open(tmp.path(), true).unwrap();
+        let d = root
+            .instance("ns/a", true, Owner::default())
+            .unwrap()
+            .unwrap();
+        assert!(d.created());
+        assert!(d.read(EnvFile::Settings).unwrap().is_none());
+        std::fs::write(tmp.path().join("ns/a/settings.json"), b"{\"theirs\":1}").unwrap();
+        let w = d.write(EnvFile::Settings, b"{}", None, 0o644, Owner::default());
+        assert_eq!(w.unwrap(), WriteOutcome::Raced);
+        assert_eq!(
+            std::fs::read(tmp.path().join("ns/a/settings.json")).unwrap(),
+            b"{\"theirs\":1}"
+        );
+        let left: Vec<_> = std::fs::read_dir(tmp.path().join("ns/a"))
+            .unwrap()
+            .collect();
+        assert_eq!(left.len(), 1, "the temp file is removed");
+        // Opened again, the env dir is one an earlier run made.
+        let again = root.instance("ns/a", true, Owner::default()).unwrap();
+        assert!(!again.unwrap().created());
     }
 
     #[test]
