@@ -10,7 +10,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::LazyLock;
 
 use base64::Engine as _;
 use serde_json::Value;
@@ -19,6 +18,8 @@ use crate::crd::{self, AgentInstance, McpServer, PluginBinding, PluginMarketplac
 use crate::engine::secrets::{self, SecretValue};
 use crate::engine::shape;
 use crate::engine::snapshot::{InvalidObject, ObjectKey, Snapshot};
+use crate::host::schema;
+pub use crate::host::schema::unknown_fields;
 
 /// Namespace of an object whose manifest names none, as with `kubectl apply`.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -1041,19 +1042,20 @@ pub fn validate(kind: &str, doc: &Value, source: &str) -> Result<Object, Invalid
         doc
     };
     let result = match kind {
-        "AgentInstance" => typed::<AgentInstance>(doc, &CEL.instance)
+        "AgentInstance" => schema::typed::<AgentInstance>(doc, "AgentInstance")
             .and_then(|o| check_instance(&o, doc).map(|()| Object::Instance(o))),
-        "PluginBinding" => typed::<PluginBinding>(doc, &CEL.binding).and_then(|o| {
+        "PluginBinding" => schema::typed::<PluginBinding>(doc, "PluginBinding").and_then(|o| {
             check_target(&o.spec.target)?;
             check_binding(&o)?;
             Ok(Object::Binding(o))
         }),
-        "PluginMarketplace" => typed::<PluginMarketplace>(doc, &CEL.marketplace).and_then(|o| {
-            check_target(&o.spec.target)?;
-            check_source(&o.spec.source)?;
-            Ok(Object::Marketplace(o))
-        }),
-        "McpServer" => typed::<McpServer>(doc, &CEL.mcp).and_then(|o| {
+        "PluginMarketplace" => schema::typed::<PluginMarketplace>(doc, "PluginMarketplace")
+            .and_then(|o| {
+                check_target(&o.spec.target)?;
+                check_source(&o.spec.source)?;
+                Ok(Object::Marketplace(o))
+            }),
+        "McpServer" => schema::typed::<McpServer>(doc, "McpServer").and_then(|o| {
             check_target(&o.spec.target)?;
             check_mcp(&o)?;
             Ok(Object::Mcp(o))
@@ -1196,238 +1198,6 @@ fn scope_hint(kind: &str, doc: &Value) -> Vec<Scope> {
         out.push(Scope::Instance(i.to_owned()));
     }
     out
-}
-
-struct Compiled {
-    /// The CRD's OpenAPI schema, for the limits CEL does not check.
-    schema: Value,
-    cel: kube::core::cel::CompiledSchema,
-}
-
-struct CompiledCel {
-    instance: Compiled,
-    binding: Compiled,
-    marketplace: Compiled,
-    mcp: Compiled,
-}
-
-fn compile<K: kube::CustomResourceExt>() -> Compiled {
-    let crd = crd::definition::<K>();
-    let schema = crd.spec.versions[0]
-        .schema
-        .as_ref()
-        .and_then(|s| s.open_api_v3_schema.as_ref())
-        .expect("derived CRDs have a schema");
-    let schema = serde_json::to_value(schema).expect("schemas serialize");
-    Compiled {
-        cel: kube::core::cel::compile_schema(&schema),
-        schema,
-    }
-}
-
-// CEL rules are compiled once; they are the same rules the API server runs.
-static CEL: LazyLock<CompiledCel> = LazyLock::new(|| CompiledCel {
-    instance: compile::<AgentInstance>(),
-    binding: compile::<PluginBinding>(),
-    marketplace: compile::<PluginMarketplace>(),
-    mcp: compile::<McpServer>(),
-});
-
-fn typed<K: serde::de::DeserializeOwned>(doc: &Value, compiled: &Compiled) -> Result<K, String> {
-    let obj: K = serde_path_to_error::deserialize(doc).map_err(|e| {
-        let path = e.path().to_string();
-        format!("field {path}: {}", e.into_inner())
-    })?;
-    let mut errors = Vec::new();
-    check_limits(&compiled.schema, doc, "", &mut errors);
-    if let Err(cel) = kube::core::cel::Validator::new().validate_compiled(&compiled.cel, doc, None)
-    {
-        // The validator's order varies from run to run; a message should not.
-        let mut cel: Vec<String> = cel
-            .iter()
-            .map(|e| format!("field {}: {}", e.field_path, e.message))
-            .collect();
-        cel.sort();
-        errors.extend(cel);
-    }
-    if !errors.is_empty() {
-        return Err(errors.join("; "));
-    }
-    Ok(obj)
-}
-
-/// The fields of ObjectMeta a manifest may set; the API server also knows
-/// the ones it sets itself, so it does not call them unknown.
-const OBJECT_META_FIELDS: &[&str] = &[
-    "name",
-    "generateName",
-    "namespace",
-    "selfLink",
-    "uid",
-    "resourceVersion",
-    "generation",
-    "creationTimestamp",
-    "deletionTimestamp",
-    "deletionGracePeriodSeconds",
-    "labels",
-    "annotations",
-    "ownerReferences",
-    "finalizers",
-    "managedFields",
-];
-
-/// The top-level fields of a core v1 Secret.
-const SECRET_FIELDS: &[&str] = &[
-    "apiVersion",
-    "kind",
-    "metadata",
-    "data",
-    "stringData",
-    "type",
-    "immutable",
-];
-
-/// Paths (`spec.plugins[0].nmae`, as the API server writes them) of the
-/// fields of `doc` that the schema of `kind` does not declare. The server
-/// prunes them from custom resources and drops them from built-in ones; a
-/// typo such as `spec.plugin` would otherwise vanish without a word.
-pub fn unknown_fields(kind: &str, doc: &Value) -> Vec<String> {
-    let mut out = Vec::new();
-    let Some(obj) = doc.as_object() else {
-        return out;
-    };
-    if let Some(meta) = obj.get("metadata").and_then(Value::as_object) {
-        out.extend(
-            meta.keys()
-                .filter(|k| !OBJECT_META_FIELDS.contains(&k.as_str()))
-                .map(|k| format!("metadata.{k}")),
-        );
-    }
-    let schema = match kind {
-        "AgentInstance" => &CEL.instance.schema,
-        "PluginBinding" => &CEL.binding.schema,
-        "PluginMarketplace" => &CEL.marketplace.schema,
-        "McpServer" => &CEL.mcp.schema,
-        _ => {
-            out.extend(
-                obj.keys()
-                    .filter(|k| !SECRET_FIELDS.contains(&k.as_str()))
-                    .cloned(),
-            );
-            return out;
-        }
-    };
-    for (k, v) in obj {
-        match k.as_str() {
-            "apiVersion" | "kind" | "metadata" => {}
-            _ => match schema.get("properties").and_then(|p| p.get(k)) {
-                Some(sub) => undeclared(sub, v, k, &mut out),
-                None => out.push(k.clone()),
-            },
-        }
-    }
-    out
-}
-
-fn undeclared(schema: &Value, v: &Value, path: &str, out: &mut Vec<String>) {
-    if schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true)) {
-        return;
-    }
-    match v {
-        Value::Object(m) => {
-            let props = schema.get("properties");
-            let extra = schema.get("additionalProperties").filter(|s| s.is_object());
-            for (k, x) in m {
-                let at = format!("{path}.{k}");
-                match props.and_then(|p| p.get(k)).or(extra) {
-                    Some(sub) => undeclared(sub, x, &at, out),
-                    // A map without a value schema takes any key.
-                    None if props.is_none() => {}
-                    None => out.push(at),
-                }
-            }
-        }
-        Value::Array(items) => {
-            if let Some(sub) = schema.get("items") {
-                for (i, x) in items.iter().enumerate() {
-                    undeclared(sub, x, &format!("{path}[{i}]"), out);
-                }
-            }
-        }
-        _ => {}
-    }
-}
-
-/// The OpenAPI bounds the API server enforces besides CEL (`minLength`,
-/// `maxLength`, `minimum`, `maximum`, `maxItems`, `maxProperties`), which
-/// kube's CEL validator leaves out: without them an empty
-/// `target.agentType`, a `timeout: 0` or a 2,000-plugin binding would pass
-/// here and not in a cluster. Lengths count characters, as the server does.
-fn check_limits(schema: &Value, v: &Value, path: &str, errors: &mut Vec<String>) {
-    let at = |k: &str| {
-        if path.is_empty() {
-            k.to_owned()
-        } else {
-            format!("{path}.{k}")
-        }
-    };
-    let bound = |k: &str| schema.get(k).and_then(Value::as_f64);
-    // `verb` is "be" for a string's length, "have" for a list's or map's size.
-    let mut count = |n: usize, min: &str, max: &str, verb: &str, what: &str| {
-        if let Some(m) = bound(min)
-            && (n as f64) < m
-        {
-            errors.push(format!("field {path}: must {verb} at least {m} {what}"));
-        }
-        if let Some(m) = bound(max)
-            && (n as f64) > m
-        {
-            errors.push(format!(
-                "field {path}: must {verb} at most {m} {what}, not {n}"
-            ));
-        }
-    };
-    match v {
-        Value::String(s) => count(
-            s.chars().count(),
-            "minLength",
-            "maxLength",
-            "be",
-            "characters",
-        ),
-        Value::Number(n) => {
-            if let Some(n) = n.as_f64() {
-                if let Some(min) = bound("minimum")
-                    && n < min
-                {
-                    errors.push(format!("field {path}: must be at least {min}"));
-                }
-                if let Some(max) = bound("maximum")
-                    && n > max
-                {
-                    errors.push(format!("field {path}: must be at most {max}"));
-                }
-            }
-        }
-        Value::Object(m) => {
-            count(m.len(), "minProperties", "maxProperties", "have", "entries");
-            let extra = schema.get("additionalProperties").filter(|s| s.is_object());
-            for (k, x) in m {
-                if let Some(sub) = schema.get("properties").and_then(|p| p.get(k)).or(extra) {
-                    check_limits(sub, x, &at(k), errors);
-                }
-            }
-        }
-        Value::Array(items) => {
-            count(items.len(), "minItems", "maxItems", "have", "items");
-            if let Some(sub) = schema.get("items") {
-                for (i, x) in items.iter().enumerate() {
-                    check_limits(sub, x, &format!("{path}[{i}]"), errors);
-                }
-            }
-        }
-        Value::Null | Value::Bool(_) => {}
-    }
 }
 
 /// A one-of field set to `null` passes CEL's `has()` but sets nothing, so the
