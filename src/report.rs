@@ -1,6 +1,8 @@
 //! Report, local half: per-instance rows as a table or JSON, and `diff`
 //! output. Every value shown passes through masking first.
 
+use std::io::Write as _;
+
 use serde::Serialize;
 use serde_json::Value;
 
@@ -69,52 +71,125 @@ impl From<&Outcome> for Row {
     }
 }
 
-/// The rows as a JSON array, written to `w` row by row: a large fleet's
-/// report is never held whole (10,000 instances make about 60 MB of it).
+/// A report written as outcomes come: JSON rows go out one by one (a large
+/// fleet's report is never held whole; 10,000 instances make about 60 MB of
+/// it), a table keeps only its cells until it can align them.
+pub struct Streamed<W: std::io::Write> {
+    out: std::io::BufWriter<W>,
+    /// `Some`: a table's rows so far; `None`: JSON.
+    table: Option<Vec<(Vec<String>, Vec<String>)>>,
+    rows: usize,
+    error: Option<std::io::Error>,
+}
+
+impl<W: std::io::Write> Streamed<W> {
+    /// A JSON array of [`Row`]s.
+    pub fn json(w: W) -> Self {
+        Streamed {
+            out: std::io::BufWriter::new(w),
+            table: None,
+            rows: 0,
+            error: None,
+        }
+    }
+
+    /// An aligned table, as [`table`] prints.
+    pub fn table(w: W) -> Self {
+        Streamed {
+            table: Some(Vec::new()),
+            ..Streamed::json(w)
+        }
+    }
+
+    /// Adds an instance's row.
+    pub fn push(&mut self, o: &Outcome) {
+        if let Some(rows) = &mut self.table {
+            rows.push(table_row(o));
+            return;
+        }
+        if self.error.is_some() {
+            return;
+        }
+        // The layout `serde_json` gives an array of pretty objects.
+        let row = serde_json::to_vec_pretty(&Row::from(o)).expect("rows serialize");
+        let sep: &[u8] = if self.rows == 0 { b"[\n  " } else { b",\n  " };
+        let mut write = || -> std::io::Result<()> {
+            self.out.write_all(sep)?;
+            // Strings in JSON hold no raw newline: each one is layout.
+            for (i, line) in row.split(|b| *b == b'\n').enumerate() {
+                if i > 0 {
+                    self.out.write_all(b"\n  ")?;
+                }
+                self.out.write_all(line)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = write() {
+            self.error = Some(e);
+        }
+        self.rows += 1;
+    }
+
+    /// Ends the report: the first write error, if any.
+    pub fn finish(mut self) -> std::io::Result<()> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        match self.table.take() {
+            Some(rows) => self
+                .out
+                .write_all(aligned(&TABLE_HEADER, &rows).as_bytes())?,
+            None if self.rows == 0 => self.out.write_all(b"[]\n")?,
+            None => self.out.write_all(b"\n]\n")?,
+        }
+        self.out.flush()
+    }
+}
+
+/// The rows as a JSON array, written to `w` row by row.
 pub fn write_json(outcomes: &[Outcome], w: impl std::io::Write) -> std::io::Result<()> {
-    use serde::Serializer as _;
-    use std::io::Write as _;
-    let mut w = std::io::BufWriter::new(w);
-    let mut ser = serde_json::Serializer::pretty(&mut w);
-    ser.collect_seq(outcomes.iter().map(Row::from))?;
-    w.write_all(b"\n")?;
-    w.flush()
+    let mut out = Streamed::json(w);
+    for o in outcomes {
+        out.push(o);
+    }
+    out.finish()
+}
+
+const TABLE_HEADER: [&str; 9] = [
+    "NAMESPACE",
+    "NAME",
+    "TYPE",
+    "READY",
+    "REASON",
+    "PLUGINS",
+    "MARKETPLACES",
+    "MCP",
+    "MESSAGE",
+];
+
+/// An instance's cells in the table, and its warnings.
+fn table_row(o: &Outcome) -> (Vec<String>, Vec<String>) {
+    let r = Row::from(o);
+    (
+        vec![
+            r.namespace,
+            r.name,
+            r.agent_type,
+            r.ready.to_string(),
+            r.reason,
+            r.plugins.len().to_string(),
+            r.marketplaces.len().to_string(),
+            r.mcp_servers.len().to_string(),
+            r.message,
+        ],
+        r.warnings.iter().map(|w| format!("warning: {w}")).collect(),
+    )
 }
 
 /// The rows as an aligned table, with warnings under their instance.
 pub fn table(outcomes: &[Outcome]) -> String {
-    let header = [
-        "NAMESPACE",
-        "NAME",
-        "TYPE",
-        "READY",
-        "REASON",
-        "PLUGINS",
-        "MARKETPLACES",
-        "MCP",
-        "MESSAGE",
-    ];
-    let rows: Vec<(Vec<String>, Vec<String>)> = outcomes
-        .iter()
-        .map(|o| {
-            let r = Row::from(o);
-            (
-                vec![
-                    r.namespace,
-                    r.name,
-                    r.agent_type,
-                    r.ready.to_string(),
-                    r.reason,
-                    r.plugins.len().to_string(),
-                    r.marketplaces.len().to_string(),
-                    r.mcp_servers.len().to_string(),
-                    r.message,
-                ],
-                r.warnings.iter().map(|w| format!("warning: {w}")).collect(),
-            )
-        })
-        .collect();
-    aligned(&header, &rows)
+    let rows: Vec<(Vec<String>, Vec<String>)> = outcomes.iter().map(table_row).collect();
+    aligned(&TABLE_HEADER, &rows)
 }
 
 /// Rows in aligned columns under `header`; the last column is not padded.

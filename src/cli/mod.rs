@@ -348,14 +348,20 @@ async fn load(input: &InputArgs, mode: Mode) -> Result<Loaded, ExitCode> {
     })
 }
 
-/// One pass's result: every instance's outcome, and how many objects were
-/// invalid (each already reported on stderr).
+/// What a pass came to, its outcomes having gone to a sink.
 struct Passed {
-    outcomes: Vec<Outcome>,
+    /// Whether every instance is ready.
+    ready: bool,
+    /// How many objects were invalid (each already reported on stderr).
     invalid: usize,
 }
 
-async fn pass(input: &InputArgs, mode: Mode) -> Result<Passed, ExitCode> {
+/// Loads the input and runs a pass, handing each outcome to `sink` by key.
+async fn pass(
+    input: &InputArgs,
+    mode: Mode,
+    sink: &mut (dyn FnMut(Outcome) + Send),
+) -> Result<Passed, ExitCode> {
     let started = std::time::Instant::now();
     let loaded = load(input, mode).await?;
     let loaded_in = started.elapsed();
@@ -367,16 +373,21 @@ async fn pass(input: &InputArgs, mode: Mode) -> Result<Passed, ExitCode> {
     let bar = progress::Bar::start(loaded.snapshot.instances.len());
     let mut opts = PassOptions::new(mode);
     opts.progress = bar.as_ref().map(progress::Bar::ticker);
-    let outcomes = loaded
+    let (mut instances, mut written, mut ready) = (0, 0, true);
+    let passed = loaded
         .engine
-        .pass_with(&loaded.snapshot, loaded.secrets.as_ref(), &opts)
+        .pass_each(&loaded.snapshot, loaded.secrets.as_ref(), &opts, &mut |o| {
+            instances += 1;
+            written += usize::from(o.reason == crate::engine::reason::RENDERED);
+            ready &= o.ready;
+            sink(o);
+        })
         .await
         .map_err(|e| fail(&e));
     drop(bar);
-    let outcomes = outcomes?;
-    let written = crate::engine::written(&outcomes);
+    passed?;
     tracing::info!(
-        instances = outcomes.len(),
+        instances,
         written,
         invalid = loaded.snapshot.invalid.len(),
         load_ms = loaded_in.as_millis() as u64,
@@ -384,7 +395,7 @@ async fn pass(input: &InputArgs, mode: Mode) -> Result<Passed, ExitCode> {
         "pass done"
     );
     Ok(Passed {
-        outcomes,
+        ready,
         invalid: loaded.snapshot.invalid.len(),
     })
 }
@@ -393,19 +404,19 @@ async fn reconcile(args: ReconcileArgs) -> ExitCode {
     if !args.once {
         return watch(args).await;
     }
-    let Passed { outcomes, invalid } = match pass(&args.input, Mode::Apply).await {
+    let mut report = match args.output {
+        Output::Table => report::Streamed::table(std::io::stdout()),
+        Output::Json => report::Streamed::json(std::io::stdout()),
+    };
+    let passed = pass(&args.input, Mode::Apply, &mut |o| report.push(&o)).await;
+    let Passed { ready, invalid } = match passed {
         Ok(p) => p,
         Err(code) => return code,
     };
-    match args.output {
-        Output::Table => print!("{}", report::table(&outcomes)),
-        Output::Json => {
-            if let Err(e) = report::write_json(&outcomes, std::io::stdout().lock()) {
-                return fail(&e);
-            }
-        }
+    if let Err(e) = report.finish() {
+        return fail(&e);
     }
-    if invalid == 0 && outcomes.iter().all(|o| o.ready) {
+    if invalid == 0 && ready {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -433,7 +444,9 @@ async fn watch(args: ReconcileArgs) -> ExitCode {
 }
 
 async fn diff(args: InputArgs) -> ExitCode {
-    let Passed { outcomes, invalid } = match pass(&args, Mode::DryRun).await {
+    let mut outcomes = Vec::new();
+    let Passed { ready, invalid } = match pass(&args, Mode::DryRun, &mut |o| outcomes.push(o)).await
+    {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -441,7 +454,7 @@ async fn diff(args: InputArgs) -> ExitCode {
     // An invalid object is an error, not a change (as with `kubectl diff`,
     // whose 1 means differences): a gate on "1: apply pending" must not take
     // a broken manifest for a pending change.
-    if invalid > 0 || outcomes.iter().any(|o| !o.ready) {
+    if invalid > 0 || !ready {
         ExitCode::from(EXIT_INPUT)
     } else if outcomes.iter().any(|o| !o.changes.is_empty()) {
         ExitCode::from(1)

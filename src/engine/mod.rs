@@ -284,14 +284,32 @@ impl Engine {
             .await
     }
 
-    /// A pass over the instances `opts` selects.
-    #[instrument(skip_all, fields(instances = opts.only.as_ref().map_or(snapshot.instances.len(), HashSet::len)))]
+    /// A pass over the instances `opts` selects: every outcome, by key.
     pub async fn pass_with(
         &self,
         snapshot: &Snapshot,
         secrets: &dyn SecretProvider,
         opts: &PassOptions,
     ) -> Result<Vec<Outcome>, EngineError> {
+        let mut outcomes = Vec::new();
+        self.pass_each(snapshot, secrets, opts, &mut |o| outcomes.push(o))
+            .await?;
+        Ok(outcomes)
+    }
+
+    /// A pass that hands each outcome to `sink`, by key, as soon as it and
+    /// those before it are done, and keeps none: what a report of a large
+    /// fleet needs, without holding every instance's outcome to the end.
+    #[instrument(skip_all, fields(instances = opts.only.as_ref().map_or(snapshot.instances.len(), HashSet::len)))]
+    pub async fn pass_each(
+        &self,
+        snapshot: &Snapshot,
+        secrets: &dyn SecretProvider,
+        opts: &PassOptions,
+        sink: &mut (dyn FnMut(Outcome) + Send),
+    ) -> Result<(), EngineError> {
+        /// Audit records are appended in batches of this many.
+        const AUDIT_BATCH: usize = 1000;
         let mode = opts.mode;
         let mut states = match &opts.only {
             None => self.store.load_all().await?,
@@ -317,27 +335,51 @@ impl Engine {
             let collision = collisions.get(key).cloned();
             work.push(self.instance(key, inst, &index, secrets, state, opts, collision));
         }
-        let mut outcomes: Vec<Outcome> = futures::stream::iter(work)
-            .buffer_unordered(self.concurrency)
-            .inspect(|_| {
-                if let Some(Progress(done)) = &opts.progress {
-                    done();
-                }
+        drop(states);
+        // Instances whose object is invalid, merged in by key.
+        let mut invalid: Vec<Outcome> = snapshot
+            .invalid
+            .iter()
+            .filter(|i| {
+                i.kind == "AgentInstance" && opts.only.as_ref().is_none_or(|o| o.contains(&i.key))
             })
-            .collect()
-            .await;
-        for inv in snapshot.invalid.iter().filter(|i| {
-            i.kind == "AgentInstance" && opts.only.as_ref().is_none_or(|o| o.contains(&i.key))
-        }) {
-            let mut o = Outcome::new(&inv.key, "", String::new());
-            o.message = format!("invalid AgentInstance ({}): {}", inv.source, inv.message);
-            outcomes.push(o);
+            .map(|inv| {
+                let mut o = Outcome::new(&inv.key, "", String::new());
+                o.message = format!("invalid AgentInstance ({}): {}", inv.source, inv.message);
+                o
+            })
+            .collect();
+        invalid.sort_by(|a, b| a.key.cmp(&b.key));
+        let mut invalid = invalid.into_iter().peekable();
+        let mut audit = Vec::new();
+        let mut emit = |o: Outcome, audit: &mut Vec<(ObjectKey, AuditRecord)>| {
+            if mode == Mode::Apply && !o.audited {
+                audit.push((o.key.clone(), audit_record(&o)));
+            }
+            sink(o);
+        };
+        // `buffered`, not `buffer_unordered`: outcomes leave in the order
+        // the instances went in (by key), at the same concurrency.
+        let mut done = futures::stream::iter(work).buffered(self.concurrency);
+        while let Some(o) = done.next().await {
+            if let Some(Progress(tick)) = &opts.progress {
+                tick();
+            }
+            while let Some(inv) = invalid.next_if(|i| i.key < o.key) {
+                emit(inv, &mut audit);
+            }
+            emit(o, &mut audit);
+            if audit.len() >= AUDIT_BATCH {
+                self.audit(&std::mem::take(&mut audit)).await;
+            }
         }
-        outcomes.sort_by(|a, b| a.key.cmp(&b.key));
-        if mode == Mode::Apply {
-            self.audit_rest(&outcomes).await;
+        for inv in invalid {
+            emit(inv, &mut audit);
         }
-        Ok(outcomes)
+        if !audit.is_empty() {
+            self.audit(&audit).await;
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -688,7 +730,11 @@ impl Engine {
             .filter(|o| !o.audited)
             .map(|o| (o.key.clone(), audit_record(o)))
             .collect();
-        if let Err(e) = self.store.audit(&records).await {
+        self.audit(&records).await;
+    }
+
+    async fn audit(&self, records: &[(ObjectKey, AuditRecord)]) {
+        if let Err(e) = self.store.audit(records).await {
             warn!(error = %crate::error_chain(&e), "cannot append to the audit trail");
         }
     }
