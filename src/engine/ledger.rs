@@ -36,12 +36,16 @@ pub struct Ledger {
 #[derive(Clone, Debug)]
 pub struct Hasher {
     salt: Vec<u8>,
+    /// SHA-256 having taken the salt: every hash starts from a copy.
+    salted: Sha256,
 }
 
 impl Hasher {
     /// A hasher with the database's salt.
     pub fn new(salt: Vec<u8>) -> Hasher {
-        Hasher { salt }
+        let mut salted = Sha256::new();
+        salted.update(&salt);
+        Hasher { salt, salted }
     }
 
     /// The salt, to be sealed again when the master key rotates.
@@ -51,59 +55,68 @@ impl Hasher {
 
     /// Hash of one entry's value.
     pub fn entry(&self, value: &Value) -> String {
-        let mut h = Sha256::new();
-        h.update(&self.salt);
-        h.update(canonical(value));
-        hex::encode(h.finalize())
+        let mut h = self.salted.clone();
+        canonical_to(value, &mut h);
+        hex_digest(h)
     }
 
     /// Hash over all owned keys as rendered.
     pub fn content<'a>(&self, sections: impl IntoIterator<Item = (Section, &'a Value)>) -> String {
-        let mut h = Sha256::new();
-        h.update(&self.salt);
+        let mut h = self.salted.clone();
         for (s, v) in sections {
             h.update(s.key().as_bytes());
-            h.update(canonical(v));
+            canonical_to(v, &mut h);
         }
-        hex::encode(h.finalize())
+        hex_digest(h)
     }
 }
 
-/// JSON with object keys sorted at every level, so equal values hash equally
-/// whatever order their keys were written in.
+/// The digest in lowercase hex, without going through a char iterator
+/// (a pass hashes every entry of every instance).
+fn hex_digest(h: Sha256) -> String {
+    let mut out = [0u8; 64];
+    hex::encode_to_slice(h.finalize(), &mut out).expect("64 hex digits for 32 bytes");
+    String::from_utf8(out.to_vec()).expect("hex digits are ASCII")
+}
+
+/// Compact JSON with object keys sorted, so a value hashes the same however
+/// its keys were ordered.
 pub fn canonical(v: &Value) -> Vec<u8> {
-    fn write(v: &Value, out: &mut Vec<u8>) {
-        match v {
-            Value::Object(m) => {
-                let mut keys: Vec<&String> = m.keys().collect();
-                keys.sort();
-                out.push(b'{');
-                for (i, k) in keys.into_iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    serde_json::to_writer(&mut *out, k).expect("strings serialize");
-                    out.push(b':');
-                    write(&m[k], out);
-                }
-                out.push(b'}');
-            }
-            Value::Array(a) => {
-                out.push(b'[');
-                for (i, x) in a.iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    write(x, out);
-                }
-                out.push(b']');
-            }
-            other => serde_json::to_writer(&mut *out, other).expect("scalars serialize"),
-        }
-    }
     let mut out = Vec::new();
-    write(v, &mut out);
+    canonical_to(v, &mut out);
     out
+}
+
+/// [`canonical`], written into `out` (a hasher takes it as it comes).
+fn canonical_to(v: &Value, out: &mut impl std::io::Write) {
+    const WRITES: &str = "writing to memory or a hasher does not fail";
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            out.write_all(b"{").expect(WRITES);
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.write_all(b",").expect(WRITES);
+                }
+                serde_json::to_writer(&mut *out, k).expect(WRITES);
+                out.write_all(b":").expect(WRITES);
+                canonical_to(&m[k], out);
+            }
+            out.write_all(b"}").expect(WRITES);
+        }
+        Value::Array(a) => {
+            out.write_all(b"[").expect(WRITES);
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.write_all(b",").expect(WRITES);
+                }
+                canonical_to(x, out);
+            }
+            out.write_all(b"]").expect(WRITES);
+        }
+        other => serde_json::to_writer(&mut *out, other).expect(WRITES),
+    }
 }
 
 #[cfg(test)]

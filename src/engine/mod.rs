@@ -310,6 +310,8 @@ impl Engine {
     ) -> Result<(), EngineError> {
         /// Audit records are appended in batches of this many.
         const AUDIT_BATCH: usize = 1000;
+        /// Instances whose futures are made at once.
+        const CHUNK: usize = 1024;
         let mode = opts.mode;
         let mut states = match &opts.only {
             None => self.store.load_all().await?,
@@ -324,18 +326,11 @@ impl Engine {
         let index = snapshot.index();
         let collisions = snapshot.clashes();
 
-        // A plain loop, not iterator closures: the futures must be `Send` for
-        // any lifetime, which closures over borrowed keys defeat.
-        let mut work = Vec::new();
-        for (key, inst) in &snapshot.instances {
-            if opts.only.as_ref().is_some_and(|o| !o.contains(key)) {
-                continue;
-            }
-            let state = states.remove(key).unwrap_or_default();
-            let collision = collisions.get(key).cloned();
-            work.push(self.instance(key, inst, &index, secrets, state, opts, collision));
-        }
-        drop(states);
+        let selected: Vec<(&ObjectKey, &AgentInstance)> = snapshot
+            .instances
+            .iter()
+            .filter(|(key, _)| opts.only.as_ref().is_none_or(|o| o.contains(*key)))
+            .collect();
         // Instances whose object is invalid, merged in by key.
         let mut invalid: Vec<Outcome> = snapshot
             .invalid
@@ -358,19 +353,32 @@ impl Engine {
             }
             sink(o);
         };
-        // `buffered`, not `buffer_unordered`: outcomes leave in the order
-        // the instances went in (by key), at the same concurrency.
-        let mut done = futures::stream::iter(work).buffered(self.concurrency);
-        while let Some(o) = done.next().await {
-            if let Some(Progress(tick)) = &opts.progress {
-                tick();
+        // Instances go in a chunk at a time: each future made up front holds
+        // its state and a few kilobytes of its own, which 10,000 of them
+        // waiting would add up.
+        for chunk in selected.chunks(CHUNK) {
+            // A plain loop, not iterator closures: the futures must be `Send`
+            // for any lifetime, which closures over borrowed keys defeat.
+            let mut work = Vec::with_capacity(chunk.len());
+            for &(key, inst) in chunk {
+                let state = states.remove(key).unwrap_or_default();
+                let collision = collisions.get(key).cloned();
+                work.push(self.instance(key, inst, &index, secrets, state, opts, collision));
             }
-            while let Some(inv) = invalid.next_if(|i| i.key < o.key) {
-                emit(inv, &mut audit);
-            }
-            emit(o, &mut audit);
-            if audit.len() >= AUDIT_BATCH {
-                self.audit(&std::mem::take(&mut audit)).await;
+            // `buffered`, not `buffer_unordered`: outcomes leave in the order
+            // the instances went in (by key), at the same concurrency.
+            let mut done = futures::stream::iter(work).buffered(self.concurrency);
+            while let Some(o) = done.next().await {
+                if let Some(Progress(tick)) = &opts.progress {
+                    tick();
+                }
+                while let Some(inv) = invalid.next_if(|i| i.key < o.key) {
+                    emit(inv, &mut audit);
+                }
+                emit(o, &mut audit);
+                if audit.len() >= AUDIT_BATCH {
+                    self.audit(&std::mem::take(&mut audit)).await;
+                }
             }
         }
         for inv in invalid {

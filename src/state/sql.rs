@@ -681,27 +681,24 @@ impl StateStore for SqlStore {
     }
 
     async fn load_all(&self) -> Result<HashMap<InstanceKey, InstanceState>, StoreError> {
+        use futures::TryStreamExt as _;
+        // Row by row: a fleet's rows and its parsed states are never held together.
         let mut out: HashMap<InstanceKey, InstanceState> = HashMap::new();
-        let rows = sqlx::query("SELECT * FROM ledger")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(q("loading ledgers"))?;
-        for row in &rows {
-            let key = row_key(row)?;
-            let ledger = parse_ledger(&key, row)?;
-            let pending = parse_pending(&key, row)?;
+        let mut rows = sqlx::query("SELECT * FROM ledger").fetch(&self.pool);
+        while let Some(row) = rows.try_next().await.map_err(q("loading ledgers"))? {
+            let key = row_key(&row)?;
+            let ledger = parse_ledger(&key, &row)?;
+            let pending = parse_pending(&key, &row)?;
             let state = out.entry(key).or_default();
             state.ledger = Some(ledger);
             state.pending = pending;
         }
-        let rows = sqlx::query("SELECT * FROM installed")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(q("loading installed entries"))?;
-        for row in &rows {
-            let key = row_key(row)?;
+        drop(rows);
+        let mut rows = sqlx::query("SELECT * FROM installed").fetch(&self.pool);
+        while let Some(row) = (rows.try_next().await).map_err(q("loading installed entries"))? {
+            let key = row_key(&row)?;
             let state = out.entry(key.clone()).or_default();
-            self.put_installed(state, &key, row)?;
+            self.put_installed(state, &key, &row)?;
         }
         Ok(out)
     }
