@@ -2,7 +2,8 @@
 //! root (cap-std), so no path or symlink can lead a read or write outside it.
 //!
 //! Agents write into their env dirs too, so nothing found there is trusted:
-//! env dirs are opened one component at a time without following a symlink,
+//! env dirs are opened without following a symlink or leaving the root (in
+//! one `openat2` where the kernel has it, else one component at a time),
 //! files are looked at before they are opened (a FIFO would block, a device
 //! could react to being opened) and again through the open handle, a file
 //! with a second hard link is not read (it may be a file outside the root),
