@@ -970,11 +970,15 @@ fn manifests_over_the_object_limit_are_refused() {
     assert_eq!(h.reconcile().code, 0);
     let before = contents(&h.root().join("dev"));
     // Unlabelled Secrets are the cheapest objects to parse; they count too.
-    // 100,000 here plus the fleet's three make one too many.
+    // 100,000 here plus the fleet's three make one too many for a limit of
+    // 100,000 (the default, 1,000,000, would take minutes to reach here).
     let doc = |i: usize| format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: s{i}}}\n");
     let text: Vec<String> = (0..100_000).map(doc).collect();
     std::fs::write(h.manifests().join("secrets.yaml"), text.join("---\n")).unwrap();
-    let (run, _) = timed(h.reconcile_command(&[]), Duration::from_secs(300));
+    let (run, _) = timed(
+        h.reconcile_command(&["--max-objects", "100000"]),
+        Duration::from_secs(300),
+    );
     assert_eq!(run.code, 2, "{}", run.stderr);
     assert!(
         run.stderr.contains("secrets.yaml: the manifests hold more than 100000 objects, the limit for all manifest files together"),

@@ -567,22 +567,22 @@ fn fill_namespace(
             },
         );
         inst.metadata.namespace = Some(ns.into());
-        snap.instances.insert(ObjectKey::new(ns, name), inst);
+        snap.instances.insert(ObjectKey::new(ns, name), inst.into());
     }
 }
 
 fn add(snap: &mut Snapshot, o: &Objects, ns: &str) {
     for b in &o.bindings {
         let key = ObjectKey::new(ns, b.metadata.name.clone().unwrap());
-        snap.bindings.insert(key, b.clone());
+        snap.bindings.insert(key, b.clone().into());
     }
     for m in &o.marketplaces {
         let key = ObjectKey::new(ns, m.metadata.name.clone().unwrap());
-        snap.marketplaces.insert(key, m.clone());
+        snap.marketplaces.insert(key, m.clone().into());
     }
     for s in &o.servers {
         let key = ObjectKey::new(ns, s.metadata.name.clone().unwrap());
-        snap.mcp_servers.insert(key, s.clone());
+        snap.mcp_servers.insert(key, s.clone().into());
     }
 }
 

@@ -212,6 +212,10 @@ pub struct InputArgs {
     /// skipping them.
     #[arg(long, env = "AGENT_ENV_STRICT")]
     pub strict: bool,
+    /// Most objects all manifest files may hold together (Secrets included);
+    /// past it the load fails rather than hold whatever a repository holds.
+    #[arg(long, env = "AGENT_ENV_MAX_OBJECTS", default_value_t = manifest::MAX_OBJECTS)]
+    pub max_objects: usize,
 }
 
 impl InputArgs {
@@ -225,6 +229,7 @@ impl InputArgs {
             } else {
                 manifest::FieldValidation::Warn
             },
+            max_objects: self.max_objects,
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -65,14 +65,15 @@ impl fmt::Display for InvalidObject {
 /// Every object of one pass.
 #[derive(Default, Debug)]
 pub struct Snapshot {
-    /// Valid AgentInstances.
-    pub instances: BTreeMap<ObjectKey, AgentInstance>,
+    /// Valid AgentInstances. Objects are shared with where they were
+    /// checked (the manifest cache, the controller's catalog), not copied.
+    pub instances: BTreeMap<ObjectKey, Arc<AgentInstance>>,
     /// Valid PluginBindings.
-    pub bindings: BTreeMap<ObjectKey, PluginBinding>,
+    pub bindings: BTreeMap<ObjectKey, Arc<PluginBinding>>,
     /// Valid PluginMarketplaces.
-    pub marketplaces: BTreeMap<ObjectKey, PluginMarketplace>,
+    pub marketplaces: BTreeMap<ObjectKey, Arc<PluginMarketplace>>,
     /// Valid McpServers.
-    pub mcp_servers: BTreeMap<ObjectKey, McpServer>,
+    pub mcp_servers: BTreeMap<ObjectKey, Arc<McpServer>>,
     /// Objects that failed validation.
     pub invalid: Vec<InvalidObject>,
     /// Labelled Secrets.
@@ -235,17 +236,17 @@ impl<'a> ScopeIndex<'a> {
             bindings: keys
                 .bindings
                 .iter()
-                .filter_map(|k| s.bindings.get(k))
+                .filter_map(|k| s.bindings.get(k).map(|o| &**o))
                 .collect(),
             marketplaces: keys
                 .marketplaces
                 .iter()
-                .filter_map(|k| s.marketplaces.get(k))
+                .filter_map(|k| s.marketplaces.get(k).map(|o| &**o))
                 .collect(),
             mcp_servers: keys
                 .mcp_servers
                 .iter()
-                .filter_map(|k| s.mcp_servers.get(k))
+                .filter_map(|k| s.mcp_servers.get(k).map(|o| &**o))
                 .collect(),
         }
     }

@@ -187,6 +187,8 @@ pub struct Inputs {
     /// What a field no schema declares does to its object; `Strict` also
     /// refuses documents and files that are not for agent-env.
     pub fields: FieldValidation,
+    /// Most objects the files may hold together ([`MAX_OBJECTS`] unless lowered).
+    pub max_objects: usize,
 }
 
 impl Inputs {
@@ -196,6 +198,7 @@ impl Inputs {
             files: files.to_vec(),
             kustomize: Vec::new(),
             fields,
+            max_objects: MAX_OBJECTS,
         }
     }
 
@@ -296,12 +299,15 @@ pub fn load_paths(paths: &[PathBuf], fields: FieldValidation) -> Result<Snapshot
 
 /// Loads the manifests of `inputs`.
 pub fn load(inputs: &Inputs) -> Result<Snapshot, ManifestError> {
-    load_into(inputs, Loader::default())
+    load_into(inputs, Loader::with_max_objects(inputs.max_objects))
 }
 
 /// [`load`], keeping where each agent object was read ([`Snapshot::sources`]).
 pub fn load_with_sources(inputs: &Inputs) -> Result<Snapshot, ManifestError> {
-    load_into(inputs, Loader::default().keep_sources())
+    load_into(
+        inputs,
+        Loader::with_max_objects(inputs.max_objects).keep_sources(),
+    )
 }
 
 fn load_into(inputs: &Inputs, loader: Loader) -> Result<Snapshot, ManifestError> {
@@ -338,7 +344,8 @@ fn text_hash(text: &str) -> u64 {
 /// outputs) whose text is unchanged since the last call with the same cache.
 /// The cache is replaced only when the load succeeds.
 pub fn load_cached(inputs: &Inputs, cache: &mut ManifestCache) -> Result<Snapshot, ManifestError> {
-    let mut loader = Loader::default().with_field_validation(inputs.fields);
+    let mut loader =
+        Loader::with_max_objects(inputs.max_objects).with_field_validation(inputs.fields);
     let mut next = ManifestCache::default();
     for source in inputs.sources(&mut loader.snapshot.skipped)? {
         loader.add_file_cached(&source.read()?, cache, &mut next)?;
@@ -477,8 +484,10 @@ pub const MAX_DOCUMENTS_PER_FILE: usize = 100_000;
 /// its text in memory, and a file is parsed whole before any of it is used.
 pub const MAX_MANIFEST_FILE_BYTES: u64 = 32 * 1024 * 1024;
 /// Most objects (non-empty documents, Secrets included) all manifest files
-/// may hold together. A pass over 100,000 instances takes about 400 MB.
-pub const MAX_OBJECTS: usize = 100_000;
+/// may hold together: room for 100,000 instances with a few instance-scope
+/// objects each (the fleet bench's 100,000 instances are 400,000 objects),
+/// a bound on what a repository can make the loader hold.
+pub const MAX_OBJECTS: usize = 1_000_000;
 
 /// How many parsed nodes (and scalar bytes) a manifest may hold per byte of
 /// its text. Without aliases a document has fewer nodes than bytes; aliases
@@ -1012,15 +1021,17 @@ fn secret_data(
 
 /// One of the four custom resources, validated.
 #[derive(Clone, Debug)]
+/// Shared, not copied: a checked object sits in the manifest cache (or a
+/// controller's catalog) and in every snapshot made from it.
 pub enum Object {
     /// An AgentInstance.
-    Instance(AgentInstance),
+    Instance(Arc<AgentInstance>),
     /// A PluginBinding.
-    Binding(PluginBinding),
+    Binding(Arc<PluginBinding>),
     /// A PluginMarketplace.
-    Marketplace(PluginMarketplace),
+    Marketplace(Arc<PluginMarketplace>),
     /// An McpServer.
-    Mcp(McpServer),
+    Mcp(Arc<McpServer>),
 }
 
 /// Checks one object of `kind` against its schema, CEL rules and the rules
@@ -1043,22 +1054,22 @@ pub fn validate(kind: &str, doc: &Value, source: &str) -> Result<Object, Invalid
     };
     let result = match kind {
         "AgentInstance" => schema::typed::<AgentInstance>(doc, "AgentInstance")
-            .and_then(|o| check_instance(&o, doc).map(|()| Object::Instance(o))),
+            .and_then(|o| check_instance(&o, doc).map(|()| Object::Instance(Arc::new(o)))),
         "PluginBinding" => schema::typed::<PluginBinding>(doc, "PluginBinding").and_then(|o| {
             check_target(&o.spec.target)?;
             check_binding(&o)?;
-            Ok(Object::Binding(o))
+            Ok(Object::Binding(Arc::new(o)))
         }),
         "PluginMarketplace" => schema::typed::<PluginMarketplace>(doc, "PluginMarketplace")
             .and_then(|o| {
                 check_target(&o.spec.target)?;
                 check_source(&o.spec.source)?;
-                Ok(Object::Marketplace(o))
+                Ok(Object::Marketplace(Arc::new(o)))
             }),
         "McpServer" => schema::typed::<McpServer>(doc, "McpServer").and_then(|o| {
             check_target(&o.spec.target)?;
             check_mcp(&o)?;
-            Ok(Object::Mcp(o))
+            Ok(Object::Mcp(Arc::new(o)))
         }),
         other => Err(format!("unknown kind {other:?}; expected one of {KINDS}")),
     };
