@@ -155,6 +155,39 @@ fn sealed_error(e: StoreError) -> CryptoError {
     }
 }
 
+/// A chunk's states in a few queries are each instance's own: across
+/// namespaces, past one query's worth of names, with keys that have no state.
+#[tokio::test]
+async fn states_load_many_at_once_as_one_by_one() {
+    for b in backends("load many") {
+        let db = Db::new(&b);
+        let store = db.open().await;
+        let mut keys = Vec::new();
+        for i in 0..1200 {
+            let k = InstanceKey::new(if i % 3 == 0 { "ops" } else { "dev" }, format!("a{i:04}"));
+            if i % 7 != 0 {
+                let mut s = sample_state();
+                s.ledger.as_mut().unwrap().content_hash = format!("h{i}");
+                store
+                    .save(&k, &s, &record("Rendered", &["x"]))
+                    .await
+                    .unwrap();
+            }
+            keys.push(k);
+        }
+        let many = store.load_many(&keys).await.unwrap();
+        assert_eq!(many.len(), 1200 - 1200usize.div_ceil(7), "{}", b.name());
+        for k in &keys {
+            let one = store.load(k).await.unwrap();
+            match many.get(k) {
+                Some(s) => assert_eq!(*s, one, "{}: {k}", b.name()),
+                None => assert_eq!(one, InstanceState::default(), "{}: {k}", b.name()),
+            }
+        }
+        assert!(store.load_many(&[]).await.unwrap().is_empty());
+    }
+}
+
 #[tokio::test]
 async fn state_round_trips_and_installs_are_never_stored_in_plain_text() {
     for b in backends("state round trip") {

@@ -18,7 +18,7 @@ pub mod section;
 pub mod shape;
 pub mod snapshot;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -313,16 +313,6 @@ impl Engine {
         /// Instances whose futures are made at once.
         const CHUNK: usize = 1024;
         let mode = opts.mode;
-        let mut states = match &opts.only {
-            None => self.store.load_all().await?,
-            Some(keys) => {
-                let mut m = HashMap::new();
-                for k in keys.iter().filter(|k| snapshot.instances.contains_key(*k)) {
-                    m.insert(k.clone(), self.store.load(k).await?);
-                }
-                m
-            }
-        };
         let index = snapshot.index();
         let collisions = snapshot.clashes();
 
@@ -330,6 +320,7 @@ impl Engine {
             .instances
             .iter()
             .filter(|(key, _)| opts.only.as_ref().is_none_or(|o| o.contains(*key)))
+            .map(|(key, inst)| (key, &**inst))
             .collect();
         // Instances whose object is invalid, merged in by key.
         let mut invalid: Vec<Outcome> = snapshot
@@ -353,10 +344,12 @@ impl Engine {
             }
             sink(o);
         };
-        // Instances go in a chunk at a time: each future made up front holds
-        // its state and a few kilobytes of its own, which 10,000 of them
-        // waiting would add up.
+        // Instances go in a chunk at a time, their states loaded for the
+        // chunk: a future made up front holds its state and a few kilobytes
+        // of its own, which 100,000 of them waiting would add up to.
         for chunk in selected.chunks(CHUNK) {
+            let keys: Vec<ObjectKey> = chunk.iter().map(|(k, _)| (*k).clone()).collect();
+            let mut states = self.store.load_many(&keys).await?;
             // A plain loop, not iterator closures: the futures must be `Send`
             // for any lifetime, which closures over borrowed keys defeat.
             let mut work = Vec::with_capacity(chunk.len());

@@ -212,6 +212,41 @@ fn open_secret(
 }
 
 impl SqlStore {
+    /// The states of the rows `filter` (a `WHERE` clause over `namespace`
+    /// and `name`, with `binds` for its `$n`) selects, read row by row: the
+    /// rows and the parsed states are never held together.
+    async fn load_where(
+        &self,
+        out: &mut HashMap<InstanceKey, InstanceState>,
+        filter: &str,
+        binds: &[&str],
+    ) -> Result<(), StoreError> {
+        use futures::TryStreamExt as _;
+        let query = |table: &str| {
+            // Safe to build: the table is one of two literals and the filter
+            // holds only placeholders; every value is bound.
+            let sql = format!("SELECT * FROM {table}{filter}");
+            (binds.iter()).fold(sqlx::query(sqlx::AssertSqlSafe(sql)), |q, b| q.bind(*b))
+        };
+        let mut rows = query("ledger").fetch(&self.pool);
+        while let Some(row) = rows.try_next().await.map_err(q("loading ledgers"))? {
+            let key = row_key(&row)?;
+            let ledger = parse_ledger(&key, &row)?;
+            let pending = parse_pending(&key, &row)?;
+            let state = out.entry(key).or_default();
+            state.ledger = Some(ledger);
+            state.pending = pending;
+        }
+        drop(rows);
+        let mut rows = query("installed").fetch(&self.pool);
+        while let Some(row) = (rows.try_next().await).map_err(q("loading installed entries"))? {
+            let key = row_key(&row)?;
+            let state = out.entry(key.clone()).or_default();
+            self.put_installed(state, &key, &row)?;
+        }
+        Ok(())
+    }
+
     fn put_installed(
         &self,
         state: &mut InstanceState,
@@ -681,24 +716,30 @@ impl StateStore for SqlStore {
     }
 
     async fn load_all(&self) -> Result<HashMap<InstanceKey, InstanceState>, StoreError> {
-        use futures::TryStreamExt as _;
-        // Row by row: a fleet's rows and its parsed states are never held together.
-        let mut out: HashMap<InstanceKey, InstanceState> = HashMap::new();
-        let mut rows = sqlx::query("SELECT * FROM ledger").fetch(&self.pool);
-        while let Some(row) = rows.try_next().await.map_err(q("loading ledgers"))? {
-            let key = row_key(&row)?;
-            let ledger = parse_ledger(&key, &row)?;
-            let pending = parse_pending(&key, &row)?;
-            let state = out.entry(key).or_default();
-            state.ledger = Some(ledger);
-            state.pending = pending;
+        let mut out = HashMap::new();
+        self.load_where(&mut out, "", &[]).await?;
+        Ok(out)
+    }
+
+    async fn load_many(
+        &self,
+        keys: &[InstanceKey],
+    ) -> Result<HashMap<InstanceKey, InstanceState>, StoreError> {
+        /// Names per query: well under SQLite's oldest limit of 999 parameters.
+        const NAMES: usize = 500;
+        let mut by_namespace: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for k in keys {
+            by_namespace.entry(&k.namespace).or_default().push(&k.name);
         }
-        drop(rows);
-        let mut rows = sqlx::query("SELECT * FROM installed").fetch(&self.pool);
-        while let Some(row) = (rows.try_next().await).map_err(q("loading installed entries"))? {
-            let key = row_key(&row)?;
-            let state = out.entry(key.clone()).or_default();
-            self.put_installed(state, &key, &row)?;
+        let mut out = HashMap::new();
+        for (namespace, names) in by_namespace {
+            for names in names.chunks(NAMES) {
+                let list: Vec<String> = (2..names.len() + 2).map(|i| format!("${i}")).collect();
+                let filter = format!(" WHERE namespace = $1 AND name IN ({})", list.join(", "));
+                let mut binds = vec![namespace];
+                binds.extend(names);
+                self.load_where(&mut out, &filter, &binds).await?;
+            }
         }
         Ok(out)
     }
