@@ -159,19 +159,21 @@ pub fn apply(root: &EnvRoot, input: &ApplyInput<'_>) -> Result<Applied, EnvDirEr
                 );
                 sections.push((section, installed, findings, desired));
             }
-            let new_maps: Vec<(Section, Map<String, Value>)> = sections
-                .iter()
-                .map(|(s, _, _, d)| (*s, to_map(d)))
-                .collect();
             let unchanged = observed.stamp.is_some()
-                && new_maps
+                && sections
                     .iter()
-                    .all(|(s, m)| observed.present.get(s) == Some(m));
+                    .all(|(s, _, _, d)| same(observed.present.get(s), d));
+            // The owned keys as maps only when something is to be written.
+            let new_maps: Vec<(Section, Map<String, Value>)> = if unchanged {
+                Vec::new()
+            } else {
+                (sections.iter())
+                    .map(|(s, _, _, d)| (*s, to_map(d)))
+                    .collect()
+            };
             let mut changes = Vec::new();
-            if !unchanged {
-                for (s, m) in &new_maps {
-                    changes.extend(entry_changes(*s, observed.present.get(s), m, input.dry_run));
-                }
+            for (s, m) in &new_maps {
+                changes.extend(entry_changes(*s, observed.present.get(s), m, input.dry_run));
             }
             let done = match (&dir, unchanged || input.dry_run) {
                 (_, true) => true,
@@ -227,9 +229,17 @@ pub fn apply(root: &EnvRoot, input: &ApplyInput<'_>) -> Result<Applied, EnvDirEr
             })
             .collect()
     });
-    let maps = out.rendered.map(|_, e| Value::Object(to_map(e)));
-    out.ledger.content_hash = input.hasher.content(maps.iter());
+    out.ledger.content_hash = (input.hasher).content(
+        (out.rendered.iter()).map(|(s, entries)| (s, entries.iter().map(|(k, e)| (k, &e.value)))),
+    );
     Ok(out)
+}
+
+/// Whether an owned key as present in a file holds exactly `entries`.
+fn same(present: Option<&Map<String, Value>>, entries: &Entries) -> bool {
+    present.is_some_and(|p| {
+        p.len() == entries.len() && entries.iter().all(|(k, e)| p.get(k) == Some(&e.value))
+    })
 }
 
 fn to_map(entries: &Entries) -> Map<String, Value> {

@@ -60,12 +60,27 @@ impl Hasher {
         hex_digest(h)
     }
 
-    /// Hash over all owned keys as rendered.
-    pub fn content<'a>(&self, sections: impl IntoIterator<Item = (Section, &'a Value)>) -> String {
+    /// Hash over all owned keys as rendered, each given as its entries in
+    /// name order (what a `BTreeMap` yields): the same hash as of each key's
+    /// object, without building the object.
+    pub fn content<'a, E>(&self, sections: impl IntoIterator<Item = (Section, E)>) -> String
+    where
+        E: IntoIterator<Item = (&'a String, &'a Value)>,
+    {
+        const WRITES: &str = "a hasher takes every write";
         let mut h = self.salted.clone();
-        for (s, v) in sections {
+        for (s, entries) in sections {
             h.update(s.key().as_bytes());
-            canonical_to(v, &mut h);
+            h.update(b"{");
+            for (i, (name, value)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    h.update(b",");
+                }
+                serde_json::to_writer(&mut h, name).expect(WRITES);
+                h.update(b":");
+                canonical_to(value, &mut h);
+            }
+            h.update(b"}");
         }
         hex_digest(h)
     }
