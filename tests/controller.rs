@@ -89,7 +89,11 @@ async fn renders_reports_ready_and_fans_out_to_exactly_one_type() {
     let alice = c.instance_json("team-a", "alice").await.unwrap();
     assert_eq!(alice["status"]["observedGeneration"], 1);
     assert_eq!(condition_of(&alice, "Stalled").unwrap()["status"], "False");
-    assert!(!c.events("team-a", "Rendered").await.is_empty());
+    // Events are sent apart from the status: they may land a moment later.
+    eventually("a Rendered event", || async {
+        !c.events("team-a", "Rendered").await.is_empty()
+    })
+    .await;
     eventually("the coder binding reports 2 instances", || async {
         c.custom("PluginBinding", "team-a", "coders")
             .await
