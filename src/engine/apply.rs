@@ -92,8 +92,20 @@ struct Observed {
     mode: Option<u32>,
     /// Owned keys as present in the file (`None`: key absent).
     present: BTreeMap<Section, Map<String, Value>>,
-    /// What classification may learn from (`None`: nothing, file missing or damaged).
-    learn: BTreeMap<Section, Option<Map<String, Value>>>,
+    /// Owned keys classification may learn from: those of a file that was
+    /// read and whose key is an object or absent (absent: every entry was
+    /// removed). A missing file or a damaged key teaches nothing.
+    learnable: Vec<Section>,
+    /// What an absent key reads as.
+    empty: Map<String, Value>,
+}
+
+impl Observed {
+    /// What classification may learn from an owned key (`None`: nothing).
+    fn learn(&self, section: Section) -> Option<&Map<String, Value>> {
+        (self.learnable.contains(&section))
+            .then(|| self.present.get(&section).unwrap_or(&self.empty))
+    }
 }
 
 /// Runs the IO step.
@@ -139,12 +151,12 @@ pub fn apply(root: &EnvRoot, input: &ApplyInput<'_>) -> Result<Applied, EnvDirEr
                 let ledger = drift::with_pending(
                     &ledger[section],
                     input.state.pending.as_ref().map(|p| &p[section]),
-                    observed.learn[&section].as_ref(),
+                    observed.learn(section),
                     input.hasher,
                 );
                 let findings = drift::classify(
                     section,
-                    observed.learn[&section].as_ref(),
+                    observed.learn(section),
                     &ledger,
                     &input.declared[section],
                     &mut installed,
@@ -261,7 +273,8 @@ fn observe(
         stamp: None,
         mode: None,
         present: BTreeMap::new(),
-        learn: file.sections().iter().map(|s| (*s, None)).collect(),
+        learnable: Vec::new(),
+        empty: Map::new(),
     };
     let Some(read) = dir.map(|d| d.read(file)).transpose()?.flatten() else {
         return Ok(o);
@@ -298,13 +311,11 @@ fn observe(
     for &section in file.sections() {
         match doc.owned(section.key()) {
             Ok(Some(m)) => {
-                o.present.insert(section, m.clone());
-                o.learn.insert(section, Some(m));
+                o.present.insert(section, m);
+                o.learnable.push(section);
             }
             // The file exists without the key: the user removed every entry.
-            Ok(None) => {
-                o.learn.insert(section, Some(Map::new()));
-            }
+            Ok(None) => o.learnable.push(section),
             // Valid JSON, only deeper than we parse: neither damaged nor ours
             // to replace, so the file is left exactly as it is.
             Err(OwnedError::TooDeep { key, limit }) => {
