@@ -311,7 +311,7 @@ impl Engine {
         /// Audit records are appended in batches of this many.
         const AUDIT_BATCH: usize = 1000;
         /// Instances whose futures are made at once.
-        const CHUNK: usize = 1024;
+        const CHUNK: usize = 256;
         let mode = opts.mode;
         let index = snapshot.index();
         let collisions = snapshot.clashes();
@@ -353,22 +353,30 @@ impl Engine {
             // A plain loop, not iterator closures: the futures must be `Send`
             // for any lifetime, which closures over borrowed keys defeat.
             let mut work = Vec::with_capacity(chunk.len());
-            for &(key, inst) in chunk {
+            for (at, &(key, inst)) in chunk.iter().enumerate() {
                 let state = states.remove(key).unwrap_or_default();
                 let collision = collisions.get(key).cloned();
-                work.push(self.instance(key, inst, &index, secrets, state, opts, collision));
+                let outcome = self.instance(key, inst, &index, secrets, state, opts, collision);
+                work.push(async move { (at, outcome.await) });
             }
-            // `buffered`, not `buffer_unordered`: outcomes leave in the order
-            // the instances went in (by key), at the same concurrency.
-            let mut done = futures::stream::iter(work).buffered(self.concurrency);
-            while let Some(o) = done.next().await {
+            // Unordered, so an instance waiting on a lock holds up no other;
+            // what finishes early waits here until those before it are out
+            // (at most a chunk of outcomes).
+            let mut done = futures::stream::iter(work).buffer_unordered(self.concurrency);
+            let mut early = std::collections::BTreeMap::new();
+            let mut next = 0;
+            while let Some((at, o)) = done.next().await {
                 if let Some(Progress(tick)) = &opts.progress {
                     tick();
                 }
-                while let Some(inv) = invalid.next_if(|i| i.key < o.key) {
-                    emit(inv, &mut audit);
+                early.insert(at, o);
+                while let Some(o) = early.remove(&next) {
+                    next += 1;
+                    while let Some(inv) = invalid.next_if(|i| i.key < o.key) {
+                        emit(inv, &mut audit);
+                    }
+                    emit(o, &mut audit);
                 }
-                emit(o, &mut audit);
                 if audit.len() >= AUDIT_BATCH {
                     self.audit(&std::mem::take(&mut audit)).await;
                 }
