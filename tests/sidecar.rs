@@ -177,15 +177,18 @@ async fn a_sidecar_renders_corrects_drift_keeps_installs_across_a_restart_and_fo
 
     let pod0 = c.dir.path().join("pod-alice-0");
     let mut sidecar = start_pod(&c, &alice_sa, "alice", "alice-0", &pod0).await;
+    // The instance may be Ready on a render made before the McpServer and its
+    // Secret reached the operator: wait for the render that holds all three.
     eventually(
         "the first render is on disk and the startup probe passes",
-        || async { sidecar.ready() && plugins(&sidecar.settings()) == ["lint@tools"] },
+        || async {
+            sidecar.ready()
+                && plugins(&sidecar.settings()) == ["lint@tools"]
+                && sidecar.claude()["mcpServers"]["forgejo"]["headers"]["Authorization"]
+                    == "Bearer first-token"
+        },
     )
     .await;
-    assert_eq!(
-        sidecar.claude()["mcpServers"]["forgejo"]["headers"]["Authorization"],
-        "Bearer first-token"
-    );
     eventually("the status counts the pod as current", || async {
         pods_current(&c, "alice").await.as_deref() == Some("1/1")
             && c.condition(NS, "alice", "InSync")
