@@ -93,7 +93,7 @@ impl<W: std::io::Write> Streamed<W> {
         }
     }
 
-    /// An aligned table, as [`table`] prints.
+    /// An aligned table, warnings under their instance.
     pub fn table(w: W) -> Self {
         Streamed {
             table: Some(Vec::new()),
@@ -146,15 +146,6 @@ impl<W: std::io::Write> Streamed<W> {
     }
 }
 
-/// The rows as a JSON array, written to `w` row by row.
-pub fn write_json(outcomes: &[Outcome], w: impl std::io::Write) -> std::io::Result<()> {
-    let mut out = Streamed::json(w);
-    for o in outcomes {
-        out.push(o);
-    }
-    out.finish()
-}
-
 const TABLE_HEADER: [&str; 9] = [
     "NAMESPACE",
     "NAME",
@@ -184,12 +175,6 @@ fn table_row(o: &Outcome) -> (Vec<String>, Vec<String>) {
         ],
         r.warnings.iter().map(|w| format!("warning: {w}")).collect(),
     )
-}
-
-/// The rows as an aligned table, with warnings under their instance.
-pub fn table(outcomes: &[Outcome]) -> String {
-    let rows: Vec<(Vec<String>, Vec<String>)> = outcomes.iter().map(table_row).collect();
-    aligned(&TABLE_HEADER, &rows)
 }
 
 /// Rows in aligned columns under `header`; the last column is not padded.

@@ -199,7 +199,7 @@ async fn state_round_trips_and_installs_are_never_stored_in_plain_text() {
             .await
             .unwrap();
         assert_eq!(store.load(&key()).await.unwrap(), state, "{}", b.name());
-        assert_eq!(store.load_all().await.unwrap()[&key()], state);
+        assert_eq!(store.load_many(&[key()]).await.unwrap()[&key()], state);
         // A second save with the same values keeps rows (and adoption times).
         let before = store.list_installed(Some(&key())).await.unwrap();
         store

@@ -383,7 +383,7 @@ async fn pass(
         .engine
         .pass_each(&loaded.snapshot, loaded.secrets.as_ref(), &opts, &mut |o| {
             instances += 1;
-            written += usize::from(o.reason == crate::engine::reason::RENDERED);
+            written += usize::from(o.wrote());
             ready &= o.ready;
             sink(o);
         })

@@ -154,6 +154,11 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Whether the pass wrote files for the instance.
+    pub fn wrote(&self) -> bool {
+        self.reason == reason::RENDERED
+    }
+
     pub(crate) fn new(key: &ObjectKey, agent_type: &str, env_dir: String) -> Outcome {
         Outcome {
             key: key.clone(),
@@ -214,10 +219,7 @@ struct Target {
 
 /// How many instances of a pass had files written.
 pub fn written(outcomes: &[Outcome]) -> usize {
-    outcomes
-        .iter()
-        .filter(|o| o.reason == reason::RENDERED)
-        .count()
+    outcomes.iter().filter(|o| o.wrote()).count()
 }
 
 /// A pass could not run at all.
@@ -514,7 +516,8 @@ impl Engine {
         };
         let outcome = self.apply_filled(out, declared, state, target, opts).await;
         if opts.mode == Mode::Apply && !outcome.audited {
-            self.audit_rest(std::slice::from_ref(&outcome)).await;
+            self.audit(&[(outcome.key.clone(), audit_record(&outcome))])
+                .await;
         }
         Ok(outcome)
     }
@@ -731,17 +734,8 @@ impl Engine {
         out
     }
 
-    /// Appends the audit records not stored with a state change (failures
-    /// and passes that changed nothing), in one transaction.
-    async fn audit_rest(&self, outcomes: &[Outcome]) {
-        let records: Vec<(ObjectKey, AuditRecord)> = outcomes
-            .iter()
-            .filter(|o| !o.audited)
-            .map(|o| (o.key.clone(), audit_record(o)))
-            .collect();
-        self.audit(&records).await;
-    }
-
+    /// Appends audit records not stored with a state change (failures and
+    /// passes that changed nothing), in one transaction.
     async fn audit(&self, records: &[(ObjectKey, AuditRecord)]) {
         if let Err(e) = self.store.audit(records).await {
             warn!(error = %crate::error_chain(&e), "cannot append to the audit trail");

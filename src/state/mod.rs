@@ -221,8 +221,6 @@ pub trait StateStore: Send + Sync {
     fn hasher(&self) -> &Hasher;
     /// One instance's state (empty when unknown).
     async fn load(&self, key: &InstanceKey) -> Result<InstanceState, StoreError>;
-    /// Every instance's state, in one go.
-    async fn load_all(&self) -> Result<HashMap<InstanceKey, InstanceState>, StoreError>;
     /// The states of `keys` in a few queries (a pass loads a chunk of
     /// instances at a time); a key with no state is left out.
     async fn load_many(

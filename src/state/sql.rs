@@ -715,12 +715,6 @@ impl StateStore for SqlStore {
         Ok(state)
     }
 
-    async fn load_all(&self) -> Result<HashMap<InstanceKey, InstanceState>, StoreError> {
-        let mut out = HashMap::new();
-        self.load_where(&mut out, "", &[]).await?;
-        Ok(out)
-    }
-
     async fn load_many(
         &self,
         keys: &[InstanceKey],
