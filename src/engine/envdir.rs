@@ -879,10 +879,16 @@ mod tests {
             std::fs::read(tmp.path().join("ns/a/.claude.json")).unwrap(),
             b"{\"x\":1}"
         );
-        let leftovers: Vec<_> = std::fs::read_dir(tmp.path().join("ns/a"))
-            .unwrap()
-            .collect();
-        assert_eq!(leftovers.len(), 1, "no temp file is left behind");
+        assert_eq!(
+            entries(&tmp.path().join("ns/a")),
+            1,
+            "no temp file is left behind"
+        );
+    }
+
+    /// How many names a directory holds (a temp file left behind shows up).
+    fn entries(dir: &Path) -> usize {
+        std::fs::read_dir(dir).unwrap().count()
     }
 
     fn refusal(e: &EnvDirError) -> Option<&Refusal> {
@@ -1144,10 +1150,11 @@ mod tests {
                 std::fs::read(tmp.path().join("ns/a/settings.json")).unwrap(),
                 b"{}"
             );
-            let left: Vec<_> = std::fs::read_dir(tmp.path().join("ns/a"))
-                .unwrap()
-                .collect();
-            assert_eq!(left.len(), 2, "{make}: the temp file is removed");
+            assert_eq!(
+                entries(&tmp.path().join("ns/a")),
+                2,
+                "{make}: the temp file is removed"
+            );
         }
     }
 
@@ -1171,10 +1178,11 @@ mod tests {
             std::fs::read(tmp.path().join("ns/a/settings.json")).unwrap(),
             b"{\"theirs\":1}"
         );
-        let left: Vec<_> = std::fs::read_dir(tmp.path().join("ns/a"))
-            .unwrap()
-            .collect();
-        assert_eq!(left.len(), 1, "the temp file is removed");
+        assert_eq!(
+            entries(&tmp.path().join("ns/a")),
+            1,
+            "the temp file is removed"
+        );
         // Opened again, the env dir is one an earlier run made.
         let again = root.instance("ns/a", true, Owner::default()).unwrap();
         assert!(!again.unwrap().created());
