@@ -469,6 +469,83 @@ fn second_pass_with_the_same_inputs_writes_nothing() {
     );
 }
 
+/// A full pass that finds the files holding exactly the render stamps them;
+/// the passes after it leave them unread while the stamps hold, and any
+/// change to a file (or to the way to it) is read and acted on at once.
+#[test]
+fn files_unchanged_since_a_full_pass_are_not_read_again_until_they_change() {
+    const UNREAD: &str = "files unchanged since a pass found them current; not read";
+    let h = Host::new();
+    coder_fleet(&h);
+    assert_eq!(h.reconcile().code, 0);
+    let unread = |run: &Run| -> Vec<String> {
+        let mut dirs: Vec<String> = (run.stderr.lines())
+            .filter(|l| l.contains(UNREAD))
+            .map(|l| {
+                l.split("env_dir=")
+                    .nth(1)
+                    .unwrap()
+                    .split(' ')
+                    .next()
+                    .unwrap()
+                    .trim_matches('"')
+                    .to_owned()
+            })
+            .collect();
+        dirs.sort();
+        dirs
+    };
+    // Files written moments ago are read: their stamps are from the tick
+    // a concurrent edit could still share.
+    let run = h.reconcile_with(&["--log", "debug"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(unread(&run), Vec::<String>::new());
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let run = h.reconcile_with(&["--log", "debug"]);
+    assert_eq!(
+        unread(&run),
+        Vec::<String>::new(),
+        "stamps are kept by this pass"
+    );
+    let run = h.reconcile_with(&["--log", "debug"]);
+    assert_eq!(unread(&run), ["dev/alice", "dev/bob"], "{}", run.stderr);
+    for r in run.rows() {
+        assert_eq!(r["reason"], "UpToDate", "{r}");
+        assert_eq!(
+            r["plugins"],
+            json!(["base@tools", "fmt@tools", "lint@tools"]),
+            "{r}"
+        );
+        assert_eq!(r["sources"].as_array().unwrap().len(), 3, "{r}");
+    }
+
+    // An edit in place, right after: read and put back.
+    let mut s = h.read_json("dev/alice/settings.json");
+    s["enabledPlugins"]["fmt@tools"] = json!(false);
+    h.write_json("dev/alice/settings.json", &s);
+    let run = h.reconcile_with(&["--log", "debug"]);
+    assert_eq!(unread(&run), ["dev/bob"]);
+    assert_eq!(
+        run.row("dev", "alice")["drift"],
+        json!(["enabledPlugins.fmt@tools"])
+    );
+    assert_eq!(plugins(&h, "dev/alice")["fmt@tools"], true);
+
+    // Bob's env dir swapped for a symlink to itself: same files, same
+    // stamps, and refused before any stamp is looked at.
+    let bob = h.env_file("dev/bob");
+    std::fs::rename(&bob, h.env_file("dev/bob-moved")).unwrap();
+    std::os::unix::fs::symlink("bob-moved", &bob).unwrap();
+    let run = h.reconcile_with(&["--log", "debug"]);
+    assert_eq!(
+        run.row("dev", "bob")["reason"],
+        "UnsafePath",
+        "{}",
+        run.stderr
+    );
+    assert!(!unread(&run).contains(&"dev/bob".to_owned()));
+}
+
 #[test]
 fn same_layer_conflict_renders_and_warns_with_both_names() {
     let h = Host::new();

@@ -144,6 +144,19 @@ fn sample_state() -> InstanceState {
         entries,
         content_hash: "c0ffee".into(),
         written_at: agent_env_operator::time::now(),
+        // Kept as they were taken: they decide whether a pass reads the files.
+        seen: Some(
+            serde_json::from_value(json!({
+                "at": "2026-12-04T10:00:00.123456789Z",
+                "files": [
+                    {"dev": 2049, "ino": 131, "size": 412, "mtime": 1796378390, "mtime_nsec": 5,
+                     "ctime": 1796378390, "ctime_nsec": 7},
+                    {"dev": 2049, "ino": 132, "size": 9000, "mtime": 1796378391, "mtime_nsec": 0,
+                     "ctime": 1796378392, "ctime_nsec": 999999999}
+                ]
+            }))
+            .unwrap(),
+        ),
     });
     s
 }

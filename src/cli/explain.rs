@@ -134,7 +134,7 @@ async fn build(args: &ExplainArgs) -> Result<Explanation, ExitCode> {
         ..PassOptions::new(Mode::DryRun)
     };
     let outcomes = engine
-        .pass_with(&snapshot, provider.as_ref(), &opts)
+        .pass_with(&Arc::new(snapshot), &provider, &opts)
         .await
         .map_err(|e| fail(&e))?;
     explanation.pass = outcomes

@@ -318,7 +318,7 @@ fn fail(e: &dyn std::error::Error) -> ExitCode {
 /// Everything loaded for a pass.
 struct Loaded {
     engine: Engine,
-    snapshot: crate::engine::snapshot::Snapshot,
+    snapshot: Arc<crate::engine::snapshot::Snapshot>,
     secrets: Arc<dyn SecretProvider>,
 }
 
@@ -348,7 +348,7 @@ async fn load(input: &InputArgs, mode: Mode) -> Result<Loaded, ExitCode> {
     let engine = Engine::new(root, store, builtin).with_concurrency(input.concurrency);
     Ok(Loaded {
         engine,
-        snapshot,
+        snapshot: Arc::new(snapshot),
         secrets,
     })
 }
@@ -381,7 +381,7 @@ async fn pass(
     let (mut instances, mut written, mut ready) = (0, 0, true);
     let passed = loaded
         .engine
-        .pass_each(&loaded.snapshot, loaded.secrets.as_ref(), &opts, &mut |o| {
+        .pass_each(&loaded.snapshot, &loaded.secrets, &opts, &mut |o| {
             instances += 1;
             written += usize::from(o.wrote());
             ready &= o.ready;

@@ -1001,11 +1001,12 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
                 progress: None,
                 publish_sidecars: true,
             };
-            let secrets: Vec<Arc<dyn SecretProvider>> = vec![
+            let secrets: Arc<dyn SecretProvider> = Arc::new(Chain(vec![
                 Arc::new(snapshot.secrets.clone()),
                 Arc::new(StoreSecrets::new(engine.store().clone())),
-            ];
-            let outcomes = engine.pass_with(&snapshot, &Chain(secrets), &opts).await?;
+            ]));
+            let snapshot = Arc::new(snapshot);
+            let outcomes = engine.pass_with(&snapshot, &secrets, &opts).await?;
             let Some(o) = outcomes.into_iter().find(|o| o.key == key) else {
                 return Ok(Action::await_change());
             };

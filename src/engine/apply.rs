@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use crate::crd::RuntimeInstalls;
 use crate::engine::drift::{self, Findings};
 use crate::engine::envdir::{
-    EnvDirError, EnvRoot, InstanceDir, Owner, Refusal, Stamp, WriteOutcome,
+    EnvDirError, EnvRoot, InstanceDir, Owner, Refusal, Seen, Stamp, WriteOutcome,
 };
 use crate::engine::ledger::{Hasher, Ledger, LedgerEntry};
 use crate::engine::merge::{Document, OwnedError};
@@ -39,6 +39,14 @@ pub struct ApplyInput<'a> {
     pub declared: &'a PerSection<Entries>,
     /// Stored state before this pass.
     pub state: &'a InstanceState,
+    /// The stored ledger holds exactly what `declared` and the installed
+    /// set render, with nothing pending: if the files are still what the
+    /// ledger last saw, there is nothing to read.
+    pub ledger_current: bool,
+    /// Keep the files' stamps in the ledger when nothing is written (full
+    /// passes: a pass after a file event would only find them outdated by
+    /// the next event).
+    pub record_seen: bool,
     /// Ledger hasher.
     pub hasher: &'a Hasher,
 }
@@ -111,12 +119,19 @@ impl Observed {
 /// Runs the IO step.
 pub fn apply(root: &EnvRoot, input: &ApplyInput<'_>) -> Result<Applied, EnvDirError> {
     let dir = root.instance(input.rel, !input.dry_run, input.owner)?;
+    if let Some(unchanged) = unchanged_since_seen(dir.as_ref(), input) {
+        return Ok(unchanged);
+    }
+    // Before anything is read: a stamp must be older than the look at it.
+    let looked_at = crate::time::now();
+    let mut stamps = Vec::with_capacity(EnvFile::ALL.len());
     let mut out = Applied {
         installed: input.state.installed.clone(),
         ledger: Ledger {
             entries: PerSection::default(),
             content_hash: String::new(),
             written_at: crate::time::now(),
+            seen: None,
         },
         rendered: PerSection::default(),
         findings: PerSection::default(),
@@ -208,6 +223,7 @@ pub fn apply(root: &EnvRoot, input: &ApplyInput<'_>) -> Result<Applied, EnvDirEr
                 }
             };
             if done {
+                stamps.extend(observed.stamp);
                 for (section, installed, findings, desired) in sections {
                     out.installed[section] = installed;
                     out.findings[section] = findings;
@@ -244,7 +260,63 @@ pub fn apply(root: &EnvRoot, input: &ApplyInput<'_>) -> Result<Applied, EnvDirEr
     out.ledger.content_hash = (input.hasher).content(
         (out.rendered.iter()).map(|(s, entries)| (s, entries.iter().map(|(k, e)| (k, &e.value)))),
     );
+    // Stamps of a file written here would be taken in the tick it was
+    // written in: the next full pass reads it once more and keeps those.
+    let kept = input.state.ledger.as_ref().and_then(|l| l.seen.clone());
+    out.ledger.seen = match (out.written.is_empty(), input.record_seen && !input.dry_run) {
+        (false, _) => None,
+        (true, true) => Seen::settled(looked_at, stamps).or(kept),
+        // Outdated stamps are harmless: they no longer match the files.
+        (true, false) => kept,
+    };
     Ok(out)
+}
+
+/// The result of a pass over files that cannot have changed since a pass
+/// found them holding exactly the ledger's render: that render, learned
+/// nothing, written nothing, the ledger kept. `None` when they may have
+/// changed (or the ledger is not current) and must be read.
+///
+/// What it skips besides reading: the temp-file sweep. A write of ours
+/// that was cut short leaves its temp file only where it was about to
+/// change a file, so the ledger (pending entries, or stamps of the file as
+/// it was before) no longer matches, and the full path sweeps.
+fn unchanged_since_seen(dir: Option<&InstanceDir>, input: &ApplyInput<'_>) -> Option<Applied> {
+    if !input.ledger_current || !still_as_seen(dir?, input.state, input.rel) {
+        return None;
+    }
+    let rendered = PerSection::from_fn(|s| {
+        resolve::desired_section(s, &input.declared[s], &input.state.installed[s], input.mode)
+    });
+    Some(Applied::unchanged(input.state, rendered))
+}
+
+/// Whether the files in `dir` are still those the ledger of `state` saw.
+pub fn still_as_seen(dir: &InstanceDir, state: &InstanceState, rel: &str) -> bool {
+    let Some(seen) = state.ledger.as_ref().and_then(|l| l.seen.as_ref()) else {
+        return false;
+    };
+    let still = dir.still(seen);
+    if still {
+        tracing::debug!(env_dir = rel, since = %seen.at, "files unchanged since a pass found them current; not read");
+    }
+    still
+}
+
+impl Applied {
+    /// Files found as the ledger last saw them, holding `rendered`: nothing
+    /// learned, nothing written, the ledger kept.
+    pub fn unchanged(state: &InstanceState, rendered: PerSection<Entries>) -> Applied {
+        Applied {
+            installed: state.installed.clone(),
+            ledger: state.ledger.clone().expect("files were seen by a ledger"),
+            rendered,
+            findings: PerSection::default(),
+            changes: Vec::new(),
+            written: Vec::new(),
+            corrupt: Vec::new(),
+        }
+    }
 }
 
 /// Whether an owned key as present in a file holds exactly `entries`.

@@ -224,7 +224,7 @@ fn open_dir_nofollow(dir: &Dir, name: &str, shown: &str) -> Result<Option<Dir>, 
 }
 
 /// What identifies one version of a file, to notice a write by someone else.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stamp {
     dev: u64,
     ino: u64,
@@ -246,6 +246,42 @@ impl Stamp {
             ctime: m.ctime(),
             ctime_nsec: m.ctime_nsec(),
         }
+    }
+
+    /// The later of its modification and change times, in ns since the epoch.
+    fn changed_ns(&self) -> i128 {
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        ns(self.mtime, self.mtime_nsec).max(ns(self.ctime, self.ctime_nsec))
+    }
+}
+
+/// The stamps of an env dir's files as a pass read them and found nothing
+/// to write. While both files still show these stamps, a later pass has
+/// nothing to learn from them and leaves them unread.
+///
+/// A file's times come from a clock that ticks (a few ms on a local
+/// filesystem, 2 s on FAT, the server's clock on NFS): a write in the tick
+/// the stamp was taken in could leave the stamp as it was. Stamps are
+/// therefore kept only once both files are [`Seen::SETTLE`] older than the
+/// moment they were looked at, as git treats "racily clean" index entries;
+/// the clocks of the host and a file server must agree within that.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Seen {
+    /// When the files were looked at (taken before they were read).
+    pub at: crate::time::Timestamp,
+    /// One stamp per file, in [`EnvFile::ALL`] order.
+    pub files: Vec<Stamp>,
+}
+
+impl Seen {
+    /// How much older than the look a file's times must be.
+    pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+    /// Stamps taken at `at`, if every file had settled by then.
+    pub fn settled(at: crate::time::Timestamp, files: Vec<Stamp>) -> Option<Seen> {
+        let limit = at.as_nanosecond() - Self::SETTLE.as_nanos() as i128;
+        (files.len() == EnvFile::ALL.len() && files.iter().all(|f| f.changed_ns() <= limit))
+            .then_some(Seen { at, files })
     }
 }
 
@@ -304,6 +340,10 @@ pub struct EnvRoot {
     dir: Option<Dir>,
     path: PathBuf,
     fsync: bool,
+    /// The root is on a filesystem whose `stat` answers come from the local
+    /// kernel's own inodes, never from an attribute cache that another
+    /// host's writes may not have reached yet.
+    attrs_authoritative: bool,
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -324,11 +364,18 @@ impl EnvRoot {
             Err(e) if e.kind() == io::ErrorKind::NotFound && !create => None,
             Err(e) => return Err(root_err(e)),
         };
+        let attrs_authoritative = dir.as_ref().is_some_and(local_filesystem);
         Ok(EnvRoot {
             dir,
             path: path.to_owned(),
             fsync: true,
+            attrs_authoritative,
         })
+    }
+
+    /// Whether a `stat` here is final (see [`InstanceDir::still`]).
+    pub fn attrs_authoritative(&self) -> bool {
+        self.attrs_authoritative
     }
 
     /// Turns fsync of written files off (for throwaway roots and benchmarks).
@@ -363,6 +410,7 @@ impl EnvRoot {
                 rel: rel.to_owned(),
                 fsync: self.fsync,
                 created: false,
+                attrs_authoritative: self.attrs_authoritative,
             }));
         }
         let segments: Vec<&str> = rel.split('/').filter(|s| !s.is_empty()).collect();
@@ -413,8 +461,26 @@ impl EnvRoot {
             rel: rel.to_owned(),
             fsync: self.fsync,
             created,
+            attrs_authoritative: self.attrs_authoritative,
         }))
     }
+}
+
+/// Whether `dir` is on a filesystem of this kernel's own (ext4, XFS, Btrfs,
+/// tmpfs, overlayfs, ZFS, F2FS), as opposed to a network or FUSE one.
+fn local_filesystem(dir: &Dir) -> bool {
+    const LOCAL: [i64; 7] = [
+        0xEF53,      // ext2/3/4
+        0x5846_5342, // XFS
+        0x9123_683E, // Btrfs
+        0x0102_1994, // tmpfs
+        0x794C_7630, // overlayfs
+        0x2FC1_2FC1, // ZFS
+        0xF2F5_2010, // F2FS
+    ];
+    // `f_type`'s width differs between platforms.
+    #[allow(clippy::unnecessary_cast)]
+    rustix::fs::fstatfs(dir).is_ok_and(|s| LOCAL.contains(&(s.f_type as i64)))
 }
 
 /// The process's umask, read once (`None` where the kernel does not show
@@ -502,6 +568,8 @@ pub struct InstanceDir {
     rel: String,
     fsync: bool,
     created: bool,
+    /// See [`EnvRoot::attrs_authoritative`].
+    attrs_authoritative: bool,
 }
 
 impl InstanceDir {
@@ -598,6 +666,30 @@ impl InstanceDir {
             }
         }
         removed
+    }
+
+    /// Whether both files are still the versions `seen` stamped. Any doubt
+    /// (a file missing, replaced, unreadable) answers no, and the caller
+    /// reads them, which names what is wrong. Where the kernel may answer a
+    /// `stat` from cached attributes (network filesystems), each file is
+    /// also opened, which makes the client ask the server, and the open
+    /// handle is stamped.
+    pub fn still(&self, seen: &Seen) -> bool {
+        let mut opts = OpenOptions::new();
+        opts.read(true).follow(FollowSymlinks::No).custom_flags(
+            (rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOCTTY).bits() as i32,
+        );
+        EnvFile::ALL.iter().zip(&seen.files).all(|(file, stamp)| {
+            let name = file.file_name();
+            // Looked at before any open, as in `read_file`: a FIFO or device
+            // swapped in has another inode and is never opened here.
+            let same = |m: &Metadata| m.file_type().is_file() && Stamp::of(m) == *stamp;
+            (self.dir.symlink_metadata(name).is_ok_and(|m| same(&m)))
+                && (self.attrs_authoritative
+                    || (self.dir.open_with(name, &opts))
+                        .and_then(|f| f.metadata())
+                        .is_ok_and(|m| same(&m)))
+        }) && seen.files.len() == EnvFile::ALL.len()
     }
 
     fn current_stamp(&self, name: &str) -> Result<Option<Stamp>, EnvDirError> {
@@ -850,6 +942,50 @@ impl InstanceDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Stamps are kept only once both files are older than the settle time
+    /// at the look, and are found still only while nothing about a file
+    /// changed: a write in place, a replacement, a file swapped for a link.
+    #[test]
+    fn stamps_are_kept_once_settled_and_hold_until_a_file_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = EnvRoot::open(tmp.path(), true).unwrap();
+        let d = root
+            .instance("ns/a", true, Owner::default())
+            .unwrap()
+            .unwrap();
+        for f in EnvFile::ALL {
+            d.write(f, b"{}\n", None, 0o600, Owner::default()).unwrap();
+        }
+        let stamps = || {
+            (EnvFile::ALL.iter())
+                .map(|f| d.read(*f).unwrap().unwrap().stamp)
+                .collect::<Vec<_>>()
+        };
+        let now = crate::time::now();
+        assert_eq!(Seen::settled(now, stamps()), None, "just written");
+        let later = now + std::time::Duration::from_millis(2100);
+        let seen = Seen::settled(later, stamps()).expect("settled 2 s later");
+        assert!(d.still(&seen));
+        assert_eq!(
+            Seen::settled(later, stamps()[..1].to_vec()),
+            None,
+            "one file"
+        );
+
+        // Same size, same inode, a clock tick later (what `settled` waits for).
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::fs::write(tmp.path().join("ns/a/settings.json"), b"[]\n").unwrap();
+        assert!(!d.still(&seen));
+        let seen = Seen::settled(later, stamps()).unwrap();
+        assert!(d.still(&seen));
+        // Replaced by a symlink to a file with the same bytes.
+        std::fs::write(tmp.path().join("copy.json"), b"{}\n").unwrap();
+        std::fs::remove_file(tmp.path().join("ns/a/.claude.json")).unwrap();
+        std::os::unix::fs::symlink("../../copy.json", tmp.path().join("ns/a/.claude.json"))
+            .unwrap();
+        assert!(!d.still(&seen));
+    }
 
     #[test]
     fn write_read_and_race() {

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::engine::envdir::Seen;
 use crate::engine::section::{PerSection, Section};
 use crate::time::Timestamp;
 
@@ -29,6 +30,9 @@ pub struct Ledger {
     pub content_hash: String,
     /// When it was written or last confirmed.
     pub written_at: Timestamp,
+    /// The files as a full pass last found them holding exactly this render.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen: Option<Seen>,
 }
 
 /// Salted SHA-256 over canonical JSON. The salt is per database, so a hash

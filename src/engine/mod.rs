@@ -21,8 +21,7 @@ pub mod snapshot;
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
-use futures::StreamExt;
-use tracing::{info, instrument, warn};
+use tracing::{Instrument, info, instrument, warn};
 
 use crate::crd::{AgentInstance, EntrySource, Scope};
 use crate::engine::builtin::Builtin;
@@ -230,7 +229,8 @@ pub enum EngineError {
     Store(#[from] StoreError),
 }
 
-/// The engine: env root, state and builtin layer.
+/// The engine: env root, state and builtin layer. A clone shares them.
+#[derive(Clone)]
 pub struct Engine {
     root: Arc<EnvRoot>,
     store: Arc<dyn StateStore>,
@@ -278,8 +278,8 @@ impl Engine {
     /// One pass over every instance of the snapshot, in key order.
     pub async fn pass(
         &self,
-        snapshot: &Snapshot,
-        secrets: &dyn SecretProvider,
+        snapshot: &Arc<Snapshot>,
+        secrets: &Arc<dyn SecretProvider>,
         mode: Mode,
     ) -> Result<Vec<Outcome>, EngineError> {
         self.pass_with(snapshot, secrets, &PassOptions::new(mode))
@@ -289,8 +289,8 @@ impl Engine {
     /// A pass over the instances `opts` selects: every outcome, by key.
     pub async fn pass_with(
         &self,
-        snapshot: &Snapshot,
-        secrets: &dyn SecretProvider,
+        snapshot: &Arc<Snapshot>,
+        secrets: &Arc<dyn SecretProvider>,
         opts: &PassOptions,
     ) -> Result<Vec<Outcome>, EngineError> {
         let mut outcomes = Vec::new();
@@ -302,27 +302,31 @@ impl Engine {
     /// A pass that hands each outcome to `sink`, by key, as soon as it and
     /// those before it are done, and keeps none: what a report of a large
     /// fleet needs, without holding every instance's outcome to the end.
+    ///
+    /// Each instance is a task of its own, so resolving, filling and hashing
+    /// run on every worker thread rather than on the one awaiting the pass.
+    /// Dropping the pass aborts the instances not done yet (at their next
+    /// await: a write under way finishes, and the ledger's pending entries
+    /// cover it).
     #[instrument(skip_all, fields(instances = opts.only.as_ref().map_or(snapshot.instances.len(), HashSet::len)))]
     pub async fn pass_each(
         &self,
-        snapshot: &Snapshot,
-        secrets: &dyn SecretProvider,
+        snapshot: &Arc<Snapshot>,
+        secrets: &Arc<dyn SecretProvider>,
         opts: &PassOptions,
         sink: &mut (dyn FnMut(Outcome) + Send),
     ) -> Result<(), EngineError> {
         /// Audit records are appended in batches of this many.
         const AUDIT_BATCH: usize = 1000;
-        /// Instances whose futures are made at once.
+        /// Instances whose states are loaded at once.
         const CHUNK: usize = 256;
         let mode = opts.mode;
-        let index = snapshot.index();
-        let collisions = snapshot.clashes();
+        let shared = Arc::new(opts.clone());
 
-        let selected: Vec<(&ObjectKey, &AgentInstance)> = snapshot
+        let selected: Vec<(&ObjectKey, &Arc<AgentInstance>)> = snapshot
             .instances
             .iter()
             .filter(|(key, _)| opts.only.as_ref().is_none_or(|o| o.contains(*key)))
-            .map(|(key, inst)| (key, &**inst))
             .collect();
         // Instances whose object is invalid, merged in by key.
         let mut invalid: Vec<Outcome> = snapshot
@@ -347,27 +351,40 @@ impl Engine {
             sink(o);
         };
         // Instances go in a chunk at a time, their states loaded for the
-        // chunk: a future made up front holds its state and a few kilobytes
+        // chunk: a task made up front holds its state and a few kilobytes
         // of its own, which 100,000 of them waiting would add up to.
         for chunk in selected.chunks(CHUNK) {
             let keys: Vec<ObjectKey> = chunk.iter().map(|(k, _)| (*k).clone()).collect();
             let mut states = self.store.load_many(&keys).await?;
-            // A plain loop, not iterator closures: the futures must be `Send`
-            // for any lifetime, which closures over borrowed keys defeat.
-            let mut work = Vec::with_capacity(chunk.len());
-            for (at, &(key, inst)) in chunk.iter().enumerate() {
-                let state = states.remove(key).unwrap_or_default();
-                let collision = collisions.get(key).cloned();
-                let outcome = self.instance(key, inst, &index, secrets, state, opts, collision);
-                work.push(async move { (at, outcome.await) });
-            }
+            let mut queued = chunk.iter().enumerate();
             // Unordered, so an instance waiting on a lock holds up no other;
             // what finishes early waits here until those before it are out
             // (at most a chunk of outcomes).
-            let mut done = futures::stream::iter(work).buffer_unordered(self.concurrency);
+            let mut running = tokio::task::JoinSet::new();
             let mut early = std::collections::BTreeMap::new();
             let mut next = 0;
-            while let Some((at, o)) = done.next().await {
+            loop {
+                while running.len() < self.concurrency
+                    && let Some((at, &(key, inst))) = queued.next()
+                {
+                    let state = states.remove(key).unwrap_or_default();
+                    let task = self.clone().instance_task(
+                        key.clone(),
+                        inst.clone(),
+                        snapshot.clone(),
+                        secrets.clone(),
+                        state,
+                        shared.clone(),
+                    );
+                    running.spawn(async move { (at, task.await) }.in_current_span());
+                }
+                let Some(done) = running.join_next().await else {
+                    break;
+                };
+                let (at, o) = done.unwrap_or_else(|e| match e.try_into_panic() {
+                    Ok(panic) => std::panic::resume_unwind(panic),
+                    Err(e) => unreachable!("instance tasks are aborted only with the pass: {e}"),
+                });
                 if let Some(Progress(tick)) = &opts.progress {
                     tick();
                 }
@@ -391,6 +408,30 @@ impl Engine {
             self.audit(&audit).await;
         }
         Ok(())
+    }
+
+    /// One instance's work, owning what it needs so it can run as a task.
+    async fn instance_task(
+        self,
+        key: ObjectKey,
+        inst: Arc<AgentInstance>,
+        snapshot: Arc<Snapshot>,
+        secrets: Arc<dyn SecretProvider>,
+        state: InstanceState,
+        opts: Arc<PassOptions>,
+    ) -> Outcome {
+        let index = snapshot.index();
+        let collision = snapshot.clashes().get(&key).cloned();
+        self.instance(
+            &key,
+            &inst,
+            &index,
+            secrets.as_ref(),
+            state,
+            &opts,
+            collision,
+        )
+        .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -535,14 +576,35 @@ impl Engine {
         let defer_corrupt = opts.defer_corrupt;
         // Full passes (start, resync) clean up after a killed run.
         let sweep_temp_files = opts.only.is_none();
+        let record_seen = opts.only.is_none();
         let key = out.key.clone();
+        let desired = PerSection::from_fn(|s| {
+            resolve::desired_section(
+                s,
+                &sections[s],
+                &state.installed[s],
+                target.runtime_installs,
+            )
+        });
+        let ledger_current = state.pending.is_none()
+            && (state.ledger.as_ref()).is_some_and(|l| renders(l, &desired, self.store.hasher()));
         if mode == Mode::Apply
-            && let Err(e) = self
-                .record_pending(&key, &sections, &state, target.runtime_installs)
-                .await
+            && !ledger_current
+            && let Err(e) = self.record_pending(&key, &desired, &state).await
         {
             return out.fail(reason::STATE_FAILED, crate::error_chain(&e));
         }
+        // Where a stat is cheap and final (a local filesystem), files that
+        // cannot have changed are recognised here, without a blocking task.
+        let unchanged = ledger_current
+            && self.root.attrs_authoritative()
+            && matches!(self.root.instance(&target.rel, false, target.owner),
+                Ok(Some(dir)) if apply::still_as_seen(&dir, &state, &target.rel));
+        if unchanged {
+            let applied = apply::Applied::unchanged(&state, desired);
+            return self.report(out, applied, state, mode).await;
+        }
+        drop(desired);
 
         let root = self.root.clone();
         let store = self.store.clone();
@@ -564,6 +626,9 @@ impl Engine {
                     sweep_temp_files,
                     declared: &sections,
                     state: &state,
+                    // Already looked at, where the stamps are final.
+                    ledger_current: ledger_current && !root.attrs_authoritative(),
+                    record_seen,
                     hasher: store.hasher(),
                 },
             )
@@ -587,20 +652,17 @@ impl Engine {
         self.report(out, applied, old_state, mode).await
     }
 
-    /// Records what this pass may write before it writes, unless the ledger
-    /// already says exactly that (the usual no-op pass costs no write).
-    /// Kept: entries an earlier interrupted pass recorded, in case it wrote them.
+    /// Records what this pass may write before it writes: `desired`, and
+    /// entries an earlier interrupted pass recorded, in case it wrote them.
     async fn record_pending(
         &self,
         key: &ObjectKey,
-        declared: &PerSection<resolve::Entries>,
+        desired: &PerSection<resolve::Entries>,
         state: &InstanceState,
-        mode: crate::crd::RuntimeInstalls,
     ) -> Result<(), StoreError> {
         let hasher = self.store.hasher();
-        let mut pending = PerSection::from_fn(|s| {
-            resolve::desired_section(s, &declared[s], &state.installed[s], mode)
-                .iter()
+        let mut pending = desired.map(|_, entries| {
+            (entries.iter())
                 .map(|(name, e)| {
                     let entry = LedgerEntry {
                         installed: e.origin == resolve::Origin::Installed,
@@ -610,9 +672,6 @@ impl Engine {
                 })
                 .collect::<std::collections::BTreeMap<_, _>>()
         });
-        if state.ledger.as_ref().is_some_and(|l| l.entries == pending) && state.pending.is_none() {
-            return Ok(());
-        }
         if let Some(old) = &state.pending {
             for (section, entries) in old.iter() {
                 for (name, e) in entries {
@@ -741,6 +800,28 @@ impl Engine {
             warn!(error = %crate::error_chain(&e), "cannot append to the audit trail");
         }
     }
+}
+
+/// Whether `ledger` records exactly the render `desired`: the same names,
+/// each from the same place (declared or installed), and the same content.
+/// One hash over everything instead of one per entry: the usual answer is
+/// yes, and a no costs the per-entry hashes of the pending record anyway.
+fn renders(
+    ledger: &ledger::Ledger,
+    desired: &PerSection<resolve::Entries>,
+    hasher: &ledger::Hasher,
+) -> bool {
+    let same_names = desired.iter().all(|(s, entries)| {
+        let recorded = &ledger.entries[s];
+        recorded.len() == entries.len()
+            && (recorded.iter().zip(entries)).all(|((n, l), (name, e))| {
+                n == name && l.installed == (e.origin == resolve::Origin::Installed)
+            })
+    });
+    same_names
+        && hasher.content(
+            (desired.iter()).map(|(s, entries)| (s, entries.iter().map(|(k, e)| (k, &e.value)))),
+        ) == ledger.content_hash
 }
 
 /// Which scope (and object) each entry came from, for the status.

@@ -333,11 +333,7 @@ impl Loop {
         }
         opts.only = only;
         let started = Instant::now();
-        let outcomes = match self
-            .engine
-            .pass_with(&snapshot, secrets.as_ref(), &opts)
-            .await
-        {
+        let outcomes = match self.engine.pass_with(&snapshot, &secrets, &opts).await {
             Ok(o) => o,
             Err(e) => {
                 error!(error = %crate::error_chain(&e), "pass failed; retrying at the next change or resync");

@@ -412,6 +412,9 @@ fn parse_ledger(key: &InstanceKey, row: &AnyRow) -> Result<Ledger, StoreError> {
         entries: entries.0,
         content_hash: col(row, "content_hash")?,
         written_at: timestamp(row, "written_at", key)?,
+        // Only ever a reason to skip a read: unreadable stamps (a column
+        // edited by hand) mean the files are read, never that a pass fails.
+        seen: col::<Option<String>>(row, "seen")?.and_then(|s| serde_json::from_str(&s).ok()),
     })
 }
 
@@ -525,15 +528,17 @@ async fn save_in(
             let entries = serde_json::to_string(&StoredEntries(l.entries.clone()))
                 .expect("ledger entries serialize");
             sqlx::query(
-                    "INSERT INTO ledger (namespace, name, entries, content_hash, written_at) VALUES ($1, $2, $3, $4, $5)
+                    "INSERT INTO ledger (namespace, name, entries, content_hash, written_at, seen) VALUES ($1, $2, $3, $4, $5, $6)
                      ON CONFLICT (namespace, name) DO UPDATE SET entries = excluded.entries,
-                     content_hash = excluded.content_hash, written_at = excluded.written_at, pending = NULL",
+                     content_hash = excluded.content_hash, written_at = excluded.written_at,
+                     seen = excluded.seen, pending = NULL",
                 )
                 .bind(&key.namespace)
                 .bind(&key.name)
                 .bind(entries)
                 .bind(&l.content_hash)
                 .bind(l.written_at.to_string())
+                .bind(l.seen.as_ref().map(|s| serde_json::to_string(s).expect("stamps serialize")))
                 .execute(&mut **tx)
                 .await
                 .map_err(q("saving a ledger"))?;
