@@ -201,6 +201,37 @@ async fn states_load_many_at_once_as_one_by_one() {
     }
 }
 
+/// Stamps stored apart from a save land on the ledger they were taken for,
+/// and only there: a ledger whose content changed meanwhile keeps its own.
+#[tokio::test]
+async fn stamps_are_kept_for_the_ledger_they_were_taken_for() {
+    for b in backends("stamps") {
+        let db = Db::new(&b);
+        let store = db.open().await;
+        let mut state = sample_state();
+        let seen = state.ledger.as_mut().unwrap().seen.take().unwrap();
+        store
+            .save(&key(), &state, &record("Rendered", &["x"]))
+            .await
+            .unwrap();
+        let other = InstanceKey::new("dev", "bob");
+        store
+            .save(&other, &state, &record("Rendered", &["x"]))
+            .await
+            .unwrap();
+        store
+            .save_seen(&[
+                (key(), "c0ffee".into(), seen.clone()),
+                (other.clone(), "an older render".into(), seen.clone()),
+            ])
+            .await
+            .unwrap();
+        let loaded = store.load(&key()).await.unwrap();
+        assert_eq!(loaded.ledger.unwrap().seen, Some(seen), "{}", b.name());
+        assert_eq!(store.load(&other).await.unwrap(), state, "{}", b.name());
+    }
+}
+
 #[tokio::test]
 async fn state_round_trips_and_installs_are_never_stored_in_plain_text() {
     for b in backends("state round trip") {

@@ -150,6 +150,9 @@ pub struct Outcome {
     /// The audit record was stored with the state (otherwise the pass
     /// appends it with the others at the end).
     audited: bool,
+    /// Stamps to keep for the ledger with this content hash (stored by the
+    /// pass in batches, as audit records are).
+    seen: Option<(String, envdir::Seen)>,
 }
 
 impl Outcome {
@@ -178,6 +181,7 @@ impl Outcome {
             first_render: false,
             published: None,
             audited: false,
+            seen: None,
         }
     }
 
@@ -206,6 +210,30 @@ pub struct PublishedRender {
 impl std::fmt::Debug for PublishedRender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "PublishedRender({})", self.digest)
+    }
+}
+
+/// What a pass stores for many instances at once.
+#[derive(Default)]
+struct Batch {
+    audit: Vec<(ObjectKey, AuditRecord)>,
+    seen: Vec<(ObjectKey, String, envdir::Seen)>,
+}
+
+impl Batch {
+    /// What of `o` is still to be stored: its audit record (unless stored
+    /// with its state) and new stamps.
+    fn take_from(&mut self, o: &mut Outcome, mode: Mode) {
+        if mode == Mode::Apply && !o.audited {
+            self.audit.push((o.key.clone(), audit_record(o)));
+        }
+        if let Some((hash, seen)) = o.seen.take() {
+            self.seen.push((o.key.clone(), hash, seen));
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.audit.len() + self.seen.len()
     }
 }
 
@@ -316,8 +344,8 @@ impl Engine {
         opts: &PassOptions,
         sink: &mut (dyn FnMut(Outcome) + Send),
     ) -> Result<(), EngineError> {
-        /// Audit records are appended in batches of this many.
-        const AUDIT_BATCH: usize = 1000;
+        /// Audit records and stamps are stored in batches of this many.
+        const BATCH: usize = 1000;
         /// Instances whose states are loaded at once.
         const CHUNK: usize = 256;
         let mode = opts.mode;
@@ -343,11 +371,9 @@ impl Engine {
             .collect();
         invalid.sort_by(|a, b| a.key.cmp(&b.key));
         let mut invalid = invalid.into_iter().peekable();
-        let mut audit = Vec::new();
-        let mut emit = |o: Outcome, audit: &mut Vec<(ObjectKey, AuditRecord)>| {
-            if mode == Mode::Apply && !o.audited {
-                audit.push((o.key.clone(), audit_record(&o)));
-            }
+        let mut batch = Batch::default();
+        let mut emit = |mut o: Outcome, batch: &mut Batch| {
+            batch.take_from(&mut o, mode);
             sink(o);
         };
         // Instances go in a chunk at a time, their states loaded for the
@@ -392,22 +418,33 @@ impl Engine {
                 while let Some(o) = early.remove(&next) {
                     next += 1;
                     while let Some(inv) = invalid.next_if(|i| i.key < o.key) {
-                        emit(inv, &mut audit);
+                        emit(inv, &mut batch);
                     }
-                    emit(o, &mut audit);
+                    emit(o, &mut batch);
                 }
-                if audit.len() >= AUDIT_BATCH {
-                    self.audit(&std::mem::take(&mut audit)).await;
+                if batch.len() >= BATCH {
+                    self.flush(std::mem::take(&mut batch)).await;
                 }
             }
         }
         for inv in invalid {
-            emit(inv, &mut audit);
+            emit(inv, &mut batch);
         }
-        if !audit.is_empty() {
-            self.audit(&audit).await;
-        }
+        self.flush(batch).await;
         Ok(())
+    }
+
+    /// Stores a batch; a failure is logged and costs nothing but a read
+    /// (stamps) or a line of history (audit).
+    async fn flush(&self, batch: Batch) {
+        if !batch.audit.is_empty() {
+            self.audit(&batch.audit).await;
+        }
+        if !batch.seen.is_empty()
+            && let Err(e) = self.store.save_seen(&batch.seen).await
+        {
+            warn!(error = %crate::error_chain(&e), "cannot keep the stamps of unchanged files; they are read again next pass");
+        }
     }
 
     /// One instance's work, owning what it needs so it can run as a task.
@@ -555,11 +592,10 @@ impl Engine {
             owner: published.owner(),
             runtime_installs: published.runtime_installs,
         };
-        let outcome = self.apply_filled(out, declared, state, target, opts).await;
-        if opts.mode == Mode::Apply && !outcome.audited {
-            self.audit(&[(outcome.key.clone(), audit_record(&outcome))])
-                .await;
-        }
+        let mut outcome = self.apply_filled(out, declared, state, target, opts).await;
+        let mut batch = Batch::default();
+        batch.take_from(&mut outcome, opts.mode);
+        self.flush(batch).await;
         Ok(outcome)
     }
 
@@ -760,6 +796,12 @@ impl Engine {
         if unchanged_ledger && let Some(l) = &old.ledger {
             ledger.written_at = l.written_at;
         }
+        // New stamps of files otherwise as they were are stored apart, in
+        // batches: the first pass after a render stamps every instance.
+        let old_seen = old.ledger.as_ref().and_then(|l| l.seen.as_ref());
+        let fresh_seen = (ledger.seen.as_ref() != old_seen)
+            .then(|| std::mem::replace(&mut ledger.seen, old_seen.cloned()))
+            .flatten();
         let new = InstanceState {
             ledger: Some(ledger),
             installed: applied.installed,
@@ -772,7 +814,15 @@ impl Engine {
             .as_ref()
             .is_none_or(|l| l.content_hash.is_empty());
         if new == old && out.changes.is_empty() && applied.written.is_empty() {
+            out.seen = fresh_seen.map(|seen| {
+                let content_hash = out.content_hash.clone().unwrap_or_default();
+                (content_hash, seen)
+            });
             return out;
+        }
+        let mut new = new;
+        if let (Some(l), Some(seen)) = (new.ledger.as_mut(), fresh_seen) {
+            l.seen = Some(seen);
         }
         let audit = audit_record(&out);
         if let Err(e) = self.store.save(&out.key, &new, &audit).await {

@@ -241,6 +241,12 @@ pub trait StateStore: Send + Sync {
         key: &InstanceKey,
         pending: &LedgerEntries,
     ) -> Result<(), StoreError>;
+    /// Keeps stamps of unchanged files for ledgers with the given content
+    /// hash (a ledger changed since is left alone), in one transaction.
+    async fn save_seen(
+        &self,
+        seen: &[(InstanceKey, String, crate::engine::envdir::Seen)],
+    ) -> Result<(), StoreError>;
     /// Appends audit records of passes that stored no state, in one transaction.
     async fn audit(&self, records: &[(InstanceKey, AuditRecord)]) -> Result<(), StoreError>;
     /// The audit trail of an instance, oldest first.

@@ -18,6 +18,7 @@ use super::{
     SecretInfo, StateStore, StoreError,
 };
 use crate::crypto::{Aad, Keyring, MasterKey, Sealed};
+use crate::engine::envdir::Seen;
 use crate::engine::ledger::{Hasher, Ledger, LedgerEntry};
 use crate::engine::secrets::SecretValue;
 use crate::engine::section::{PerSection, Section};
@@ -640,6 +641,7 @@ enum WriteOp {
         entries: LedgerEntries,
     },
     Audit(Vec<(InstanceKey, AuditRecord)>),
+    Seen(Vec<(InstanceKey, String, Seen)>),
 }
 
 /// Most writes committed in one transaction.
@@ -683,6 +685,21 @@ async fn commit(pool: &AnyPool, keys: &Keyring, ops: &[&WriteOp]) -> Result<(), 
             WriteOp::Audit(records) => {
                 for (key, audit) in records {
                     insert_audit(&mut tx, key, audit).await?;
+                }
+            }
+            WriteOp::Seen(seen) => {
+                for (key, content_hash, seen) in seen {
+                    sqlx::query(
+                        "UPDATE ledger SET seen = $1 WHERE namespace = $2 AND name = $3
+                         AND content_hash = $4 AND pending IS NULL",
+                    )
+                    .bind(serde_json::to_string(seen).expect("stamps serialize"))
+                    .bind(&key.namespace)
+                    .bind(&key.name)
+                    .bind(content_hash)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(q("keeping the stamps of unchanged files"))?;
                 }
             }
         }
@@ -767,6 +784,13 @@ impl StateStore for SqlStore {
             entries: pending.clone(),
         })
         .await
+    }
+
+    async fn save_seen(&self, seen: &[(InstanceKey, String, Seen)]) -> Result<(), StoreError> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        self.queue(WriteOp::Seen(seen.to_vec())).await
     }
 
     async fn audit(&self, records: &[(InstanceKey, AuditRecord)]) -> Result<(), StoreError> {
