@@ -312,13 +312,48 @@ pub fn load_with_sources(inputs: &Inputs) -> Result<Snapshot, ManifestError> {
 
 fn load_into(inputs: &Inputs, loader: Loader) -> Result<Snapshot, ManifestError> {
     let mut loader = loader.with_field_validation(inputs.fields);
-    for source in inputs.sources(&mut loader.snapshot.skipped)? {
-        let docs = loader.parse_file(&source.read()?)?;
-        for (p, source) in docs {
-            loader.insert(p, source)?;
+    let sources = inputs.sources(&mut loader.snapshot.skipped)?;
+    each_parsed(
+        sources,
+        |t| Ok((parse_yaml(&t)?, t.name)),
+        |(docs, file)| {
+            for (p, source) in loader.check(&file, docs)? {
+                loader.insert(p, source)?;
+            }
+            Ok(())
+        },
+    )?;
+    Ok(loader.finish())
+}
+
+/// Reads and parses manifest texts on as many threads as there are cores,
+/// a window of that many files at a time, and hands each result to `take`
+/// in input order (so the first error is the one a serial load would
+/// give). Parsing YAML is most of loading a large fleet and files are
+/// independent; at most one window of parsed files is held at once.
+fn each_parsed<T: Send>(
+    sources: Vec<TextSource>,
+    parse: impl Fn(Text) -> Result<T, ManifestError> + Sync,
+    mut take: impl FnMut(T) -> Result<(), ManifestError>,
+) -> Result<(), ManifestError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut sources = sources.into_iter().peekable();
+    while sources.peek().is_some() {
+        let window: Vec<TextSource> = sources.by_ref().take(threads).collect();
+        let parse = &parse;
+        let parsed: Vec<Result<T, ManifestError>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (window.into_iter())
+                .map(|s| scope.spawn(move || s.read().and_then(parse)))
+                .collect();
+            (workers.into_iter())
+                .map(|w| w.join().expect("parsing a manifest does not panic"))
+                .collect()
+        });
+        for p in parsed {
+            take(p?)?;
         }
     }
-    Ok(loader.finish())
+    Ok(())
 }
 
 /// The checked documents of every manifest file read last time, by file.
@@ -331,6 +366,12 @@ struct CachedFile {
     hash: u64,
     /// Shared with the next cache: each reload copies a document once, into the snapshot.
     docs: Arc<Vec<(Prepared, Source)>>,
+}
+
+/// One file's documents: checked before (its text unchanged), or parsed now.
+enum FileDocs {
+    Checked(Arc<Vec<(Prepared, Source)>>),
+    Parsed(Vec<(Value, Source)>),
 }
 
 fn text_hash(text: &str) -> u64 {
@@ -347,9 +388,20 @@ pub fn load_cached(inputs: &Inputs, cache: &mut ManifestCache) -> Result<Snapsho
     let mut loader =
         Loader::with_max_objects(inputs.max_objects).with_field_validation(inputs.fields);
     let mut next = ManifestCache::default();
-    for source in inputs.sources(&mut loader.snapshot.skipped)? {
-        loader.add_file_cached(&source.read()?, cache, &mut next)?;
-    }
+    let sources = inputs.sources(&mut loader.snapshot.skipped)?;
+    let known = &*cache;
+    each_parsed(
+        sources,
+        |t| {
+            let hash = text_hash(&t.text);
+            let docs = match known.files.get(&t.name).filter(|c| c.hash == hash) {
+                Some(c) => FileDocs::Checked(Arc::clone(&c.docs)),
+                None => FileDocs::Parsed(parse_yaml(&t)?),
+            };
+            Ok((t.name, hash, docs))
+        },
+        |(file, hash, docs)| loader.add_file_cached(file, hash, docs, &mut next),
+    )?;
     *cache = next;
     Ok(loader.finish())
 }
@@ -380,6 +432,51 @@ fn read_manifest(file: &Path) -> Result<String, ManifestError> {
         return Err(too_large(text.len() as u64));
     }
     Ok(text)
+}
+
+/// The documents of one manifest text, parsed, each with where it starts.
+fn parse_yaml(t: &Text) -> Result<Vec<(Value, Source)>, ManifestError> {
+    let (file, text) = (t.name.as_path(), t.text.as_str());
+    let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, yaml_options(text.len()))
+        .map_err(|e| {
+            let too_many = matches!(
+                e.without_snippet(),
+                serde_saphyr::Error::Budget {
+                    breach: serde_saphyr::budget::BudgetBreach::Documents { .. },
+                    ..
+                }
+            );
+            if too_many {
+                ManifestError::TooManyDocuments {
+                    file: file.to_owned(),
+                    limit: MAX_DOCUMENTS_PER_FILE,
+                }
+            } else {
+                ManifestError::Yaml {
+                    file: file.to_owned(),
+                    message: e.to_string(),
+                }
+            }
+        })?;
+    let lines = if t.lines {
+        document_lines(text)
+    } else {
+        Vec::new()
+    };
+    let docs: Vec<(Value, Source)> = docs
+        .into_iter()
+        .enumerate()
+        .filter(|(_, d)| !d.is_null())
+        .map(|(i, doc)| {
+            let source = Source {
+                file: file.to_owned(),
+                document: i + 1,
+                line: lines.get(i).copied().unwrap_or(0),
+            };
+            (doc, source)
+        })
+        .collect();
+    Ok(docs)
 }
 
 /// File names kustomize reads as a kustomization: its input, not objects.
@@ -569,48 +666,16 @@ impl Loader {
     /// Checks every document of one YAML file, counting them against the
     /// object limit.
     fn parse_file(&mut self, t: &Text) -> Result<Vec<(Prepared, Source)>, ManifestError> {
-        let (file, text) = (t.name.as_path(), t.text.as_str());
-        let docs: Vec<Value> =
-            serde_saphyr::from_multiple_with_options(text, yaml_options(text.len())).map_err(
-                |e| {
-                    let too_many = matches!(
-                        e.without_snippet(),
-                        serde_saphyr::Error::Budget {
-                            breach: serde_saphyr::budget::BudgetBreach::Documents { .. },
-                            ..
-                        }
-                    );
-                    if too_many {
-                        ManifestError::TooManyDocuments {
-                            file: file.to_owned(),
-                            limit: MAX_DOCUMENTS_PER_FILE,
-                        }
-                    } else {
-                        ManifestError::Yaml {
-                            file: file.to_owned(),
-                            message: e.to_string(),
-                        }
-                    }
-                },
-            )?;
-        let lines = if t.lines {
-            document_lines(text)
-        } else {
-            Vec::new()
-        };
-        let mut docs: Vec<(Value, Source)> = docs
-            .into_iter()
-            .enumerate()
-            .filter(|(_, d)| !d.is_null())
-            .map(|(i, doc)| {
-                let source = Source {
-                    file: file.to_owned(),
-                    document: i + 1,
-                    line: lines.get(i).copied().unwrap_or(0),
-                };
-                (doc, source)
-            })
-            .collect();
+        let docs = parse_yaml(t)?;
+        self.check(&t.name, docs)
+    }
+
+    /// Checks the documents of one file, counting them against the object limit.
+    fn check(
+        &mut self,
+        file: &Path,
+        mut docs: Vec<(Value, Source)>,
+    ) -> Result<Vec<(Prepared, Source)>, ManifestError> {
         for _ in &docs {
             self.count(file)?;
         }
@@ -671,21 +736,20 @@ impl Loader {
     /// that file, not every file.
     fn add_file_cached(
         &mut self,
-        t: &Text,
-        cache: &ManifestCache,
+        file: PathBuf,
+        hash: u64,
+        docs: FileDocs,
         next: &mut ManifestCache,
     ) -> Result<(), ManifestError> {
-        let file = t.name.as_path();
-        let hash = text_hash(&t.text);
-        let docs = match cache.files.get(file).filter(|c| c.hash == hash) {
-            Some(c) => {
-                for _ in c.docs.iter() {
-                    self.count(file)?;
+        let docs = match docs {
+            FileDocs::Checked(checked) => {
+                for _ in checked.iter() {
+                    self.count(&file)?;
                 }
-                Arc::clone(&c.docs)
+                checked
             }
-            None => {
-                let docs = self.parse_file(t)?;
+            FileDocs::Parsed(parsed) => {
+                let docs = self.check(&file, parsed)?;
                 // Said when a file is read anew, not when its check is
                 // reused: the loop says it once per change of the file.
                 for (p, _) in &docs {
@@ -699,8 +763,7 @@ impl Loader {
         for (p, source) in docs.iter() {
             self.insert(p.clone(), source.clone())?;
         }
-        next.files
-            .insert(file.to_owned(), CachedFile { hash, docs });
+        next.files.insert(file, CachedFile { hash, docs });
         Ok(())
     }
 
@@ -1296,6 +1359,37 @@ fn check_mcp(o: &McpServer) -> Result<(), String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Files are parsed several at a time; what a load says is still what
+    /// reading them one by one, in name order, would say first.
+    #[test]
+    fn the_first_bad_file_in_name_order_is_the_one_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = "apiVersion: agentenv.io/v1alpha1\nkind: AgentInstance\nmetadata: {name: a, namespace: ns}\nspec: {agentType: t}\n";
+        for (name, text) in [
+            ("1.yaml", good),
+            ("2.yaml", "a: [unclosed\n"),
+            ("3.yaml", "b: {unclosed\n"),
+            ("4.yaml", good),
+        ] {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let paths = vec![dir.path().to_owned()];
+        for load in [
+            load_paths(&paths, FieldValidation::Warn),
+            load_cached(
+                &Inputs::files(&paths, FieldValidation::Warn),
+                &mut ManifestCache::default(),
+            ),
+        ] {
+            match load {
+                Err(ManifestError::Yaml { file, .. }) => {
+                    assert!(file.ends_with("2.yaml"), "{file:?}")
+                }
+                other => panic!("expected 2.yaml's YAML error, got {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn a_cached_load_equals_a_fresh_one_after_every_change() {
