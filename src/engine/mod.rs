@@ -798,10 +798,14 @@ impl Engine {
         }
         // New stamps of files otherwise as they were are stored apart, in
         // batches: the first pass after a render stamps every instance.
+        // (No stamps after a write: those are stored with the save.)
         let old_seen = old.ledger.as_ref().and_then(|l| l.seen.as_ref());
-        let fresh_seen = (ledger.seen.as_ref() != old_seen)
-            .then(|| std::mem::replace(&mut ledger.seen, old_seen.cloned()))
-            .flatten();
+        let fresh_seen = match &ledger.seen {
+            Some(seen) if Some(seen) != old_seen => {
+                std::mem::replace(&mut ledger.seen, old_seen.cloned())
+            }
+            _ => None,
+        };
         let new = InstanceState {
             ledger: Some(ledger),
             installed: applied.installed,
