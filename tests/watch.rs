@@ -87,6 +87,17 @@ fn drift_is_put_back_and_runtime_installs_adopted_without_a_resync() {
         },
         || lp.log(),
     );
+
+    // The env dir made again is watched again: drift in it is put back
+    // without a resync (the loop's resync is an hour away).
+    let mut s = h.read_json("dev/alice/settings.json");
+    s["enabledPlugins"]["lint@tools"] = json!(false);
+    write_atomically(&h, "dev/alice/settings.json", &s);
+    wait_until(
+        "drift in the re-made env dir put back",
+        || plugins(&h, "dev/alice")["lint@tools"] == json!(true),
+        || lp.log(),
+    );
 }
 
 /// (inode, mtime) of both files of an instance.
