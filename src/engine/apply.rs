@@ -43,10 +43,6 @@ pub struct ApplyInput<'a> {
     /// set render, with nothing pending: if the files are still what the
     /// ledger last saw, there is nothing to read.
     pub ledger_current: bool,
-    /// Keep the files' stamps in the ledger when nothing is written (full
-    /// passes: a pass after a file event would only find them outdated by
-    /// the next event).
-    pub record_seen: bool,
     /// Ledger hasher.
     pub hasher: &'a Hasher,
 }
@@ -261,13 +257,15 @@ pub fn apply(root: &EnvRoot, input: &ApplyInput<'_>) -> Result<Applied, EnvDirEr
         (out.rendered.iter()).map(|(s, entries)| (s, entries.iter().map(|(k, e)| (k, &e.value)))),
     );
     // Stamps of a file written here would be taken in the tick it was
-    // written in: the next full pass reads it once more and keeps those.
+    // written in: the next pass reads it once more and keeps those. A pass
+    // right after a file event finds the file too fresh to stamp as well,
+    // so passes that follow events store nothing new; the stamps it keeps
+    // then no longer match the files, which only means they are read.
     let kept = input.state.ledger.as_ref().and_then(|l| l.seen.clone());
-    out.ledger.seen = match (out.written.is_empty(), input.record_seen && !input.dry_run) {
+    out.ledger.seen = match (out.written.is_empty(), input.dry_run) {
         (false, _) => None,
-        (true, true) => Seen::settled(looked_at, stamps).or(kept),
-        // Outdated stamps are harmless: they no longer match the files.
-        (true, false) => kept,
+        (true, false) => Seen::settled(looked_at, stamps).or(kept),
+        (true, true) => kept,
     };
     Ok(out)
 }

@@ -612,7 +612,6 @@ impl Engine {
         let defer_corrupt = opts.defer_corrupt;
         // Full passes (start, resync) clean up after a killed run.
         let sweep_temp_files = opts.only.is_none();
-        let record_seen = opts.only.is_none();
         let key = out.key.clone();
         let desired = PerSection::from_fn(|s| {
             resolve::desired_section(
@@ -664,7 +663,6 @@ impl Engine {
                     state: &state,
                     // Already looked at, where the stamps are final.
                     ledger_current: ledger_current && !root.attrs_authoritative(),
-                    record_seen,
                     hasher: store.hasher(),
                 },
             )
