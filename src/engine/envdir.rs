@@ -943,17 +943,23 @@ impl InstanceDir {
 mod tests {
     use super::*;
 
-    /// Stamps are kept only once both files are older than the settle time
-    /// at the look, and are found still only while nothing about a file
-    /// changed: a write in place, a replacement, a file swapped for a link.
-    #[test]
-    fn stamps_are_kept_once_settled_and_hold_until_a_file_changes() {
+    /// A fresh env root holding the env dir `ns/a`, made by opening it.
+    fn env_dir() -> (tempfile::TempDir, EnvRoot, InstanceDir) {
         let tmp = tempfile::tempdir().unwrap();
         let root = EnvRoot::open(tmp.path(), true).unwrap();
         let d = root
             .instance("ns/a", true, Owner::default())
             .unwrap()
             .unwrap();
+        (tmp, root, d)
+    }
+
+    /// Stamps are kept only once both files are older than the settle time
+    /// at the look, and are found still only while nothing about a file
+    /// changed: a write in place, a replacement, a file swapped for a link.
+    #[test]
+    fn stamps_are_kept_once_settled_and_hold_until_a_file_changes() {
+        let (tmp, _root, d) = env_dir();
         for f in EnvFile::ALL {
             d.write(f, b"{}\n", None, 0o600, Owner::default()).unwrap();
         }
@@ -989,12 +995,7 @@ mod tests {
 
     #[test]
     fn write_read_and_race() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = EnvRoot::open(tmp.path(), true).unwrap();
-        let d = root
-            .instance("ns/a", true, Owner::default())
-            .unwrap()
-            .unwrap();
+        let (tmp, _root, d) = env_dir();
         assert!(d.read(EnvFile::ClaudeJson).unwrap().is_none());
         let w = d.write(EnvFile::ClaudeJson, b"{}\n", None, 0o600, Owner::default());
         assert_eq!(w.unwrap(), WriteOutcome::Written);
@@ -1157,12 +1158,7 @@ mod tests {
 
     #[test]
     fn fifos_hard_links_and_oversized_files_are_refused_unread() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = EnvRoot::open(tmp.path(), true).unwrap();
-        let d = root
-            .instance("ns/a", true, Owner::default())
-            .unwrap()
-            .unwrap();
+        let (tmp, root, d) = env_dir();
         let dir = tmp.path().join("ns/a");
 
         // A FIFO: opening it for reading would wait for a writer forever.
@@ -1237,12 +1233,7 @@ mod tests {
 
     #[test]
     fn a_lock_that_is_no_lock_fails_the_write_at_once() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = EnvRoot::open(tmp.path(), true).unwrap();
-        let d = root
-            .instance("ns/a", true, Owner::default())
-            .unwrap()
-            .unwrap();
+        let (tmp, _root, d) = env_dir();
         // An update takes the lock (a create does not: see the test below).
         d.write(EnvFile::Settings, b"{}", None, 0o644, Owner::default())
             .unwrap();
@@ -1299,12 +1290,7 @@ mod tests {
     /// found missing is kept, and the write reports the race.
     #[test]
     fn a_create_never_replaces_a_file_made_meanwhile() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = EnvRoot::open(tmp.path(), true).unwrap();
-        let d = root
-            .instance("ns/a", true, Owner::default())
-            .unwrap()
-            .unwrap();
+        let (tmp, root, d) = env_dir();
         assert!(d.created());
         assert!(d.read(EnvFile::Settings).unwrap().is_none());
         std::fs::write(tmp.path().join("ns/a/settings.json"), b"{\"theirs\":1}").unwrap();
