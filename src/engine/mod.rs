@@ -631,7 +631,9 @@ impl Engine {
         }
         // Where a stat is cheap and final (a local filesystem), files that
         // cannot have changed are recognised here, without a blocking task.
+        let stamped = state.ledger.as_ref().is_some_and(|l| l.seen.is_some());
         let unchanged = ledger_current
+            && stamped
             && self.root.attrs_authoritative()
             && matches!(self.root.instance(&target.rel, false, target.owner),
                 Ok(Some(dir)) if apply::still_as_seen(&dir, &state, &target.rel));
