@@ -151,8 +151,12 @@ fn new_dir(roots: &Roots, event: &Event) -> Option<PathBuf> {
     let rel = path.strip_prefix(&roots.env_root).ok()?;
     let name = rel.file_name()?.to_str()?;
     let top = rel.parent().is_none_or(|p| p.as_os_str().is_empty());
-    (!unwatched(name, top) && std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()))
-        .then(|| path.clone())
+    // Every write renames an env file into place: those are not looked at.
+    let env_file = EnvFile::ALL.iter().any(|f| f.file_name() == name);
+    (!env_file
+        && !unwatched(name, top)
+        && std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()))
+    .then(|| path.clone())
 }
 
 /// Watches `dir` (unless `skip_self`: already watched) and every directory
