@@ -39,10 +39,6 @@ pub struct ApplyInput<'a> {
     pub declared: &'a PerSection<Entries>,
     /// Stored state before this pass.
     pub state: &'a InstanceState,
-    /// The stored ledger holds exactly what `declared` and the installed
-    /// set render, with nothing pending: if the files are still what the
-    /// ledger last saw, there is nothing to read.
-    pub ledger_current: bool,
     /// Ledger hasher.
     pub hasher: &'a Hasher,
 }
@@ -115,9 +111,6 @@ impl Observed {
 /// Runs the IO step.
 pub fn apply(root: &EnvRoot, input: &ApplyInput<'_>) -> Result<Applied, EnvDirError> {
     let dir = root.instance(input.rel, !input.dry_run, input.owner)?;
-    if let Some(unchanged) = unchanged_since_seen(dir.as_ref(), input) {
-        return Ok(unchanged);
-    }
     // Before anything is read: a stamp must be older than the look at it.
     let looked_at = crate::time::now();
     let mut stamps = Vec::with_capacity(EnvFile::ALL.len());
@@ -239,23 +232,8 @@ pub fn apply(root: &EnvRoot, input: &ApplyInput<'_>) -> Result<Applied, EnvDirEr
         }
     }
 
-    out.ledger.entries = out.rendered.map(|_, entries| {
-        entries
-            .iter()
-            .map(|(name, e)| {
-                (
-                    name.clone(),
-                    LedgerEntry {
-                        installed: e.origin == Origin::Installed,
-                        hash: input.hasher.entry(&e.value),
-                    },
-                )
-            })
-            .collect()
-    });
-    out.ledger.content_hash = (input.hasher).content(
-        (out.rendered.iter()).map(|(s, entries)| (s, entries.iter().map(|(k, e)| (k, &e.value)))),
-    );
+    out.ledger.entries = ledger_entries(input.hasher, &out.rendered);
+    out.ledger.content_hash = content_hash(input.hasher, &out.rendered);
     // Stamps of a file written here would be taken in the tick it was
     // written in: the next pass reads it once more and keeps those. A pass
     // right after a file event finds the file too fresh to stamp as well,
@@ -270,30 +248,13 @@ pub fn apply(root: &EnvRoot, input: &ApplyInput<'_>) -> Result<Applied, EnvDirEr
     Ok(out)
 }
 
-/// The result of a pass over files that cannot have changed since a pass
-/// found them holding exactly the ledger's render: that render, learned
-/// nothing, written nothing, the ledger kept. `None` when they may have
-/// changed (or the ledger is not current) and must be read.
-///
-/// What it skips besides reading: the temp-file sweep. A write of ours
-/// that was cut short leaves its temp file only where it was about to
-/// change a file, so the ledger (pending entries, or stamps of the file as
-/// it was before) no longer matches, and the full path sweeps.
-fn unchanged_since_seen(dir: Option<&InstanceDir>, input: &ApplyInput<'_>) -> Option<Applied> {
-    if !input.ledger_current || !still_as_seen(dir?, input.state, input.rel) {
-        return None;
-    }
-    let rendered = PerSection::from_fn(|s| {
-        resolve::desired_section(s, &input.declared[s], &input.state.installed[s], input.mode)
-    });
-    Some(Applied::unchanged(input.state, rendered))
-}
-
-/// Whether the files in `dir` are still those the ledger of `state` saw.
-pub fn still_as_seen(dir: &InstanceDir, state: &InstanceState, rel: &str) -> bool {
-    let Some(seen) = state.ledger.as_ref().and_then(|l| l.seen.as_ref()) else {
-        return false;
-    };
+/// Whether the files in `dir` are still those `seen` stamped. When they
+/// are, a pass has nothing to read or learn there; what it skips besides
+/// reading is the temp-file sweep: a write of ours cut short leaves its
+/// temp file only where it was about to change a file, so the ledger
+/// (pending entries, or stamps of the file as it was) no longer matches,
+/// and the pass reads and sweeps.
+pub fn still_as_seen(dir: &InstanceDir, seen: &Seen, rel: &str) -> bool {
     let still = dir.still(seen);
     if still {
         tracing::debug!(env_dir = rel, since = %seen.at, "files unchanged since a pass found them current; not read");
@@ -315,6 +276,32 @@ impl Applied {
             corrupt: Vec::new(),
         }
     }
+}
+
+/// The ledger's record of a render: each entry's salted hash and whether
+/// it came from the installed set.
+pub fn ledger_entries(
+    hasher: &Hasher,
+    rendered: &PerSection<Entries>,
+) -> PerSection<BTreeMap<String, LedgerEntry>> {
+    rendered.map(|_, entries| {
+        (entries.iter())
+            .map(|(name, e)| {
+                let entry = LedgerEntry {
+                    installed: e.origin == Origin::Installed,
+                    hash: hasher.entry(&e.value),
+                };
+                (name.clone(), entry)
+            })
+            .collect()
+    })
+}
+
+/// The ledger's hash over a whole render.
+pub fn content_hash(hasher: &Hasher, rendered: &PerSection<Entries>) -> String {
+    hasher.content(
+        (rendered.iter()).map(|(s, entries)| (s, entries.iter().map(|(k, e)| (k, &e.value)))),
+    )
 }
 
 /// Whether an owned key as present in a file holds exactly `entries`.

@@ -26,7 +26,6 @@ use tracing::{Instrument, info, instrument, warn};
 use crate::crd::{AgentInstance, EntrySource, Scope};
 use crate::engine::builtin::Builtin;
 use crate::engine::envdir::{EnvDirError, EnvRoot, Owner};
-use crate::engine::ledger::LedgerEntry;
 use crate::engine::section::PerSection;
 use crate::state::{AuditRecord, InstanceState, StateStore, StoreError};
 use apply::{Applied, ApplyInput, Change};
@@ -629,15 +628,7 @@ impl Engine {
         {
             return out.fail(reason::STATE_FAILED, crate::error_chain(&e));
         }
-        // Where a stat is cheap and final (a local filesystem), files that
-        // cannot have changed are recognised here, without a blocking task.
-        let stamped = state.ledger.as_ref().is_some_and(|l| l.seen.is_some());
-        let unchanged = ledger_current
-            && stamped
-            && self.root.attrs_authoritative()
-            && matches!(self.root.instance(&target.rel, false, target.owner),
-                Ok(Some(dir)) if apply::still_as_seen(&dir, &state, &target.rel));
-        if unchanged {
+        if ledger_current && self.files_unchanged(&state, &target).await {
             let applied = apply::Applied::unchanged(&state, desired);
             return self.report(out, applied, state, mode).await;
         }
@@ -663,8 +654,6 @@ impl Engine {
                     sweep_temp_files,
                     declared: &sections,
                     state: &state,
-                    // Already looked at, where the stamps are final.
-                    ledger_current: ledger_current && !root.attrs_authoritative(),
                     hasher: store.hasher(),
                 },
             )
@@ -688,6 +677,28 @@ impl Engine {
         self.report(out, applied, old_state, mode).await
     }
 
+    /// Whether the env dir's files are still those the ledger of `state`
+    /// last found current. Where a stat is cheap and final (a local
+    /// filesystem) it is asked here; elsewhere (each file is also opened,
+    /// which may wait on a server) on a blocking thread.
+    async fn files_unchanged(&self, state: &InstanceState, target: &Target) -> bool {
+        let Some(seen) = state.ledger.as_ref().and_then(|l| l.seen.clone()) else {
+            return false;
+        };
+        let (root, rel, owner) = (self.root.clone(), target.rel.clone(), target.owner);
+        let check = move || {
+            matches!(root.instance(&rel, false, owner),
+                Ok(Some(dir)) if apply::still_as_seen(&dir, &seen, &rel))
+        };
+        if self.root.attrs_authoritative() {
+            check()
+        } else {
+            tokio::task::spawn_blocking(check)
+                .await
+                .expect("a stat does not panic")
+        }
+    }
+
     /// Records what this pass may write before it writes: `desired`, and
     /// entries an earlier interrupted pass recorded, in case it wrote them.
     async fn record_pending(
@@ -696,18 +707,7 @@ impl Engine {
         desired: &PerSection<resolve::Entries>,
         state: &InstanceState,
     ) -> Result<(), StoreError> {
-        let hasher = self.store.hasher();
-        let mut pending = desired.map(|_, entries| {
-            (entries.iter())
-                .map(|(name, e)| {
-                    let entry = LedgerEntry {
-                        installed: e.origin == resolve::Origin::Installed,
-                        hash: hasher.entry(&e.value),
-                    };
-                    (name.clone(), entry)
-                })
-                .collect::<std::collections::BTreeMap<_, _>>()
-        });
+        let mut pending = apply::ledger_entries(self.store.hasher(), desired);
         if let Some(old) = &state.pending {
             for (section, entries) in old.iter() {
                 for (name, e) in entries {
@@ -872,10 +872,7 @@ fn renders(
                 n == name && l.installed == (e.origin == resolve::Origin::Installed)
             })
     });
-    same_names
-        && hasher.content(
-            (desired.iter()).map(|(s, entries)| (s, entries.iter().map(|(k, e)| (k, &e.value)))),
-        ) == ledger.content_hash
+    same_names && apply::content_hash(hasher, desired) == ledger.content_hash
 }
 
 /// Which scope (and object) each entry came from, for the status.
