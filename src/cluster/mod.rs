@@ -30,7 +30,7 @@ use kube::runtime::reflector::{self, ObjectRef, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, info, instrument, warn};
+use tracing::{debug, error, info, instrument, warn};
 
 use crate::crd::{
     AgentInstance, DeletionPolicy, DeliveryMode, McpServer, PluginBinding, PluginMarketplace,
@@ -425,11 +425,13 @@ where
     tokio::spawn(async move {
         let mut tx = Some(tx);
         let mut stream = std::pin::pin!(stream);
+        let mut handoff = Handoff::default();
         while let Some(event) = stream.next().await {
             match event {
                 Ok(event) => {
                     let done = matches!(event, watcher::Event::InitDone);
-                    for key in ctx.catalog.on_event(kind, &event, convert) {
+                    let affected = ctx.catalog.on_event(kind, &event, convert);
+                    for key in handoff.pass(kind, &event, affected) {
                         let _ = ctx.queue.send(key);
                     }
                     if done && let Some(tx) = tx.take() {
@@ -441,6 +443,40 @@ where
         }
     });
     rx
+}
+
+/// Hands on the instances a watch event affects when the controller can
+/// act on them. While the instances are listed again (after a watch broke),
+/// the controller's store keeps the old listing until the new one is
+/// complete, and a reconcile asked for an instance it does not hold yet is
+/// dropped: what a relisting of instances affects waits for its end.
+#[derive(Default)]
+struct Handoff {
+    held: Option<Vec<ObjectKey>>,
+}
+
+impl Handoff {
+    fn pass<K>(
+        &mut self,
+        kind: Kind,
+        event: &watcher::Event<K>,
+        affected: Vec<ObjectKey>,
+    ) -> Vec<ObjectKey> {
+        if kind == Kind::Instance && matches!(event, watcher::Event::Init) {
+            self.held = Some(Vec::new());
+        }
+        match &mut self.held {
+            Some(keys) if !matches!(event, watcher::Event::InitDone) => {
+                keys.extend(affected);
+                Vec::new()
+            }
+            _ => {
+                let mut keys = self.held.take().unwrap_or_default();
+                keys.extend(affected);
+                keys
+            }
+        }
+    }
 }
 
 /// Watches the render and report Secrets of sidecar instances: a report
@@ -963,6 +999,11 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
     let Some((snapshot, secrets_seen)) = ctx.catalog.snapshot_for(&key) else {
         return Ok(Action::await_change());
     };
+    debug!(
+        objects =
+            snapshot.bindings.len() + snapshot.marketplaces.len() + snapshot.mcp_servers.len(),
+        "reconciling"
+    );
     let inst = snapshot.instances.get(&key).cloned();
     if let Some(inst) = &inst {
         ctx.sync_finalizer(&obj, &key, inst).await?;
@@ -1040,6 +1081,8 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
     }
     if !outcome.ready || outcome.reason == reason::RENDERED {
         info!(reason = outcome.reason, message = %outcome.used_secrets.mask(&outcome.message), "reconciled");
+    } else {
+        debug!(reason = outcome.reason, "reconciled");
     }
     let report = InstanceReport {
         generation: obj.metadata.generation,
@@ -1137,5 +1180,49 @@ async fn object_status_loop(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receive
                 written = u64::MAX;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(names: &[&str]) -> Vec<ObjectKey> {
+        names.iter().map(|n| ObjectKey::new("team-a", *n)).collect()
+    }
+
+    #[test]
+    fn what_a_relisting_of_instances_affects_waits_for_its_end() {
+        type E = watcher::Event<()>;
+        let mut h = Handoff::default();
+        assert_eq!(
+            h.pass(Kind::Instance, &E::Apply(()), keys(&["a"])),
+            keys(&["a"])
+        );
+        assert!(h.pass(Kind::Instance, &E::Init, vec![]).is_empty());
+        assert!(
+            h.pass(Kind::Instance, &E::InitApply(()), keys(&["b"]))
+                .is_empty()
+        );
+        assert!(
+            h.pass(Kind::Instance, &E::InitApply(()), keys(&["c"]))
+                .is_empty()
+        );
+        assert_eq!(
+            h.pass(Kind::Instance, &E::InitDone, keys(&["d"])),
+            keys(&["b", "c", "d"])
+        );
+        assert_eq!(
+            h.pass(Kind::Instance, &E::Apply(()), keys(&["e"])),
+            keys(&["e"])
+        );
+        // The other kinds' listings hold nothing back: the instances they
+        // affect are in the controller's store already.
+        let mut h = Handoff::default();
+        assert!(h.pass(Kind::Mcp, &E::Init, vec![]).is_empty());
+        assert_eq!(
+            h.pass(Kind::Mcp, &E::InitApply(()), keys(&["f"])),
+            keys(&["f"])
+        );
     }
 }
