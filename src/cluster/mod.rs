@@ -376,7 +376,9 @@ pub async fn run(
     .for_each(|r| {
         if let Err(e) = r {
             match e {
-                kube::runtime::controller::Error::ObjectNotFound(_) => {}
+                kube::runtime::controller::Error::ObjectNotFound(r) => {
+                    debug!(object = %r, "a reconcile was asked for an instance the controller's store does not hold");
+                }
                 e => warn!(error = %crate::error_chain(&e), "reconcile failed"),
             }
         }
@@ -431,7 +433,12 @@ where
                 Ok(event) => {
                     let done = matches!(event, watcher::Event::InitDone);
                     let affected = ctx.catalog.on_event(kind, &event, convert);
-                    for key in handoff.pass(kind, &event, affected) {
+                    let queued = handoff.pass(kind, &event, affected);
+                    if !queued.is_empty() {
+                        let keys: Vec<String> = queued.iter().map(ToString::to_string).collect();
+                        debug!(kind = kind.name(), instances = %keys.join(","), "queued by a watch event");
+                    }
+                    for key in queued {
                         let _ = ctx.queue.send(key);
                     }
                     if done && let Some(tx) = tx.take() {
@@ -1054,7 +1061,7 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
             o
         }
     };
-    ctx.metrics.record(std::slice::from_ref(&outcome));
+    ctx.metrics.record(&outcome);
     if ctx
         .catalog
         .record_secret_refs(&key, outcome.secret_refs.clone(), secrets_seen)
