@@ -102,29 +102,37 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Counts what a pass did.
-    pub fn record(&self, outcomes: &[Outcome]) {
+    /// Counts a pass of one instance and what it did.
+    pub fn record(&self, outcome: &Outcome) {
         self.passes.inc();
-        for o in outcomes {
-            match o.reason {
-                reason::RENDERED => {
-                    self.renders.inc();
-                }
-                reason::UP_TO_DATE => {
-                    self.writes_skipped.inc();
-                }
-                _ if !o.ready => {
-                    self.errors
-                        .get_or_create(&ReasonLabel {
-                            reason: o.reason.to_owned(),
-                        })
-                        .inc();
-                }
-                _ => {}
+        self.record_instance(outcome);
+    }
+
+    /// Counts a pass (of any number of instances).
+    pub fn record_pass(&self) {
+        self.passes.inc();
+    }
+
+    /// Counts what a pass did to one instance.
+    pub fn record_instance(&self, o: &Outcome) {
+        match o.reason {
+            reason::RENDERED => {
+                self.renders.inc();
             }
-            self.drift_corrected.inc_by(o.drift.len() as u64);
-            self.adoptions.inc_by(o.adopted.len() as u64);
+            reason::UP_TO_DATE => {
+                self.writes_skipped.inc();
+            }
+            _ if !o.ready => {
+                self.errors
+                    .get_or_create(&ReasonLabel {
+                        reason: o.reason.to_owned(),
+                    })
+                    .inc();
+            }
+            _ => {}
         }
+        self.drift_corrected.inc_by(o.drift.len() as u64);
+        self.adoptions.inc_by(o.adopted.len() as u64);
     }
 
     /// Counts one restart command.

@@ -243,11 +243,6 @@ struct Target {
     runtime_installs: crate::crd::RuntimeInstalls,
 }
 
-/// How many instances of a pass had files written.
-pub fn written(outcomes: &[Outcome]) -> usize {
-    outcomes.iter().filter(|o| o.wrote()).count()
-}
-
 /// A pass could not run at all.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

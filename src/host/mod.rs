@@ -333,26 +333,31 @@ impl Loop {
         }
         opts.only = only;
         let started = Instant::now();
-        let outcomes = match self.engine.pass_with(&snapshot, &secrets, &opts).await {
-            Ok(o) => o,
-            Err(e) => {
-                error!(error = %crate::error_chain(&e), "pass failed; retrying at the next change or resync");
-                return;
-            }
-        };
-        self.metrics.record(&outcomes);
-        let written = crate::engine::written(&outcomes);
+        // Outcomes are taken as they come, not held for the whole pass: a
+        // fleet's worth of them is most of what a full pass would hold.
+        let engine = self.engine.clone();
+        let (mut instances, mut written) = (0, 0);
+        let result = engine
+            .pass_each(&snapshot, &secrets, &opts, &mut |o| {
+                instances += 1;
+                written += usize::from(o.wrote());
+                self.metrics.record_instance(&o);
+                self.after(&o);
+            })
+            .await;
+        if let Err(e) = result {
+            error!(error = %crate::error_chain(&e), "pass failed; retrying at the next change or resync");
+            return;
+        }
+        self.metrics.record_pass();
         if written > 0 || opts.only.is_none() {
             info!(
-                instances = outcomes.len(),
+                instances,
                 written,
                 pass_ms = started.elapsed().as_millis() as u64,
                 full = opts.only.is_none(),
                 "pass done"
             );
-        }
-        for o in &outcomes {
-            self.after(o);
         }
     }
 

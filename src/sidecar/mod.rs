@@ -313,7 +313,7 @@ impl Sidecar {
                 o
             }
         };
-        self.metrics.record(std::slice::from_ref(&outcome));
+        self.metrics.record(&outcome);
         let retry = match outcome.reason {
             reason::FILE_BUSY => Some(BUSY_RETRY),
             reason::WRITE_FAILED | reason::STATE_FAILED => Some(io_retry_delay(self.attempts + 1)),
