@@ -313,11 +313,12 @@ pub fn load_with_sources(inputs: &Inputs) -> Result<Snapshot, ManifestError> {
 fn load_into(inputs: &Inputs, loader: Loader) -> Result<Snapshot, ManifestError> {
     let mut loader = loader.with_field_validation(inputs.fields);
     let sources = inputs.sources(&mut loader.snapshot.skipped)?;
+    let fields = inputs.fields;
     each_parsed(
         sources,
-        |t| Ok((parse_yaml(&t)?, t.name)),
-        |(docs, file)| {
-            for (p, source) in loader.check(&file, docs)? {
+        |t| Ok((check_docs(parse_yaml(&t)?, fields), t.name)),
+        |(checked, file)| {
+            for (p, source) in loader.take_checked(&file, checked)? {
                 loader.insert(p, source)?;
             }
             Ok(())
@@ -326,31 +327,48 @@ fn load_into(inputs: &Inputs, loader: Loader) -> Result<Snapshot, ManifestError>
     Ok(loader.finish())
 }
 
-/// Reads and parses manifest texts on as many threads as there are cores,
-/// a window of that many files at a time, and hands each result to `take`
+/// Reads, parses and checks manifest texts on as many threads as there
+/// are cores, a window of files at a time, and hands each result to `take`
 /// in input order (so the first error is the one a serial load would
-/// give). Parsing YAML is most of loading a large fleet and files are
-/// independent; at most one window of parsed files is held at once.
+/// give). Parsing and checking YAML is most of loading a large fleet and
+/// files are independent; at most one window of files is held at once.
 fn each_parsed<T: Send>(
     sources: Vec<TextSource>,
     parse: impl Fn(Text) -> Result<T, ManifestError> + Sync,
     mut take: impl FnMut(T) -> Result<(), ManifestError>,
 ) -> Result<(), ManifestError> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    /// Files of a window: enough that its threads (started once per
+    /// window, not per file) rarely wait on each other at its end.
+    const WINDOW: usize = 256;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut sources = sources.into_iter().peekable();
     while sources.peek().is_some() {
-        let window: Vec<TextSource> = sources.by_ref().take(threads).collect();
-        let parse = &parse;
-        let parsed: Vec<Result<T, ManifestError>> = std::thread::scope(|scope| {
-            let workers: Vec<_> = (window.into_iter())
-                .map(|s| scope.spawn(move || s.read().and_then(parse)))
-                .collect();
-            (workers.into_iter())
-                .map(|w| w.join().expect("parsing a manifest does not panic"))
-                .collect()
+        let window: Vec<Mutex<Option<TextSource>>> = (sources.by_ref().take(WINDOW))
+            .map(|s| Mutex::new(Some(s)))
+            .collect();
+        let results: Vec<Mutex<Option<Result<T, ManifestError>>>> =
+            window.iter().map(|_| Mutex::new(None)).collect();
+        // Each thread takes the next file not taken yet: a large file holds
+        // up one thread, not a share of the window.
+        let next = AtomicUsize::new(0);
+        let work = || loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(slot) = window.get(i) else { break };
+            let source = slot.lock().expect("a slot's lock is never poisoned").take();
+            let result = (source.expect("each file is taken once").read()).and_then(&parse);
+            *results[i].lock().expect("a slot's lock is never poisoned") = Some(result);
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..threads.min(window.len()) {
+                scope.spawn(work);
+            }
+            work();
         });
-        for p in parsed {
-            take(p?)?;
+        for r in results {
+            let r = r.into_inner().expect("a slot's lock is never poisoned");
+            take(r.expect("every file of the window is parsed")?)?;
         }
     }
     Ok(())
@@ -368,10 +386,10 @@ struct CachedFile {
     docs: Arc<Vec<(Prepared, Source)>>,
 }
 
-/// One file's documents: checked before (its text unchanged), or parsed now.
+/// One file's documents: checked before (its text unchanged), or parsed and checked now.
 enum FileDocs {
     Checked(Arc<Vec<(Prepared, Source)>>),
-    Parsed(Vec<(Value, Source)>),
+    Parsed(Vec<(Result<Prepared, ManifestError>, Source)>),
 }
 
 fn text_hash(text: &str) -> u64 {
@@ -396,7 +414,7 @@ pub fn load_cached(inputs: &Inputs, cache: &mut ManifestCache) -> Result<Snapsho
             let hash = text_hash(&t.text);
             let docs = match known.files.get(&t.name).filter(|c| c.hash == hash) {
                 Some(c) => FileDocs::Checked(Arc::clone(&c.docs)),
-                None => FileDocs::Parsed(parse_yaml(&t)?),
+                None => FileDocs::Parsed(check_docs(parse_yaml(&t)?, inputs.fields)),
             };
             Ok((t.name, hash, docs))
         },
@@ -674,37 +692,25 @@ impl Loader {
     fn check(
         &mut self,
         file: &Path,
-        mut docs: Vec<(Value, Source)>,
+        docs: Vec<(Value, Source)>,
     ) -> Result<Vec<(Prepared, Source)>, ManifestError> {
-        for _ in &docs {
+        let checked = check_docs(docs, self.fields);
+        self.take_checked(file, checked)
+    }
+
+    /// Counts one file's checked documents against the object limit and
+    /// gives the first refusal, in the order a serial load would meet them.
+    fn take_checked(
+        &mut self,
+        file: &Path,
+        checked: Vec<(Result<Prepared, ManifestError>, Source)>,
+    ) -> Result<Vec<(Prepared, Source)>, ManifestError> {
+        for _ in &checked {
             self.count(file)?;
         }
-        // Checking a document (schema, CEL) is most of loading a large
-        // fleet, and documents are independent: spread over the cores, in
-        // order, so the first error is the one a serial load would give.
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let chunk = docs.len().div_ceil(threads).max(64);
-        let fields = self.fields;
-        let mut checked: Vec<Result<Prepared, ManifestError>> = Vec::with_capacity(docs.len());
-        std::thread::scope(|scope| {
-            let workers: Vec<_> = docs
-                .chunks_mut(chunk)
-                .map(|part| {
-                    scope.spawn(move || {
-                        part.iter_mut()
-                            .map(|(doc, source)| prepare(std::mem::take(doc), source, fields))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            for w in workers {
-                checked.extend(w.join().expect("checking a document does not panic"));
-            }
-        });
         let checked: Vec<(Prepared, Source)> = checked
             .into_iter()
-            .zip(docs)
-            .map(|(p, (_, source))| p.map(|p| (p, source)))
+            .map(|(p, source)| p.map(|p| (p, source)))
             .collect::<Result<_, _>>()?;
         // Logged when a file is checked, not when a cached check is reused:
         // the loop says it once per change of the file.
@@ -748,8 +754,8 @@ impl Loader {
                 }
                 checked
             }
-            FileDocs::Parsed(parsed) => {
-                let docs = self.check(&file, parsed)?;
+            FileDocs::Parsed(checked) => {
+                let docs = self.take_checked(&file, checked)?;
                 // Said when a file is read anew, not when its check is
                 // reused: the loop says it once per change of the file.
                 for (p, _) in &docs {
@@ -849,6 +855,45 @@ enum Item {
 
 /// Checks one document by itself (schema, rules, Secret data); what spans
 /// documents, duplicates, is the loader's.
+/// Checks the documents of one file (schema, CEL, metadata). Documents
+/// are independent: a file of many is spread over the cores, in order.
+fn check_docs(
+    docs: Vec<(Value, Source)>,
+    fields: FieldValidation,
+) -> Vec<(Result<Prepared, ManifestError>, Source)> {
+    /// Fewer documents than this are checked on the calling thread.
+    const CHUNK: usize = 64;
+    if docs.len() <= CHUNK {
+        return (docs.into_iter())
+            .map(|(doc, source)| (prepare(doc, &source, fields), source))
+            .collect();
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = docs.len().div_ceil(threads).max(CHUNK);
+    let mut docs = docs;
+    let mut checked: Vec<Result<Prepared, ManifestError>> = Vec::with_capacity(docs.len());
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = docs
+            .chunks_mut(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter_mut()
+                        .map(|(doc, source)| prepare(std::mem::take(doc), source, fields))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for w in workers {
+            checked.extend(w.join().expect("checking a document does not panic"));
+        }
+    });
+    checked
+        .into_iter()
+        .zip(docs)
+        .map(|(p, (_, source))| (p, source))
+        .collect()
+}
+
 fn prepare(
     doc: Value,
     source: &Source,
