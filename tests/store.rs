@@ -557,6 +557,36 @@ async fn identical_quiet_passes_are_counted_on_one_audit_row() {
         assert_eq!(h[0].changed, ["a"]);
         let bob = store.history(&other).await.unwrap();
         assert_eq!((bob.len(), bob[0].repeats), (1, 3));
+
+        // In one batch: one instance repeats its last record, another ends
+        // differently from its last; then one instance twice in a batch.
+        let last = record("UpToDate", &[]);
+        store
+            .audit(&[
+                (other.clone(), record("UpToDate", &[])),
+                (key(), last.clone()),
+            ])
+            .await
+            .unwrap();
+        store
+            .audit(&[
+                (other.clone(), record("UpToDate", &[])),
+                (other.clone(), record("UpToDate", &[])),
+            ])
+            .await
+            .unwrap();
+        let h = store.history(&key()).await.unwrap();
+        assert_eq!((h.len(), h[3].repeats), (4, 2), "{}", b.name());
+        assert_eq!(h[3].last_at, Some(last.at), "{}", b.name());
+        let bob = store.history(&other).await.unwrap();
+        let summary: Vec<(String, u64)> =
+            bob.iter().map(|r| (r.outcome.clone(), r.repeats)).collect();
+        assert_eq!(
+            summary,
+            [("MissingSecret".to_owned(), 3), ("UpToDate".to_owned(), 3)],
+            "{}",
+            b.name()
+        );
     }
 }
 

@@ -76,7 +76,11 @@ impl SqlStore {
             Database::Postgres(_) => &POSTGRES,
         };
         migrator.run(&pool).await.map_err(StoreError::Migrate)?;
-        let store = SqlStore::ready(pool, keys).await?;
+        let dialect = match db {
+            Database::Sqlite(_) => Dialect::Sqlite,
+            Database::Postgres(_) => Dialect::Postgres,
+        };
+        let store = SqlStore::ready(pool, keys, dialect).await?;
         if matches!(db, Database::Sqlite(_)) {
             store.seal_plaintext_installed().await?;
         }
@@ -99,13 +103,13 @@ impl SqlStore {
                 source,
             })?;
         SQLITE.run(&pool).await.map_err(StoreError::Migrate)?;
-        SqlStore::ready(pool, keys).await
+        SqlStore::ready(pool, keys, Dialect::Sqlite).await
     }
 
-    async fn ready(pool: AnyPool, keys: Keyring) -> Result<SqlStore, StoreError> {
+    async fn ready(pool: AnyPool, keys: Keyring, dialect: Dialect) -> Result<SqlStore, StoreError> {
         let salt = ledger_salt(&pool, &keys).await?;
         let (writes, queue) = mpsc::unbounded_channel();
-        tokio::spawn(group_commit(pool.clone(), keys.clone(), queue));
+        tokio::spawn(group_commit(pool.clone(), keys.clone(), dialect, queue));
         Ok(SqlStore {
             pool,
             keys,
@@ -476,6 +480,93 @@ async fn insert_installed(
     Ok(())
 }
 
+/// Which SQL a statement that the two databases spell apart is written in.
+#[derive(Clone, Copy, Debug)]
+enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// A statement `$head <rows> $tail` where `<rows>` is a table `j` of the
+/// JSON array bound to `$1`, one row per element, the element in `j.value`
+/// (its fields read with `j.value ->> N`): a batch of rows in one
+/// statement instead of a statement per row. The databases spell only the
+/// table function apart.
+macro_rules! over_rows {
+    ($dialect:expr, $head:literal, $tail:literal) => {
+        match $dialect {
+            Dialect::Sqlite => concat!($head, " json_each($1) AS j ", $tail),
+            Dialect::Postgres => {
+                concat!(
+                    $head,
+                    " jsonb_array_elements($1::jsonb) AS j(value) ",
+                    $tail
+                )
+            }
+        }
+    };
+}
+
+/// Appends a batch of audit records. A record repeating the last one of
+/// its instance (a pass that changed nothing, ending as the one before)
+/// is counted on that row; the counting is one statement for the batch,
+/// not one per record (a no-op pass over a fleet is a batch of them).
+async fn append_audit_in(
+    tx: &mut Tx<'_>,
+    dialect: Dialect,
+    records: &[(InstanceKey, AuditRecord)],
+) -> Result<(), StoreError> {
+    let repeats: Vec<(usize, [String; 4])> = (records.iter().enumerate())
+        .filter_map(|(i, (key, audit))| {
+            let fp = audit.fingerprint()?;
+            Some((
+                i,
+                [
+                    key.namespace.clone(),
+                    key.name.clone(),
+                    fp,
+                    audit.at.to_string(),
+                ],
+            ))
+        })
+        .collect();
+    let unique = {
+        let mut keys = std::collections::HashSet::new();
+        records.iter().all(|(k, _)| keys.insert(k))
+    };
+    // An instance twice in one batch: its second record must see its first.
+    if !unique || repeats.len() < 2 {
+        for (key, audit) in records {
+            insert_audit(tx, key, audit).await?;
+        }
+        return Ok(());
+    }
+    let sql = over_rows!(
+        dialect,
+        "UPDATE audit SET repeats = repeats + 1, last_at = j.value ->> 3 FROM",
+        "WHERE audit.id = (SELECT MAX(a.id) FROM audit a
+                           WHERE a.namespace = j.value ->> 0 AND a.name = j.value ->> 1)
+         AND audit.fingerprint = j.value ->> 2
+         RETURNING audit.namespace, audit.name"
+    );
+    let rows: Vec<&[String; 4]> = repeats.iter().map(|(_, r)| r).collect();
+    let bumped: std::collections::HashSet<(String, String)> = sqlx::query(sql)
+        .bind(serde_json::to_string(&rows).expect("rows serialize"))
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(q("counting repeated passes in the audit trail"))?
+        .iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(q("counting repeated passes in the audit trail"))?;
+    for (key, audit) in records {
+        if !bumped.contains(&(key.namespace.clone(), key.name.clone())) {
+            append_new_audit(tx, key, audit).await?;
+        }
+    }
+    Ok(())
+}
+
 async fn insert_audit(
     tx: &mut Tx<'_>,
     key: &InstanceKey,
@@ -500,6 +591,17 @@ async fn insert_audit(
             return Ok(());
         }
     }
+    append_new_audit(tx, key, audit).await
+}
+
+/// Appends an audit record as a row of its own.
+async fn append_new_audit(
+    tx: &mut Tx<'_>,
+    key: &InstanceKey,
+    audit: &AuditRecord,
+) -> Result<(), StoreError> {
+    let at = audit.at.to_string();
+    let fingerprint = audit.fingerprint();
     sqlx::query(
         "INSERT INTO audit (namespace, name, at, outcome, content_hash, details, fingerprint, repeats)
          VALUES ($1, $2, $3, $4, $5, $6, $7, 1)",
@@ -651,7 +753,12 @@ const MAX_GROUP: usize = 512;
 /// a transaction starts goes into it. One transaction for many instances
 /// instead of one each, and no two connections of this process contending
 /// for SQLite's write lock (whose busy handler sleeps).
-async fn group_commit(pool: AnyPool, keys: Keyring, mut queue: mpsc::UnboundedReceiver<Write>) {
+async fn group_commit(
+    pool: AnyPool,
+    keys: Keyring,
+    dialect: Dialect,
+    mut queue: mpsc::UnboundedReceiver<Write>,
+) {
     while let Some(first) = queue.recv().await {
         let mut group = vec![first];
         while group.len() < MAX_GROUP
@@ -660,10 +767,10 @@ async fn group_commit(pool: AnyPool, keys: Keyring, mut queue: mpsc::UnboundedRe
             group.push(w);
         }
         let ops: Vec<&WriteOp> = group.iter().map(|w| &w.op).collect();
-        if group.len() == 1 || commit(&pool, &keys, &ops).await.is_err() {
+        if group.len() == 1 || commit(&pool, &keys, dialect, &ops).await.is_err() {
             // One failing write fails the whole group: each alone, so only it fails.
             for w in group {
-                let result = commit(&pool, &keys, &[&w.op]).await;
+                let result = commit(&pool, &keys, dialect, &[&w.op]).await;
                 let _ = w.done.send(result);
             }
         } else {
@@ -674,7 +781,12 @@ async fn group_commit(pool: AnyPool, keys: Keyring, mut queue: mpsc::UnboundedRe
     }
 }
 
-async fn commit(pool: &AnyPool, keys: &Keyring, ops: &[&WriteOp]) -> Result<(), StoreError> {
+async fn commit(
+    pool: &AnyPool,
+    keys: &Keyring,
+    dialect: Dialect,
+    ops: &[&WriteOp],
+) -> Result<(), StoreError> {
     let mut tx = pool.begin().await.map_err(q("starting a transaction"))?;
     for op in ops {
         match op {
@@ -682,25 +794,29 @@ async fn commit(pool: &AnyPool, keys: &Keyring, ops: &[&WriteOp]) -> Result<(), 
                 save_in(&mut tx, keys, key, state, audit).await?
             }
             WriteOp::Pending { key, entries } => save_pending_in(&mut tx, key, entries).await?,
-            WriteOp::Audit(records) => {
-                for (key, audit) in records {
-                    insert_audit(&mut tx, key, audit).await?;
-                }
-            }
+            WriteOp::Audit(records) => append_audit_in(&mut tx, dialect, records).await?,
             WriteOp::Seen(seen) => {
-                for (key, content_hash, seen) in seen {
-                    sqlx::query(
-                        "UPDATE ledger SET seen = $1 WHERE namespace = $2 AND name = $3
-                         AND content_hash = $4 AND pending IS NULL",
-                    )
-                    .bind(serde_json::to_string(seen).expect("stamps serialize"))
-                    .bind(&key.namespace)
-                    .bind(&key.name)
-                    .bind(content_hash)
+                let rows: Vec<[String; 4]> = (seen.iter())
+                    .map(|(key, content_hash, seen)| {
+                        [
+                            key.namespace.clone(),
+                            key.name.clone(),
+                            content_hash.clone(),
+                            serde_json::to_string(seen).expect("stamps serialize"),
+                        ]
+                    })
+                    .collect();
+                let sql = over_rows!(
+                    dialect,
+                    "UPDATE ledger SET seen = j.value ->> 3 FROM",
+                    "WHERE ledger.namespace = j.value ->> 0 AND ledger.name = j.value ->> 1
+                     AND ledger.content_hash = j.value ->> 2 AND ledger.pending IS NULL"
+                );
+                sqlx::query(sql)
+                    .bind(serde_json::to_string(&rows).expect("rows serialize"))
                     .execute(&mut *tx)
                     .await
                     .map_err(q("keeping the stamps of unchanged files"))?;
-                }
             }
         }
     }
