@@ -97,20 +97,30 @@ pub async fn apply(
     Ok(applied)
 }
 
-/// Waits until the CRD `name` is `Established` (served).
+/// Waits until the CRD `name` is `Established` and its objects are served.
+///
+/// The API server makes a custom resource's storage (and its watch cache)
+/// on the first request for its objects. A watch that is among the first
+/// requests, racing writes, was seen to miss an object created moments
+/// later; a cluster's CRDs are served long before an operator starts, so a
+/// list here makes the storage first, as it would be.
 pub async fn established(client: &kube::Client, name: &str) {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let started = Instant::now();
     loop {
-        let ok = api.get(name).await.ok().is_some_and(|crd| {
+        let crd = api.get(name).await.ok().filter(|crd| {
             crd.status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True")
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                })
         });
-        if ok {
+        if let Some(crd) = crd
+            && served(client, &crd).await
+        {
             return;
         }
         assert!(
@@ -119,4 +129,25 @@ pub async fn established(client: &kube::Client, name: &str) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Whether the objects of `crd` (its first served version) can be listed.
+async fn served(
+    client: &kube::Client,
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> bool {
+    let Some(version) = crd.spec.versions.iter().find(|v| v.served) else {
+        return false;
+    };
+    let resource = kube::api::ApiResource {
+        group: crd.spec.group.clone(),
+        version: version.name.clone(),
+        api_version: format!("{}/{}", crd.spec.group, version.name),
+        kind: crd.spec.names.kind.clone(),
+        plural: crd.spec.names.plural.clone(),
+    };
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+    api.list(&kube::api::ListParams::default().limit(1))
+        .await
+        .is_ok()
 }
