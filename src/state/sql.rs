@@ -516,18 +516,18 @@ async fn append_audit_in(
     dialect: Dialect,
     records: &[(InstanceKey, AuditRecord)],
 ) -> Result<(), StoreError> {
-    let repeats: Vec<(usize, [String; 4])> = (records.iter().enumerate())
-        .filter_map(|(i, (key, audit))| {
-            let fp = audit.fingerprint()?;
-            Some((
-                i,
-                [
-                    key.namespace.clone(),
-                    key.name.clone(),
-                    fp,
-                    audit.at.to_string(),
-                ],
-            ))
+    let fingerprints: Vec<Option<String>> = records
+        .iter()
+        .map(|(_, audit)| audit.fingerprint())
+        .collect();
+    let rows: Vec<[String; 4]> = (records.iter().zip(&fingerprints))
+        .filter_map(|((key, audit), fp)| {
+            Some([
+                key.namespace.clone(),
+                key.name.clone(),
+                fp.clone()?,
+                audit.at.to_string(),
+            ])
         })
         .collect();
     let unique = {
@@ -535,9 +535,9 @@ async fn append_audit_in(
         records.iter().all(|(k, _)| keys.insert(k))
     };
     // An instance twice in one batch: its second record must see its first.
-    if !unique || repeats.len() < 2 {
-        for (key, audit) in records {
-            insert_audit(tx, key, audit).await?;
+    if !unique || rows.len() < 2 {
+        for ((key, audit), fp) in records.iter().zip(&fingerprints) {
+            insert_audit(tx, key, audit, fp.as_deref()).await?;
         }
         return Ok(());
     }
@@ -549,7 +549,6 @@ async fn append_audit_in(
          AND audit.fingerprint = j.value ->> 2
          RETURNING audit.namespace, audit.name"
     );
-    let rows: Vec<&[String; 4]> = repeats.iter().map(|(_, r)| r).collect();
     let bumped: std::collections::HashSet<(String, String)> = sqlx::query(sql)
         .bind(serde_json::to_string(&rows).expect("rows serialize"))
         .fetch_all(&mut **tx)
@@ -559,28 +558,29 @@ async fn append_audit_in(
         .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
         .collect::<Result<_, sqlx::Error>>()
         .map_err(q("counting repeated passes in the audit trail"))?;
-    for (key, audit) in records {
+    for ((key, audit), fp) in records.iter().zip(&fingerprints) {
         if !bumped.contains(&(key.namespace.clone(), key.name.clone())) {
-            append_new_audit(tx, key, audit).await?;
+            append_new_audit(tx, key, audit, fp.as_deref()).await?;
         }
     }
     Ok(())
 }
 
+/// Appends one audit record, counted on the last row of its instance when
+/// it repeats it (`fingerprint`, [`AuditRecord::fingerprint`]).
 async fn insert_audit(
     tx: &mut Tx<'_>,
     key: &InstanceKey,
     audit: &AuditRecord,
+    fingerprint: Option<&str>,
 ) -> Result<(), StoreError> {
-    let at = audit.at.to_string();
-    let fingerprint = audit.fingerprint();
-    if let Some(fp) = &fingerprint {
+    if let Some(fp) = fingerprint {
         let bumped = sqlx::query(
             "UPDATE audit SET repeats = repeats + 1, last_at = $1
              WHERE id = (SELECT MAX(id) FROM audit WHERE namespace = $2 AND name = $3)
              AND fingerprint = $4",
         )
-        .bind(&at)
+        .bind(audit.at.to_string())
         .bind(&key.namespace)
         .bind(&key.name)
         .bind(fp)
@@ -591,7 +591,7 @@ async fn insert_audit(
             return Ok(());
         }
     }
-    append_new_audit(tx, key, audit).await
+    append_new_audit(tx, key, audit, fingerprint).await
 }
 
 /// Appends an audit record as a row of its own.
@@ -599,16 +599,15 @@ async fn append_new_audit(
     tx: &mut Tx<'_>,
     key: &InstanceKey,
     audit: &AuditRecord,
+    fingerprint: Option<&str>,
 ) -> Result<(), StoreError> {
-    let at = audit.at.to_string();
-    let fingerprint = audit.fingerprint();
     sqlx::query(
         "INSERT INTO audit (namespace, name, at, outcome, content_hash, details, fingerprint, repeats)
          VALUES ($1, $2, $3, $4, $5, $6, $7, 1)",
     )
     .bind(&key.namespace)
     .bind(&key.name)
-    .bind(at)
+    .bind(audit.at.to_string())
     .bind(&audit.outcome)
     .bind(&audit.content_hash)
     .bind(serde_json::to_string(audit).expect("audit records serialize"))
@@ -697,7 +696,7 @@ async fn save_in(
             insert_installed(tx, key, section.key(), entry, &sealed, &now).await?;
         }
     }
-    insert_audit(tx, key, audit).await?;
+    insert_audit(tx, key, audit, audit.fingerprint().as_deref()).await?;
     Ok(())
 }
 
