@@ -469,8 +469,10 @@ impl Handoff {
         event: &watcher::Event<K>,
         affected: Vec<ObjectKey>,
     ) -> Vec<ObjectKey> {
+        // A listing broken off and started again keeps what it held: the
+        // catalog took those objects already and will not report them twice.
         if kind == Kind::Instance && matches!(event, watcher::Event::Init) {
-            self.held = Some(Vec::new());
+            self.held.get_or_insert_with(Vec::new);
         }
         match &mut self.held {
             Some(keys) if !matches!(event, watcher::Event::InitDone) => {
@@ -1211,6 +1213,8 @@ mod tests {
             h.pass(Kind::Instance, &E::InitApply(()), keys(&["b"]))
                 .is_empty()
         );
+        // The listing breaks off and starts again.
+        assert!(h.pass(Kind::Instance, &E::Init, vec![]).is_empty());
         assert!(
             h.pass(Kind::Instance, &E::InitApply(()), keys(&["c"]))
                 .is_empty()
