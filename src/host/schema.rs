@@ -155,27 +155,30 @@ impl Node {
             open: schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true)),
             ..Node::default()
         };
-        // What the node declares (each field's schema), for the rules to
-        // ask which fields exist below and which have defaults.
-        let shape = schema.clone();
-        let field = |path: &str| -> Option<Option<Value>> {
-            let mut at = &shape;
-            for part in path.split('.') {
-                at = at.get("properties")?.get(part)?;
-            }
-            Some(at.get("default").cloned())
+        // The rules are taken out while each is read against what the node
+        // declares (which fields exist below, which have defaults); those
+        // left to CEL go back.
+        let rules = match schema.get_mut("x-kubernetes-validations") {
+            Some(Value::Array(rules)) => std::mem::take(rules),
+            _ => Vec::new(),
         };
-        if let Some(rules) = schema
-            .get_mut("x-kubernetes-validations")
-            .and_then(Value::as_array_mut)
-        {
-            rules.retain(|rule| match Rule::of(rule, &field) {
-                Some(r) => {
-                    node.rules.push(r);
-                    false
+        if !rules.is_empty() {
+            let declared: &Value = schema;
+            let field = |path: &str| -> Option<Option<Value>> {
+                let mut at = declared;
+                for part in path.split('.') {
+                    at = at.get("properties")?.get(part)?;
                 }
-                None => true,
-            });
+                Some(at.get("default").cloned())
+            };
+            let mut kept = Vec::new();
+            for rule in rules {
+                match Rule::of(&rule, &field) {
+                    Some(r) => node.rules.push(r),
+                    None => kept.push(rule),
+                }
+            }
+            schema["x-kubernetes-validations"] = Value::Array(kept);
         }
         if let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) {
             node.properties = Some(
