@@ -665,7 +665,7 @@ fn secret_fields(entry: &Value) -> Vec<(String, String)> {
     let mut copy = entry.clone();
     let mut out = Vec::new();
     secrets::for_each_secret_field(&mut copy, |path, text| {
-        out.push((path.to_owned(), text.clone()))
+        out.push((path.to_string(), text.clone()))
     });
     out
 }

@@ -517,19 +517,14 @@ impl Engine {
         out.warnings
             .extend(declared.conflicts.iter().map(|c| format!("Conflict: {c}")));
         let Declared { mut sections, .. } = declared;
-        for e in sections.mcp_servers.values_mut() {
-            secrets::for_each_secret_field(&mut e.value, |_, text| {
-                out.secret_refs
-                    .extend(secrets::references(text).unwrap_or_default());
-            });
-        }
-        let used = match secrets::fill(
+        let filled = secrets::fill_all(
             &key.namespace,
             sections.mcp_servers.values_mut().map(|e| &mut e.value),
             secrets,
         )
-        .await
-        {
+        .await;
+        out.secret_refs = filled.refs;
+        let used = match filled.result {
             Ok(used) => used,
             Err(e) => {
                 warn!(reason = e.reason(), error = %e, "secrets not resolved; nothing written");

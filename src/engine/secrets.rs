@@ -142,19 +142,42 @@ pub fn references(s: &str) -> Result<Vec<SecretRef>, PlaceholderError> {
         .collect())
 }
 
+/// Where a field that may hold placeholders sits in an `mcpServers` entry.
+/// Shown only in errors, so it is kept as parts rather than formatted for
+/// every field walked.
+#[derive(Clone, Copy, Debug)]
+pub enum FieldPath<'a> {
+    /// `url`.
+    Url,
+    /// `args[i]`.
+    Arg(usize),
+    /// `env.K` or `headers.K`.
+    Key(&'static str, &'a str),
+}
+
+impl fmt::Display for FieldPath<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FieldPath::Url => f.write_str("url"),
+            FieldPath::Arg(i) => write!(f, "args[{i}]"),
+            FieldPath::Key(map, k) => write!(f, "{map}.{k}"),
+        }
+    }
+}
+
 /// Calls `f` with the path and text of every field of an `mcpServers` entry
 /// that may hold placeholders: `args[i]`, `env.K`, `url`, `headers.K`.
-pub fn for_each_secret_field(entry: &mut Value, mut f: impl FnMut(&str, &mut String)) {
+pub fn for_each_secret_field(entry: &mut Value, mut f: impl FnMut(FieldPath<'_>, &mut String)) {
     let Some(obj) = entry.as_object_mut() else {
         return;
     };
     if let Some(Value::String(url)) = obj.get_mut("url") {
-        f("url", url);
+        f(FieldPath::Url, url);
     }
     if let Some(Value::Array(args)) = obj.get_mut("args") {
         for (i, a) in args.iter_mut().enumerate() {
             if let Value::String(a) = a {
-                f(&format!("args[{i}]"), a);
+                f(FieldPath::Arg(i), a);
             }
         }
     }
@@ -162,7 +185,7 @@ pub fn for_each_secret_field(entry: &mut Value, mut f: impl FnMut(&str, &mut Str
         if let Some(Value::Object(m)) = obj.get_mut(map) {
             for (k, v) in m.iter_mut() {
                 if let Value::String(v) = v {
-                    f(&format!("{map}.{k}"), v);
+                    f(FieldPath::Key(map, k), v);
                 }
             }
         }
@@ -177,7 +200,7 @@ pub fn check_entry_placeholders(entry: &Value) -> Result<(), (String, Placeholde
         if first.is_none()
             && let Err(e) = references(text)
         {
-            first = Some((path.to_owned(), e));
+            first = Some((path.to_string(), e));
         }
     });
     first.map_or(Ok(()), Err)
@@ -381,10 +404,11 @@ impl UsedSecrets {
     /// the rest of the longer one in the clear, and could mask inside a
     /// placeholder already put in.
     pub fn mask(&self, text: &str) -> String {
+        // Most texts hold none of the values: those are not walked.
         let mut values: Vec<(&str, String)> = self
             .0
             .iter()
-            .filter(|(_, v)| !v.expose().is_empty())
+            .filter(|(_, v)| !v.expose().is_empty() && text.contains(v.expose()))
             .map(|(r, v)| (v.expose(), format!("{PLACEHOLDER_PREFIX}{r}}}")))
             .collect();
         if values.is_empty() {
@@ -429,6 +453,16 @@ impl UsedSecrets {
     }
 }
 
+/// What [`fill_all`] found and did.
+#[derive(Debug)]
+pub struct Filled {
+    /// Every well-formed reference of the entries, also when the fill
+    /// failed: what a controller watches to try again.
+    pub refs: BTreeSet<SecretRef>,
+    /// The fill's result, as [`fill`] gives it.
+    pub result: Result<UsedSecrets, SecretError>,
+}
+
 /// Fills every placeholder in `entries` (declared `mcpServers` entries). Either
 /// every placeholder is filled, or nothing is changed and the error names every
 /// missing secret (or the first other problem).
@@ -437,34 +471,62 @@ pub async fn fill<'a>(
     entries: impl IntoIterator<Item = &'a mut Value>,
     provider: &dyn SecretProvider,
 ) -> Result<UsedSecrets, SecretError> {
+    fill_all(namespace, entries, provider).await.result
+}
+
+/// [`fill`], also giving the references it found on the way.
+pub async fn fill_all<'a>(
+    namespace: &str,
+    entries: impl IntoIterator<Item = &'a mut Value>,
+    provider: &dyn SecretProvider,
+) -> Filled {
     let mut entries: Vec<&mut Value> = entries.into_iter().collect();
-    let mut wanted = BTreeSet::new();
+    let mut refs = BTreeSet::new();
     let mut malformed = None;
     for e in entries.iter_mut() {
-        for_each_secret_field(e, |field, text| match references(text) {
-            Ok(refs) => wanted.extend(refs),
-            Err(source) => {
-                malformed.get_or_insert_with(|| SecretError::Malformed {
-                    field: field.to_owned(),
-                    source,
-                });
+        for_each_secret_field(e, |field, text| {
+            if !text.contains(PLACEHOLDER_PREFIX) {
+                return;
+            }
+            match references(text) {
+                Ok(found) => refs.extend(found),
+                Err(source) => {
+                    malformed.get_or_insert_with(|| SecretError::Malformed {
+                        field: field.to_string(),
+                        source,
+                    });
+                }
             }
         });
     }
-    if let Some(e) = malformed {
-        return Err(e);
+    let result = match malformed {
+        Some(e) => Err(e),
+        None => substitute_all(namespace, &mut entries, &refs, provider).await,
+    };
+    Filled { refs, result }
+}
+
+/// Looks `wanted` up and puts the values into `entries`, all or nothing.
+async fn substitute_all(
+    namespace: &str,
+    entries: &mut [&mut Value],
+    wanted: &BTreeSet<SecretRef>,
+    provider: &dyn SecretProvider,
+) -> Result<UsedSecrets, SecretError> {
+    if wanted.is_empty() {
+        return Ok(UsedSecrets::default());
     }
     let mut found = BTreeMap::new();
     let mut missing = Vec::new();
     for r in wanted {
-        match provider.lookup(namespace, &r).await? {
+        match provider.lookup(namespace, r).await? {
             Lookup::Found(v) if v.expose().contains("${") => {
                 return Err(SecretError::Unsafe {
                     name: r.to_string(),
                 });
             }
             Lookup::Found(v) => {
-                found.insert(r, v);
+                found.insert(r.clone(), v);
             }
             Lookup::Missing => missing.push(r.to_string()),
             Lookup::Conflict(secrets) => {
@@ -478,21 +540,21 @@ pub async fn fill<'a>(
     if !missing.is_empty() {
         return Err(SecretError::Missing { names: missing });
     }
-    // Filled on copies, so a refusal half-way leaves every entry as it was.
-    let mut filled: Vec<Value> = entries.iter().map(|e| (**e).clone()).collect();
+    // Every field's new text first, put in only if none is refused, so a
+    // refusal half-way leaves every entry as it was.
+    let mut texts: Vec<Option<String>> = Vec::new();
     let mut refused = None;
-    for e in &mut filled {
+    for e in entries.iter_mut() {
         for_each_secret_field(e, |field, text| {
             if refused.is_some() {
                 return;
             }
             match substitute(text, &found) {
-                Ok(Some(out)) => *text = out,
-                Ok(None) => {}
+                Ok(new) => texts.push(new),
                 Err(r) => {
                     refused = Some(SecretError::UnsafeJoin {
                         name: r.to_string(),
-                        field: field.to_owned(),
+                        field: field.to_string(),
                     });
                 }
             }
@@ -501,8 +563,13 @@ pub async fn fill<'a>(
     if let Some(e) = refused {
         return Err(e);
     }
-    for (e, f) in entries.into_iter().zip(filled) {
-        *e = f;
+    let mut texts = texts.into_iter();
+    for e in entries.iter_mut() {
+        for_each_secret_field(e, |_, text| {
+            if let Some(Some(new)) = texts.next() {
+                *text = new;
+            }
+        });
     }
     Ok(UsedSecrets(found.into_iter().collect()))
 }
@@ -513,6 +580,9 @@ fn substitute<'r>(
     text: &str,
     found: &'r BTreeMap<SecretRef, SecretValue>,
 ) -> Result<Option<String>, &'r SecretRef> {
+    if !text.contains(PLACEHOLDER_PREFIX) {
+        return Ok(None);
+    }
     let Ok(pieces) = pieces(text) else {
         unreachable!("fill refuses malformed placeholders before substituting")
     };
@@ -608,6 +678,33 @@ mod tests {
         let err = fill("dev", [&mut e], &secrets()).await.unwrap_err();
         assert_eq!(err.to_string(), "missing secrets: A, B");
         assert_eq!(e, before);
+    }
+
+    #[tokio::test]
+    async fn a_failed_fill_still_names_every_reference_it_found() {
+        let mut missing =
+            json!({"url": "${SECRET:A}", "env": {"T": "${SECRET:forgejo/FORGEJO_TOKEN_DEV}"}});
+        let mut malformed = json!({"args": ["${SECRET:B}", "${SECRET:a b}"]});
+        let filled = fill_all("dev", [&mut missing, &mut malformed], &secrets()).await;
+        assert_eq!(filled.result.unwrap_err().reason(), "InvalidObject");
+        let refs: Vec<String> = filled.refs.iter().map(ToString::to_string).collect();
+        assert_eq!(refs, ["A", "B", "forgejo/FORGEJO_TOKEN_DEV"]);
+        let filled = fill_all("dev", [&mut missing], &secrets()).await;
+        assert_eq!(filled.result.unwrap_err().to_string(), "missing secrets: A");
+        assert_eq!(filled.refs.len(), 2);
+    }
+
+    #[test]
+    fn masking_leaves_a_text_without_values_as_it_is() {
+        let used = UsedSecrets(vec![(
+            SecretRef::Bare("T".into()),
+            SecretValue::new("tok".into()),
+        )]);
+        assert_eq!(
+            used.mask("up to date (3 plugins)"),
+            "up to date (3 plugins)"
+        );
+        assert_eq!(used.mask("a tok b"), "a ${SECRET:T} b");
     }
 
     #[tokio::test]
