@@ -17,6 +17,7 @@ pub mod secrets;
 pub mod section;
 pub mod shape;
 pub mod snapshot;
+mod type_bases;
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use apply::{Applied, ApplyInput, Change};
 use resolve::Declared;
 use secrets::{SecretProvider, SecretRef, UsedSecrets};
 use snapshot::{ObjectKey, ScopeIndex, Snapshot};
+use type_bases::TypeBases;
 
 /// Whether a pass writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -343,7 +345,12 @@ impl Engine {
         /// Instances whose states are loaded at once.
         const CHUNK: usize = 256;
         let mode = opts.mode;
-        let shared = Arc::new(opts.clone());
+        let shared = Arc::new(PassShared {
+            snapshot: snapshot.clone(),
+            secrets: secrets.clone(),
+            opts: opts.clone(),
+            bases: TypeBases::default(),
+        });
 
         let selected: Vec<(&ObjectKey, &Arc<AgentInstance>)> = snapshot
             .instances
@@ -391,8 +398,6 @@ impl Engine {
                     let task = self.clone().instance_task(
                         key.clone(),
                         inst.clone(),
-                        snapshot.clone(),
-                        secrets.clone(),
                         state,
                         shared.clone(),
                     );
@@ -446,20 +451,19 @@ impl Engine {
         self,
         key: ObjectKey,
         inst: Arc<AgentInstance>,
-        snapshot: Arc<Snapshot>,
-        secrets: Arc<dyn SecretProvider>,
         state: InstanceState,
-        opts: Arc<PassOptions>,
+        pass: Arc<PassShared>,
     ) -> Outcome {
-        let index = snapshot.index();
-        let collision = snapshot.clashes().get(&key).cloned();
+        let index = pass.snapshot.index();
+        let collision = pass.snapshot.clashes().get(&key).cloned();
         self.instance(
             &key,
             &inst,
             &index,
-            secrets.as_ref(),
+            pass.secrets.as_ref(),
             state,
-            &opts,
+            &pass.opts,
+            &pass.bases,
             collision,
         )
         .await
@@ -475,6 +479,7 @@ impl Engine {
         secrets: &dyn SecretProvider,
         state: InstanceState,
         opts: &PassOptions,
+        bases: &TypeBases,
         collision: Option<String>,
     ) -> Outcome {
         let spec = &inst.spec;
@@ -507,11 +512,14 @@ impl Engine {
             return o;
         }
 
-        let declared = resolve::resolve_declared(
-            &self.builtin,
-            &spec.agent_type,
-            &index.layer(&key.namespace, &Scope::Type(spec.agent_type.clone())),
-            &index.layer(&key.namespace, &Scope::Instance(key.name.clone())),
+        let namespace = &key.namespace;
+        let base = bases.get(namespace, &spec.agent_type, || {
+            let type_layer = index.layer(namespace, &Scope::Type(spec.agent_type.clone()));
+            resolve::resolve_type(&self.builtin, &spec.agent_type, &type_layer)
+        });
+        let declared = resolve::with_instance_layer(
+            Declared::clone(&base),
+            &index.layer(namespace, &Scope::Instance(key.name.clone())),
         );
         let mut out = out;
         out.warnings
@@ -844,6 +852,14 @@ impl Engine {
             warn!(error = %crate::error_chain(&e), "cannot append to the audit trail");
         }
     }
+}
+
+/// What every instance task of one pass shares.
+struct PassShared {
+    snapshot: Arc<Snapshot>,
+    secrets: Arc<dyn SecretProvider>,
+    opts: PassOptions,
+    bases: TypeBases,
 }
 
 /// Whether `ledger` records exactly the render `desired`: the same names,

@@ -145,6 +145,15 @@ pub fn resolve_declared(
     type_layer: &Layer<'_>,
     instance_layer: &Layer<'_>,
 ) -> Declared {
+    with_instance_layer(
+        resolve_type(builtin, agent_type, type_layer),
+        instance_layer,
+    )
+}
+
+/// The builtin and type layers: what every instance of `agent_type` in a
+/// namespace starts from, so a pass resolves them once per type.
+pub fn resolve_type(builtin: &Builtin, agent_type: &str, type_layer: &Layer<'_>) -> Declared {
     let mut out = Declared::default();
 
     for id in builtin.plugins_for(agent_type) {
@@ -175,13 +184,21 @@ pub fn resolve_declared(
         );
     }
 
-    for (layer, scope) in [(type_layer, "type"), (instance_layer, "instance")] {
-        for section in Section::ALL {
-            let candidates = candidates(layer, section);
-            apply_layer(&mut out, section, scope, candidates);
-        }
-    }
+    add_layer(&mut out, type_layer, "type");
     out
+}
+
+/// `base` ([`resolve_type`]) with an instance's own layer put over it.
+pub fn with_instance_layer(mut base: Declared, instance_layer: &Layer<'_>) -> Declared {
+    add_layer(&mut base, instance_layer, "instance");
+    base
+}
+
+fn add_layer(out: &mut Declared, layer: &Layer<'_>, scope: &'static str) {
+    for section in Section::ALL {
+        let candidates = candidates(layer, section);
+        apply_layer(out, section, scope, candidates);
+    }
 }
 
 fn candidates(layer: &Layer<'_>, section: Section) -> BTreeMap<String, Vec<Candidate>> {
