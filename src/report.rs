@@ -86,7 +86,8 @@ impl<W: std::io::Write> Streamed<W> {
     /// A JSON array of [`Row`]s.
     pub fn json(w: W) -> Self {
         Streamed {
-            out: std::io::BufWriter::new(w),
+            // Large writes: a fleet's report is tens of megabytes.
+            out: std::io::BufWriter::with_capacity(1 << 18, w),
             table: None,
             rows: 0,
             error: None,
@@ -110,19 +111,14 @@ impl<W: std::io::Write> Streamed<W> {
         if self.error.is_some() {
             return;
         }
-        // The layout `serde_json` gives an array of pretty objects.
-        let row = serde_json::to_vec_pretty(&Row::from(o)).expect("rows serialize");
+        // The layout `serde_json` gives an array of pretty objects: each
+        // row pretty, one level in.
         let sep: &[u8] = if self.rows == 0 { b"[\n  " } else { b",\n  " };
+        let out = &mut self.out;
         let mut write = || -> std::io::Result<()> {
-            self.out.write_all(sep)?;
-            // Strings in JSON hold no raw newline: each one is layout.
-            for (i, line) in row.split(|b| *b == b'\n').enumerate() {
-                if i > 0 {
-                    self.out.write_all(b"\n  ")?;
-                }
-                self.out.write_all(line)?;
-            }
-            Ok(())
+            out.write_all(sep)?;
+            serde_json::to_writer_pretty(IndentedOnce(out), &Row::from(o))
+                .map_err(std::io::Error::from)
         };
         if let Err(e) = write() {
             self.error = Some(e);
@@ -143,6 +139,33 @@ impl<W: std::io::Write> Streamed<W> {
             None => self.out.write_all(b"\n]\n")?,
         }
         self.out.flush()
+    }
+}
+
+/// Writes what it is given one level further in: JSON strings hold no raw
+/// newline, so every newline is layout, and each is followed by the indent.
+struct IndentedOnce<'a, W: std::io::Write>(&'a mut W);
+
+impl<W: std::io::Write> std::io::Write for IndentedOnce<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        let mut lines = buf.split(|b| *b == b'\n');
+        if let Some(first) = lines.next() {
+            self.0.write_all(first)?;
+        }
+        for line in lines {
+            self.0.write_all(b"\n  ")?;
+            self.0.write_all(line)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
     }
 }
 
@@ -329,6 +352,33 @@ mod tests {
     use super::*;
     use crate::engine::secrets::{SecretRef, SecretValue};
     use serde_json::json;
+
+    #[test]
+    fn streamed_json_is_what_serde_json_makes_of_the_rows() {
+        let outcome = |name: &str, message: &str| {
+            let key = crate::engine::snapshot::ObjectKey {
+                namespace: "team".into(),
+                name: name.into(),
+            };
+            let mut o = Outcome::new(&key, "reviewer", format!("team/{name}"));
+            o.message = message.into();
+            o.rendered.plugins = vec!["a@m".into(), "b@m".into()];
+            o.warnings = vec!["two\nlines \"quoted\"".into()];
+            o
+        };
+        let outcomes = [outcome("a", "up to date"), outcome("b", "x\n  y")];
+        for n in 0..=outcomes.len() {
+            let mut out = Vec::new();
+            let mut s = Streamed::json(&mut out);
+            for o in &outcomes[..n] {
+                s.push(o);
+            }
+            s.finish().unwrap();
+            let rows: Vec<Row> = outcomes[..n].iter().map(Row::from).collect();
+            let expected = serde_json::to_string_pretty(&rows).unwrap() + "\n";
+            assert_eq!(String::from_utf8(out).unwrap(), expected, "{n} rows");
+        }
+    }
 
     #[test]
     fn diff_values_hide_escaped_secrets_and_old_ones_no_mask_knows() {
