@@ -153,6 +153,10 @@ impl<W: std::io::Write> std::io::Write for IndentedOnce<'_, W> {
     }
 
     fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        // serde_json writes a newline apart from what is around it.
+        if !buf.contains(&b'\n') {
+            return self.0.write_all(buf);
+        }
         let mut lines = buf.split(|b| *b == b'\n');
         if let Some(first) = lines.next() {
             self.0.write_all(first)?;
