@@ -379,51 +379,79 @@ impl Engine {
         };
         // Instances go in a chunk at a time, their states loaded for the
         // chunk: a task made up front holds its state and a few kilobytes
-        // of its own, which 100,000 of them waiting would add up to.
-        for chunk in selected.chunks(CHUNK) {
+        // of its own, which 100,000 of them waiting would add up to. The
+        // next chunk's states load while this chunk runs, and its first
+        // instances start as this one's last are still running, so the
+        // cores are not left waiting at the seam.
+        let mut chunks = selected.chunks(CHUNK);
+        let load = |chunk: &[(&ObjectKey, &Arc<AgentInstance>)]| {
             let keys: Vec<ObjectKey> = chunk.iter().map(|(k, _)| (*k).clone()).collect();
-            let mut states = self.store.load_many(&keys).await?;
-            let mut queued = chunk.iter().enumerate();
-            // Unordered, so an instance waiting on a lock holds up no other;
-            // what finishes early waits here until those before it are out
-            // (at most a chunk of outcomes).
-            let mut running = tokio::task::JoinSet::new();
-            let mut early = std::collections::BTreeMap::new();
-            let mut next = 0;
-            loop {
-                while running.len() < self.concurrency
-                    && let Some((at, &(key, inst))) = queued.next()
-                {
-                    let state = states.remove(key).unwrap_or_default();
-                    let task = self.clone().instance_task(
-                        key.clone(),
-                        inst.clone(),
-                        state,
-                        shared.clone(),
-                    );
-                    running.spawn(async move { (at, task.await) }.in_current_span());
-                }
-                let Some(done) = running.join_next().await else {
-                    break;
+            let store = self.store.clone();
+            let mut loading = tokio::task::JoinSet::new();
+            loading.spawn(async move { store.load_many(&keys).await }.in_current_span());
+            loading
+        };
+        let mut loading = chunks.next().map(|c| (c, load(c)));
+        let mut queued = Vec::new().into_iter();
+        let mut started = 0;
+        // Unordered, so an instance waiting on a lock holds up no other;
+        // what finishes early waits here until those before it are out
+        // (at most about two chunks of outcomes).
+        let mut running = tokio::task::JoinSet::new();
+        let mut early = std::collections::BTreeMap::new();
+        let mut next = 0;
+        loop {
+            while running.len() < self.concurrency {
+                let Some((key, inst, state)) = queued.next() else {
+                    let Some((chunk, mut states)) = loading.take() else {
+                        break;
+                    };
+                    let mut states = states
+                        .join_next()
+                        .await
+                        .expect("one load per chunk")
+                        .unwrap_or_else(|e| match e.try_into_panic() {
+                            Ok(panic) => std::panic::resume_unwind(panic),
+                            Err(e) => unreachable!("a load is aborted only with the pass: {e}"),
+                        })?;
+                    loading = chunks.next().map(|c| (c, load(c)));
+                    queued = chunk
+                        .iter()
+                        .map(|&(key, inst)| {
+                            let state = states.remove(key).unwrap_or_default();
+                            (key, inst, state)
+                        })
+                        .collect::<Vec<_>>()
+                        .into_iter();
+                    continue;
                 };
-                let (at, o) = done.unwrap_or_else(|e| match e.try_into_panic() {
-                    Ok(panic) => std::panic::resume_unwind(panic),
-                    Err(e) => unreachable!("instance tasks are aborted only with the pass: {e}"),
-                });
-                if let Some(Progress(tick)) = &opts.progress {
-                    tick();
+                let at = started;
+                started += 1;
+                let task =
+                    self.clone()
+                        .instance_task(key.clone(), inst.clone(), state, shared.clone());
+                running.spawn(async move { (at, task.await) }.in_current_span());
+            }
+            let Some(done) = running.join_next().await else {
+                break;
+            };
+            let (at, o) = done.unwrap_or_else(|e| match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(e) => unreachable!("instance tasks are aborted only with the pass: {e}"),
+            });
+            if let Some(Progress(tick)) = &opts.progress {
+                tick();
+            }
+            early.insert(at, o);
+            while let Some(o) = early.remove(&next) {
+                next += 1;
+                while let Some(inv) = invalid.next_if(|i| i.key < o.key) {
+                    emit(inv, &mut batch);
                 }
-                early.insert(at, o);
-                while let Some(o) = early.remove(&next) {
-                    next += 1;
-                    while let Some(inv) = invalid.next_if(|i| i.key < o.key) {
-                        emit(inv, &mut batch);
-                    }
-                    emit(o, &mut batch);
-                }
-                if batch.len() >= BATCH {
-                    self.flush(std::mem::take(&mut batch)).await;
-                }
+                emit(o, &mut batch);
+            }
+            if batch.len() >= BATCH {
+                self.flush(std::mem::take(&mut batch)).await;
             }
         }
         for inv in invalid {
