@@ -689,3 +689,80 @@ fn env_dir_owner_is_applied_to_dir_and_files() {
         assert_eq!((m.uid(), m.gid()), (4321, 4322), "{f}");
     }
 }
+
+/// A fleet larger than the chunks a pass loads states in: every instance is
+/// reported once, in key order with the invalid ones in their places, each
+/// with its own render, and a second pass finds every one up to date (each
+/// state went to its own instance).
+#[test]
+fn a_fleet_of_many_chunks_is_reported_in_order_with_each_state_its_own() {
+    let h = Host::new();
+    h.config(
+        "agents.json",
+        r#"{"types":[{"name":"t0","plugins":["base@tools"]},{"name":"t1","plugins":["other@tools"]}]}"#,
+    );
+    let mut parts = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..600usize {
+        let name = format!("a{i:03}");
+        parts.push(instance("dev", &name, &format!("t{}", i % 2)));
+        if i.is_multiple_of(7) {
+            let own = format!("own-{name}@tools");
+            parts.push(binding(
+                "dev",
+                &format!("{name}-own"),
+                &format!("instance: {name}"),
+                &[(own.as_str(), true)],
+            ));
+        }
+        expected.push(name.clone());
+        if i % 250 == 3 {
+            // Sorts right after `name`; invalid: no agent type.
+            let bad = format!("{name}x");
+            parts.push(format!(
+                "apiVersion: agentenv.io/v1alpha1\nkind: AgentInstance\nmetadata:\n  name: {bad}\n  namespace: dev\nspec:\n  suspend: false\n"
+            ));
+            expected.push(bad);
+        }
+    }
+    h.manifest("fleet", &docs(&parts));
+
+    let first = h.reconcile();
+    let names = |run: &Run| -> Vec<String> {
+        run.rows()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names(&first), expected);
+    for r in first.rows() {
+        let name = r["name"].as_str().unwrap();
+        if name.ends_with('x') {
+            assert_eq!(r["reason"], "InvalidObject", "{r}");
+            continue;
+        }
+        let i: usize = name[1..].parse().unwrap();
+        let mut want = vec![
+            if i.is_multiple_of(2) {
+                "base@tools"
+            } else {
+                "other@tools"
+            }
+            .to_owned(),
+        ];
+        if i.is_multiple_of(7) {
+            want.push(format!("own-{name}@tools"));
+        }
+        want.sort();
+        assert_eq!(r["plugins"], json!(want), "{r}");
+        assert_eq!(r["reason"], "Rendered", "{r}");
+    }
+
+    let second = h.reconcile();
+    assert_eq!(names(&second), expected);
+    for r in second.rows() {
+        if !r["name"].as_str().unwrap().ends_with('x') {
+            assert_eq!(r["reason"], "UpToDate", "{r}");
+        }
+    }
+}
