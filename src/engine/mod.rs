@@ -638,27 +638,33 @@ impl Engine {
         // Full passes (start, resync) clean up after a killed run.
         let sweep_temp_files = opts.only.is_none();
         let key = out.key.clone();
-        let desired = PerSection::from_fn(|s| {
-            resolve::desired_section(
-                s,
-                &sections[s],
-                &state.installed[s],
-                target.runtime_installs,
-            )
-        });
+        // Usually nothing is installed and the render is the declared
+        // entries: those are then used as they are instead of copied.
+        let united = (!resolve::desired_is_declared(&state.installed, target.runtime_installs))
+            .then(|| {
+                PerSection::from_fn(|s| {
+                    resolve::desired_section(
+                        s,
+                        &sections[s],
+                        &state.installed[s],
+                        target.runtime_installs,
+                    )
+                })
+            });
+        let desired = united.as_ref().unwrap_or(&sections);
         let ledger_current = state.pending.is_none()
-            && (state.ledger.as_ref()).is_some_and(|l| renders(l, &desired, self.store.hasher()));
+            && (state.ledger.as_ref()).is_some_and(|l| renders(l, desired, self.store.hasher()));
         if mode == Mode::Apply
             && !ledger_current
-            && let Err(e) = self.record_pending(&key, &desired, &state).await
+            && let Err(e) = self.record_pending(&key, desired, &state).await
         {
             return out.fail(reason::STATE_FAILED, crate::error_chain(&e));
         }
         if ledger_current && self.files_unchanged(&state, &target).await {
-            let applied = apply::Applied::unchanged(&state, desired);
+            let applied = apply::Applied::unchanged(&state, united.unwrap_or(sections));
             return self.report(out, applied, state, mode).await;
         }
-        drop(desired);
+        drop(united);
 
         let root = self.root.clone();
         let store = self.store.clone();

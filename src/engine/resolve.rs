@@ -336,6 +336,12 @@ pub fn desired(
     PerSection::from_fn(|s| desired_section(s, &declared.sections[s], &installed[s], mode))
 }
 
+/// Whether [`desired`] is the declared entries as they are: nothing
+/// installed is united with them.
+pub fn desired_is_declared(installed: &Installed, mode: RuntimeInstalls) -> bool {
+    mode == RuntimeInstalls::Revert || installed.iter().all(|(_, m)| m.is_empty())
+}
+
 /// [`desired`] for one owned key.
 pub fn desired_section(
     section: Section,
