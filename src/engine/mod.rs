@@ -352,11 +352,19 @@ impl Engine {
             bases: TypeBases::default(),
         });
 
-        let selected: Vec<(&ObjectKey, &Arc<AgentInstance>)> = snapshot
-            .instances
-            .iter()
-            .filter(|(key, _)| opts.only.as_ref().is_none_or(|o| o.contains(*key)))
-            .collect();
+        // A pass over a few instances (an edit seen in one env dir) looks
+        // them up instead of walking the whole fleet.
+        let selected: Vec<(&ObjectKey, &Arc<AgentInstance>)> = match &opts.only {
+            None => snapshot.instances.iter().collect(),
+            Some(only) => {
+                let mut selected: Vec<_> = only
+                    .iter()
+                    .filter_map(|k| snapshot.instances.get_key_value(k))
+                    .collect();
+                selected.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                selected
+            }
+        };
         // Instances whose object is invalid, merged in by key.
         let mut invalid: Vec<Outcome> = snapshot
             .invalid
