@@ -403,13 +403,14 @@ impl Engine {
         let mut queued = Vec::new().into_iter();
         let mut started = 0;
         // Unordered, so an instance waiting on a lock holds up no other;
-        // what finishes early waits here until those before it are out
-        // (at most about two chunks of outcomes).
+        // what finishes early waits here until those before it are out.
+        // No instance starts more than a chunk past the first one not out:
+        // one slow instance holds at most a chunk of outcomes waiting.
         let mut running = tokio::task::JoinSet::new();
         let mut early = std::collections::BTreeMap::new();
         let mut next = 0;
         loop {
-            while running.len() < self.concurrency {
+            while running.len() < self.concurrency && started - next < CHUNK {
                 let Some((key, inst, state)) = queued.next() else {
                     let Some((chunk, mut states)) = loading.take() else {
                         break;
