@@ -32,7 +32,7 @@ use crate::state::{AuditRecord, InstanceState, StateStore, StoreError};
 use apply::{Applied, ApplyInput, Change};
 use resolve::Declared;
 use secrets::{SecretProvider, SecretRef, UsedSecrets};
-use snapshot::{ObjectKey, ScopeIndex, Snapshot};
+use snapshot::{ObjectKey, Snapshot};
 use type_bases::TypeBases;
 
 /// Whether a pass writes.
@@ -491,34 +491,24 @@ impl Engine {
         state: InstanceState,
         pass: Arc<PassShared>,
     ) -> Outcome {
-        let index = pass.snapshot.index();
-        let collision = pass.snapshot.clashes().get(&key).cloned();
-        self.instance(
-            &key,
-            &inst,
-            &index,
-            pass.secrets.as_ref(),
-            state,
-            &pass.opts,
-            &pass.bases,
-            collision,
-        )
-        .await
+        self.instance(&key, &inst, state, &pass).await
     }
 
-    #[allow(clippy::too_many_arguments)]
     #[instrument(skip_all, fields(instance = %key))]
     async fn instance(
         &self,
         key: &ObjectKey,
         inst: &AgentInstance,
-        index: &ScopeIndex<'_>,
-        secrets: &dyn SecretProvider,
         state: InstanceState,
-        opts: &PassOptions,
-        bases: &TypeBases,
-        collision: Option<String>,
+        pass: &PassShared,
     ) -> Outcome {
+        let PassShared {
+            secrets,
+            opts,
+            bases,
+            ..
+        } = pass;
+        let index = pass.snapshot.index();
         let spec = &inst.spec;
         let rel = snapshot::env_path(key, inst);
         let out = Outcome::new(key, &spec.agent_type, rel.clone());
@@ -530,7 +520,7 @@ impl Engine {
                 ..out
             };
         }
-        if let Some(clash) = collision {
+        if let Some(clash) = pass.snapshot.clashes().get(key) {
             return out.fail(
                 reason::INVALID_OBJECT,
                 format!("field spec.envDir.path: env dir {rel} {clash}"),
@@ -565,7 +555,7 @@ impl Engine {
         let filled = secrets::fill_all(
             &key.namespace,
             sections.mcp_servers.values_mut().map(|e| &mut e.value),
-            secrets,
+            secrets.as_ref(),
         )
         .await;
         out.secret_refs = filled.refs;
