@@ -48,25 +48,27 @@ pub struct Row {
     pub warnings: Vec<String>,
 }
 
-impl From<&Outcome> for Row {
-    fn from(o: &Outcome) -> Row {
+impl From<Outcome> for Row {
+    /// Takes the outcome's lists instead of copying them: a report row is
+    /// the last use of an outcome.
+    fn from(o: Outcome) -> Row {
         let mask = |s: &String| o.used_secrets.mask(s);
         Row {
-            namespace: o.key.namespace.clone(),
-            name: o.key.name.clone(),
-            agent_type: o.agent_type.clone(),
-            env_dir: o.env_dir.clone(),
+            message: mask(&o.message),
+            warnings: o.warnings.iter().map(mask).collect(),
+            changed: o.changes.iter().map(Change::label).collect(),
+            namespace: o.key.namespace,
+            name: o.key.name,
+            agent_type: o.agent_type,
+            env_dir: o.env_dir,
             ready: o.ready,
             reason: o.reason.to_owned(),
-            message: mask(&o.message),
-            plugins: o.rendered.plugins.clone(),
-            marketplaces: o.rendered.marketplaces.clone(),
-            mcp_servers: o.rendered.mcp_servers.clone(),
-            sources: o.sources.clone(),
-            changed: o.changes.iter().map(Change::label).collect(),
-            drift: o.drift.clone(),
-            adopted: o.adopted.clone(),
-            warnings: o.warnings.iter().map(mask).collect(),
+            plugins: o.rendered.plugins,
+            marketplaces: o.rendered.marketplaces,
+            mcp_servers: o.rendered.mcp_servers,
+            sources: o.sources,
+            drift: o.drift,
+            adopted: o.adopted,
         }
     }
 }
@@ -103,7 +105,7 @@ impl<W: std::io::Write> Streamed<W> {
     }
 
     /// Adds an instance's row.
-    pub fn push(&mut self, o: &Outcome) {
+    pub fn push(&mut self, o: Outcome) {
         if let Some(rows) = &mut self.table {
             rows.push(table_row(o));
             return;
@@ -114,13 +116,11 @@ impl<W: std::io::Write> Streamed<W> {
         // The layout `serde_json` gives an array of pretty objects: each
         // row pretty, one level in.
         let sep: &[u8] = if self.rows == 0 { b"[\n  " } else { b",\n  " };
-        let out = &mut self.out;
-        let mut write = || -> std::io::Result<()> {
-            out.write_all(sep)?;
-            serde_json::to_writer_pretty(IndentedOnce(out), &Row::from(o))
+        let written = self.out.write_all(sep).and_then(|()| {
+            serde_json::to_writer_pretty(IndentedOnce(&mut self.out), &Row::from(o))
                 .map_err(std::io::Error::from)
-        };
-        if let Err(e) = write() {
+        });
+        if let Err(e) = written {
             self.error = Some(e);
         }
         self.rows += 1;
@@ -186,7 +186,7 @@ const TABLE_HEADER: [&str; 9] = [
 ];
 
 /// An instance's cells in the table, and its warnings.
-fn table_row(o: &Outcome) -> (Vec<String>, Vec<String>) {
+fn table_row(o: Outcome) -> (Vec<String>, Vec<String>) {
     let r = Row::from(o);
     (
         vec![
@@ -370,15 +370,15 @@ mod tests {
             o.warnings = vec!["two\nlines \"quoted\"".into()];
             o
         };
-        let outcomes = [outcome("a", "up to date"), outcome("b", "x\n  y")];
-        for n in 0..=outcomes.len() {
+        let outcomes = || [outcome("a", "up to date"), outcome("b", "x\n  y")];
+        for n in 0..=2 {
             let mut out = Vec::new();
             let mut s = Streamed::json(&mut out);
-            for o in &outcomes[..n] {
+            for o in outcomes().into_iter().take(n) {
                 s.push(o);
             }
             s.finish().unwrap();
-            let rows: Vec<Row> = outcomes[..n].iter().map(Row::from).collect();
+            let rows: Vec<Row> = outcomes().into_iter().take(n).map(Row::from).collect();
             let expected = serde_json::to_string_pretty(&rows).unwrap() + "\n";
             assert_eq!(String::from_utf8(out).unwrap(), expected, "{n} rows");
         }

@@ -413,7 +413,7 @@ async fn reconcile(args: ReconcileArgs) -> ExitCode {
         Output::Table => report::Streamed::table(std::io::stdout()),
         Output::Json => report::Streamed::json(std::io::stdout()),
     };
-    let passed = pass(&args.input, Mode::Apply, &mut |o| report.push(&o)).await;
+    let passed = pass(&args.input, Mode::Apply, &mut |o| report.push(o)).await;
     let Passed { ready, invalid } = match passed {
         Ok(p) => p,
         Err(code) => return code,
