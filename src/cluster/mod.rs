@@ -437,6 +437,13 @@ where
                     if !queued.is_empty() {
                         let keys: Vec<String> = queued.iter().map(ToString::to_string).collect();
                         debug!(kind = kind.name(), instances = %keys.join(","), "queued by a watch event");
+                    } else if let watcher::Event::Apply(obj) | watcher::Event::Delete(obj) = &event
+                        && tracing::enabled!(tracing::Level::DEBUG)
+                        && let Some((key, _)) = convert(obj)
+                    {
+                        // Says the event came: an object whose instances the
+                        // catalog does not know (yet) queues nothing.
+                        debug!(kind = kind.name(), object = %key, "a watch event affects no instance");
                     }
                     for key in queued {
                         let _ = ctx.queue.send(key);
