@@ -756,8 +756,12 @@ impl Inner {
             if let Some(s) = self.by_namespace.get_mut(ns) {
                 s.remove(&key.name);
             }
-            for names in self.by_type.values_mut() {
-                names.remove(&key.name);
+            // Names only mean something within their namespace: an
+            // instance of the same name elsewhere stays indexed.
+            for ((n, _), names) in self.by_type.iter_mut() {
+                if n == ns {
+                    names.remove(&key.name);
+                }
             }
             self.by_type.retain(|_, v| !v.is_empty());
             for keys in self.env_paths.values_mut() {
@@ -892,4 +896,49 @@ pub fn pod_item(p: &k8s_openapi::api::core::v1::Pod) -> Option<(ObjectKey, Item)
 pub fn custom_item(o: &DynamicObject) -> Option<(ObjectKey, Item)> {
     let key = ObjectKey::new(o.metadata.namespace.clone()?, o.metadata.name.clone()?);
     Some((key, Item::Custom(Box::new(o.clone()))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::core::DynamicObject;
+    use serde_json::json;
+
+    fn object(kind: &str, ns: &str, name: &str, spec: Value) -> DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "agentenv.io/v1alpha1",
+            "kind": kind,
+            "metadata": {"name": name, "namespace": ns},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    fn apply(catalog: &Catalog, kind: Kind, obj: DynamicObject) -> Vec<ObjectKey> {
+        catalog.on_event(kind, &watcher::Event::Apply(obj), custom_item)
+    }
+
+    /// Instances of one name in two namespaces: a change to one leaves the
+    /// other where an object of its own namespace finds it.
+    #[test]
+    fn an_instance_changed_in_one_namespace_leaves_its_namesake_in_another_indexed() {
+        let catalog = Catalog::default();
+        let alice = |ns: &str| object("AgentInstance", ns, "alice", json!({"agentType": "coder"}));
+        apply(&catalog, Kind::Instance, alice("team-a"));
+        apply(&catalog, Kind::Instance, alice("team-b"));
+        let mut changed = alice("team-a");
+        changed.metadata.finalizers = Some(vec!["agentenv.io/env-dir".into()]);
+        apply(&catalog, Kind::Instance, changed);
+
+        let server = object(
+            "McpServer",
+            "team-b",
+            "forgejo",
+            json!({"target": {"agentType": "coder"}, "stdio": {"command": "forgejo-mcp"}}),
+        );
+        assert_eq!(
+            apply(&catalog, Kind::Mcp, server),
+            [ObjectKey::new("team-b", "alice")]
+        );
+    }
 }
