@@ -133,6 +133,10 @@ fn pieces(s: &str) -> Result<Vec<Piece<'_>>, PlaceholderError> {
 
 /// The secrets a string refers to.
 pub fn references(s: &str) -> Result<Vec<SecretRef>, PlaceholderError> {
+    // Most fields hold no placeholder: those are not split into pieces.
+    if !s.contains(PLACEHOLDER_PREFIX) {
+        return Ok(Vec::new());
+    }
     Ok(pieces(s)?
         .into_iter()
         .filter_map(|p| match p {
@@ -484,18 +488,13 @@ pub async fn fill_all<'a>(
     let mut refs = BTreeSet::new();
     let mut malformed = None;
     for e in entries.iter_mut() {
-        for_each_secret_field(e, |field, text| {
-            if !text.contains(PLACEHOLDER_PREFIX) {
-                return;
-            }
-            match references(text) {
-                Ok(found) => refs.extend(found),
-                Err(source) => {
-                    malformed.get_or_insert_with(|| SecretError::Malformed {
-                        field: field.to_string(),
-                        source,
-                    });
-                }
+        for_each_secret_field(e, |field, text| match references(text) {
+            Ok(found) => refs.extend(found),
+            Err(source) => {
+                malformed.get_or_insert_with(|| SecretError::Malformed {
+                    field: field.to_string(),
+                    source,
+                });
             }
         });
     }
