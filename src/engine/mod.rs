@@ -436,9 +436,9 @@ impl Engine {
                 };
                 let at = started;
                 started += 1;
-                let task =
-                    self.clone()
-                        .instance_task(key.clone(), inst.clone(), state, shared.clone());
+                let task = self
+                    .clone()
+                    .instance(key.clone(), inst.clone(), state, shared.clone());
                 running.spawn(async move { (at, task.await) }.in_current_span());
             }
             let Some(done) = running.join_next().await else {
@@ -484,30 +484,21 @@ impl Engine {
     }
 
     /// One instance's work, owning what it needs so it can run as a task.
-    async fn instance_task(
+    #[instrument(skip_all, fields(instance = %key))]
+    async fn instance(
         self,
         key: ObjectKey,
         inst: Arc<AgentInstance>,
         state: InstanceState,
         pass: Arc<PassShared>,
     ) -> Outcome {
-        self.instance(&key, &inst, state, &pass).await
-    }
-
-    #[instrument(skip_all, fields(instance = %key))]
-    async fn instance(
-        &self,
-        key: &ObjectKey,
-        inst: &AgentInstance,
-        state: InstanceState,
-        pass: &PassShared,
-    ) -> Outcome {
+        let (key, inst) = (&key, &*inst);
         let PassShared {
             secrets,
             opts,
             bases,
             ..
-        } = pass;
+        } = &*pass;
         let index = pass.snapshot.index();
         let spec = &inst.spec;
         let rel = snapshot::env_path(key, inst);
