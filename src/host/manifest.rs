@@ -18,8 +18,8 @@ use crate::crd::{self, AgentInstance, McpServer, PluginBinding, PluginMarketplac
 use crate::engine::secrets::{self, SecretValue};
 use crate::engine::shape;
 use crate::engine::snapshot::{InvalidObject, ObjectKey, Snapshot};
-use crate::host::schema;
 pub use crate::host::schema::unknown_fields;
+use crate::host::{schema, yaml};
 
 /// Namespace of an object whose manifest names none, as with `kubectl apply`.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -455,27 +455,16 @@ fn read_manifest(file: &Path) -> Result<String, ManifestError> {
 /// The documents of one manifest text, parsed, each with where it starts.
 fn parse_yaml(t: &Text) -> Result<Vec<(Value, Source)>, ManifestError> {
     let (file, text) = (t.name.as_path(), t.text.as_str());
-    let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, yaml_options(text.len()))
-        .map_err(|e| {
-            let too_many = matches!(
-                e.without_snippet(),
-                serde_saphyr::Error::Budget {
-                    breach: serde_saphyr::budget::BudgetBreach::Documents { .. },
-                    ..
-                }
-            );
-            if too_many {
-                ManifestError::TooManyDocuments {
-                    file: file.to_owned(),
-                    limit: MAX_DOCUMENTS_PER_FILE,
-                }
-            } else {
-                ManifestError::Yaml {
-                    file: file.to_owned(),
-                    message: e.to_string(),
-                }
-            }
-        })?;
+    let docs = yaml::documents(text, yaml_budget(text.len())).map_err(|e| match e {
+        yaml::YamlError::TooManyDocuments { limit } => ManifestError::TooManyDocuments {
+            file: file.to_owned(),
+            limit,
+        },
+        yaml::YamlError::Invalid(message) => ManifestError::Yaml {
+            file: file.to_owned(),
+            message,
+        },
+    })?;
     let lines = if t.lines {
         document_lines(text)
     } else {
@@ -565,7 +554,8 @@ fn kustomize_patches(foreign: &[(PathBuf, &'static str)]) -> std::collections::H
         let Ok(text) = read_manifest(file) else {
             continue;
         };
-        let Ok(k) = serde_saphyr::from_str_with_options::<Value>(&text, yaml_options(text.len()))
+        let Ok(Some(k)) =
+            yaml::documents(&text, yaml_budget(text.len())).map(|d| d.into_iter().next())
         else {
             continue;
         };
@@ -593,7 +583,7 @@ fn is_kustomization(path: &Path) -> bool {
 }
 
 /// Most documents one manifest file may hold (a generated fleet file can
-/// hold thousands; the parser's own default of 1,024 is too low).
+/// hold thousands).
 pub const MAX_DOCUMENTS_PER_FILE: usize = 100_000;
 /// Largest manifest file read (32 MiB). Parsed YAML takes about twenty times
 /// its text in memory, and a file is parsed whole before any of it is used.
@@ -611,19 +601,13 @@ pub const MAX_OBJECTS: usize = 1_000_000;
 /// millions of nodes and gigabytes of memory.
 pub const MAX_EXPANSION: usize = 16;
 
-fn yaml_options(text_len: usize) -> serde_saphyr::Options {
+fn yaml_budget(text_len: usize) -> yaml::Budget {
     let allowed = text_len.saturating_mul(MAX_EXPANSION).saturating_add(4096);
-    let mut budget = serde_saphyr::budget::Budget::default();
-    budget.max_documents = MAX_DOCUMENTS_PER_FILE;
-    budget.max_nodes = allowed.min(50_000_000);
-    budget.max_events = allowed.saturating_mul(2).min(100_000_000);
-    budget.max_total_scalar_bytes = allowed.min(512 * 1024 * 1024);
-    let mut options = serde_saphyr::Options::default();
-    options.budget = Some(budget);
-    // Errors name the line and column but quote no source: the offending
-    // line may be a Secret's value, and errors reach stderr and the logs.
-    options.with_snippet = false;
-    options
+    yaml::Budget {
+        documents: MAX_DOCUMENTS_PER_FILE,
+        nodes: allowed.min(50_000_000),
+        scalar_bytes: allowed.min(512 * 1024 * 1024),
+    }
 }
 
 /// Builds a snapshot document by document.
@@ -1046,34 +1030,30 @@ fn classify(mapping: bool, api_version: &str, kind: &str) -> Class {
 }
 
 /// The 1-based line each YAML document of `text` starts on, by document
-/// index as the parser counts them (documents with content; an empty one
-/// between two markers is not counted): a document starts at its `---`
-/// marker, or else at its first line of content.
+/// index as the parser counts them: every `---` marker starts one (an empty
+/// document between two markers counts), and so does content when no
+/// document is open. A document starts at its marker, or else at its first
+/// line of content.
 fn document_lines(text: &str) -> Vec<usize> {
-    fn marker<'a>(line: &'a str, m: &str) -> Option<&'a str> {
+    fn marker(line: &str, m: &str) -> bool {
         line.strip_prefix(m)
-            .filter(|rest| rest.is_empty() || rest.starts_with([' ', '\t']))
-            .map(str::trim)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']))
     }
     let mut starts = Vec::new();
-    // The marker line of a document with no content yet.
-    let mut marked: Option<usize> = None;
-    // Whether a document with content is open (its content goes on).
+    // Whether a document is open: content goes on in it.
     let mut open = false;
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;
-        let content = |rest: &str| !rest.is_empty() && !rest.starts_with('#');
-        if let Some(rest) = marker(line, "---") {
-            if content(rest) {
-                starts.push(n);
-                (marked, open) = (None, true);
-            } else {
-                (marked, open) = (Some(n), false);
-            }
-        } else if marker(line, "...").is_some() {
-            (marked, open) = (None, false);
-        } else if !open && !line.starts_with('%') && content(line.trim_start()) {
-            starts.push(marked.take().unwrap_or(n));
+        if marker(line, "---") {
+            starts.push(n);
+            open = true;
+        } else if marker(line, "...") {
+            open = false;
+        } else if !open && !line.starts_with('%') && {
+            let rest = line.trim_start();
+            !rest.is_empty() && !rest.starts_with('#')
+        } {
+            starts.push(n);
             open = true;
         }
     }
@@ -1839,12 +1819,17 @@ mod tests {
                 format!("---\n{}---\n{}", inst("a"), inst("b")),
                 vec![("a", 1, 1), ("b", 2, 6)],
             ),
+            // An empty document between two markers counts.
             (
                 format!("{}---\n---\n\n{}", inst("a"), inst("b")),
-                vec![("a", 1, 1), ("b", 2, 6)],
+                vec![("a", 1, 1), ("b", 3, 6)],
             ),
             (
-                format!("%YAML 1.2\n---\n{}...\n# between\n{}", inst("a"), inst("b")),
+                format!(
+                    "%YAML 1.2\n---\n{}...\n# between\n---\n{}",
+                    inst("a"),
+                    inst("b")
+                ),
                 vec![("a", 1, 2), ("b", 2, 9)],
             ),
             (

@@ -27,6 +27,7 @@ use crate::state::StoreSecrets;
 pub mod kustomize;
 pub mod manifest;
 pub mod schema;
+pub mod yaml;
 
 /// Corrections of one instance within this window that count as a fight.
 pub const FIGHT_WINDOW: Duration = Duration::from_secs(60);
