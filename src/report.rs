@@ -80,6 +80,8 @@ pub struct Streamed<W: std::io::Write> {
     out: std::io::BufWriter<W>,
     /// `Some`: a table's rows so far; `None`: JSON.
     table: Option<Vec<(Vec<String>, Vec<String>)>>,
+    /// The JSON row being written, kept for the next.
+    row: Vec<u8>,
     rows: usize,
     error: Option<std::io::Error>,
 }
@@ -91,6 +93,7 @@ impl<W: std::io::Write> Streamed<W> {
             // Large writes: a fleet's report is tens of megabytes.
             out: std::io::BufWriter::with_capacity(1 << 18, w),
             table: None,
+            row: Vec::new(),
             rows: 0,
             error: None,
         }
@@ -114,12 +117,15 @@ impl<W: std::io::Write> Streamed<W> {
             return;
         }
         // The layout `serde_json` gives an array of pretty objects: each
-        // row pretty, one level in.
+        // row pretty, one level in. A row is made whole first and indented
+        // in one walk: serde_json writes token by token, and looking at
+        // each token for a newline cost as much as making the row.
+        self.row.clear();
         let sep: &[u8] = if self.rows == 0 { b"[\n  " } else { b",\n  " };
-        let written = self.out.write_all(sep).and_then(|()| {
-            serde_json::to_writer_pretty(IndentedOnce(&mut self.out), &Row::from(o))
-                .map_err(std::io::Error::from)
-        });
+        let written = serde_json::to_writer_pretty(&mut self.row, &Row::from(o))
+            .map_err(std::io::Error::from)
+            .and_then(|()| self.out.write_all(sep))
+            .and_then(|()| indented_once(&mut self.out, &self.row));
         if let Err(e) = written {
             self.error = Some(e);
         }
@@ -142,35 +148,18 @@ impl<W: std::io::Write> Streamed<W> {
     }
 }
 
-/// Writes what it is given one level further in: JSON strings hold no raw
-/// newline, so every newline is layout, and each is followed by the indent.
-struct IndentedOnce<'a, W: std::io::Write>(&'a mut W);
-
-impl<W: std::io::Write> std::io::Write for IndentedOnce<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.write_all(buf)?;
-        Ok(buf.len())
+/// Writes `json` one level further in: JSON strings hold no raw newline,
+/// so every newline is layout, and each is followed by the indent.
+fn indented_once(out: &mut impl std::io::Write, json: &[u8]) -> std::io::Result<()> {
+    let mut lines = json.split(|b| *b == b'\n');
+    if let Some(first) = lines.next() {
+        out.write_all(first)?;
     }
-
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        // serde_json writes a newline apart from what is around it.
-        if !buf.contains(&b'\n') {
-            return self.0.write_all(buf);
-        }
-        let mut lines = buf.split(|b| *b == b'\n');
-        if let Some(first) = lines.next() {
-            self.0.write_all(first)?;
-        }
-        for line in lines {
-            self.0.write_all(b"\n  ")?;
-            self.0.write_all(line)?;
-        }
-        Ok(())
+    for line in lines {
+        out.write_all(b"\n  ")?;
+        out.write_all(line)?;
     }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
-    }
+    Ok(())
 }
 
 const TABLE_HEADER: [&str; 9] = [
