@@ -60,7 +60,7 @@ impl Hasher {
     /// Hash of one entry's value.
     pub fn entry(&self, value: &Value) -> String {
         let mut h = self.salted.clone();
-        canonical_to(value, &mut h);
+        h.update(canonical(value));
         hex_digest(h)
     }
 
@@ -71,21 +71,25 @@ impl Hasher {
     where
         E: IntoIterator<Item = (&'a String, &'a Value)>,
     {
-        const WRITES: &str = "a hasher takes every write";
-        let mut h = self.salted.clone();
+        const WRITES: &str = "writing to memory does not fail";
+        // Made whole, then hashed at once: the hasher's cost is per write,
+        // and canonical JSON is written a token at a time.
+        let mut text = Vec::with_capacity(4096);
         for (s, entries) in sections {
-            h.update(s.key().as_bytes());
-            h.update(b"{");
+            text.extend_from_slice(s.key().as_bytes());
+            text.push(b'{');
             for (i, (name, value)) in entries.into_iter().enumerate() {
                 if i > 0 {
-                    h.update(b",");
+                    text.push(b',');
                 }
-                serde_json::to_writer(&mut h, name).expect(WRITES);
-                h.update(b":");
-                canonical_to(value, &mut h);
+                serde_json::to_writer(&mut text, name).expect(WRITES);
+                text.push(b':');
+                canonical_to(value, &mut text);
             }
-            h.update(b"}");
+            text.push(b'}');
         }
+        let mut h = self.salted.clone();
+        h.update(&text);
         hex_digest(h)
     }
 }
@@ -106,33 +110,33 @@ pub fn canonical(v: &Value) -> Vec<u8> {
     out
 }
 
-/// [`canonical`], written into `out` (a hasher takes it as it comes).
-fn canonical_to(v: &Value, out: &mut impl std::io::Write) {
-    const WRITES: &str = "writing to memory or a hasher does not fail";
+/// [`canonical`], appended to `out`.
+fn canonical_to(v: &Value, out: &mut Vec<u8>) {
+    const WRITES: &str = "writing to memory does not fail";
     match v {
         Value::Object(m) => {
             let mut keys: Vec<&String> = m.keys().collect();
             keys.sort();
-            out.write_all(b"{").expect(WRITES);
+            out.push(b'{');
             for (i, k) in keys.into_iter().enumerate() {
                 if i > 0 {
-                    out.write_all(b",").expect(WRITES);
+                    out.push(b',');
                 }
                 serde_json::to_writer(&mut *out, k).expect(WRITES);
-                out.write_all(b":").expect(WRITES);
+                out.push(b':');
                 canonical_to(&m[k], out);
             }
-            out.write_all(b"}").expect(WRITES);
+            out.push(b'}');
         }
         Value::Array(a) => {
-            out.write_all(b"[").expect(WRITES);
+            out.push(b'[');
             for (i, x) in a.iter().enumerate() {
                 if i > 0 {
-                    out.write_all(b",").expect(WRITES);
+                    out.push(b',');
                 }
                 canonical_to(x, out);
             }
-            out.write_all(b"]").expect(WRITES);
+            out.push(b']');
         }
         other => serde_json::to_writer(&mut *out, other).expect(WRITES),
     }
