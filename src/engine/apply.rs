@@ -262,22 +262,6 @@ pub fn still_as_seen(dir: &InstanceDir, seen: &Seen, rel: &str) -> bool {
     still
 }
 
-impl Applied {
-    /// Files found as the ledger last saw them, holding `rendered`: nothing
-    /// learned, nothing written, the ledger kept.
-    pub fn unchanged(state: &InstanceState, rendered: PerSection<Entries>) -> Applied {
-        Applied {
-            installed: state.installed.clone(),
-            ledger: state.ledger.clone().expect("files were seen by a ledger"),
-            rendered,
-            findings: PerSection::default(),
-            changes: Vec::new(),
-            written: Vec::new(),
-            corrupt: Vec::new(),
-        }
-    }
-}
-
 /// The ledger's record of a render: each entry's salted hash and whether
 /// it came from the installed set.
 pub fn ledger_entries(

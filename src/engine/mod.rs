@@ -651,8 +651,7 @@ impl Engine {
             return out.fail(reason::STATE_FAILED, crate::error_chain(&e));
         }
         if ledger_current && self.files_unchanged(&state, &target).await {
-            let applied = apply::Applied::unchanged(&state, united.unwrap_or(sections));
-            return self.report(out, applied, state, mode).await;
+            return kept(out, &united.unwrap_or(sections), &state, mode);
         }
         drop(united);
 
@@ -752,61 +751,15 @@ impl Engine {
         old: InstanceState,
         mode: Mode,
     ) -> Outcome {
-        out.rendered = applied.rendered.map(|_, e| e.keys().cloned().collect());
-        out.sources = sources(&applied.rendered);
         out.changes = applied.changes;
-        for (section, f) in applied.findings.iter() {
-            out.drift
-                .extend(f.drift.iter().map(|n| format!("{section}.{n}")));
-            out.adopted
-                .extend(f.adopted.iter().map(|n| format!("{section}.{n}")));
-        }
-        out.warnings
-            .extend(applied.corrupt.iter().map(|c| format!("CorruptFile: {c}")));
-        out.ready = true;
-        let counts = format!(
-            "{} plugins, {} marketplaces, {} MCP servers",
-            out.rendered.plugins.len(),
-            out.rendered.marketplaces.len(),
-            out.rendered.mcp_servers.len()
+        describe(
+            &mut out,
+            &applied.rendered,
+            &applied.findings,
+            &applied.corrupt,
+            &applied.written,
+            mode,
         );
-        let verb = if mode == Mode::DryRun {
-            "would write"
-        } else {
-            "wrote"
-        };
-        let mut message = if out.changes.is_empty() && applied.written.is_empty() {
-            out.reason = reason::UP_TO_DATE;
-            format!("up to date ({counts})")
-        } else {
-            out.reason = reason::RENDERED;
-            let files: Vec<&str> = {
-                let mut f: Vec<&str> = out
-                    .changes
-                    .iter()
-                    .map(|c| c.section.file().file_name())
-                    .collect();
-                f.extend(applied.written.iter().map(|f| f.file_name()));
-                f.sort();
-                f.dedup();
-                f
-            };
-            format!("{verb} {} ({counts})", files.join(", "))
-        };
-        if !out.drift.is_empty() {
-            message.push_str(&format!("; drift put back: {}", out.drift.join(", ")));
-        }
-        if !out.adopted.is_empty() {
-            message.push_str(&format!(
-                "; runtime installs adopted: {}",
-                out.adopted.join(", ")
-            ));
-        }
-        if !out.warnings.is_empty() {
-            message.push_str(&format!("; {} warning(s)", out.warnings.len()));
-        }
-        out.message = message;
-
         if mode == Mode::DryRun {
             return out;
         }
@@ -884,6 +837,91 @@ struct PassShared {
     secrets: Arc<dyn SecretProvider>,
     opts: PassOptions,
     bases: TypeBases,
+}
+
+/// Fills in what an outcome says of a render: the entries and where each
+/// came from, the changes, what disk said, and the message.
+fn describe(
+    out: &mut Outcome,
+    rendered: &PerSection<resolve::Entries>,
+    findings: &PerSection<drift::Findings>,
+    corrupt: &[String],
+    written: &[section::EnvFile],
+    mode: Mode,
+) {
+    out.rendered = rendered.map(|_, e| e.keys().cloned().collect());
+    out.sources = sources(rendered);
+    for (section, f) in findings.iter() {
+        out.drift
+            .extend(f.drift.iter().map(|n| format!("{section}.{n}")));
+        out.adopted
+            .extend(f.adopted.iter().map(|n| format!("{section}.{n}")));
+    }
+    out.warnings
+        .extend(corrupt.iter().map(|c| format!("CorruptFile: {c}")));
+    out.ready = true;
+    let counts = format!(
+        "{} plugins, {} marketplaces, {} MCP servers",
+        out.rendered.plugins.len(),
+        out.rendered.marketplaces.len(),
+        out.rendered.mcp_servers.len()
+    );
+    let verb = if mode == Mode::DryRun {
+        "would write"
+    } else {
+        "wrote"
+    };
+    let mut message = if out.changes.is_empty() && written.is_empty() {
+        out.reason = reason::UP_TO_DATE;
+        format!("up to date ({counts})")
+    } else {
+        out.reason = reason::RENDERED;
+        let files: Vec<&str> = {
+            let mut f: Vec<&str> = out
+                .changes
+                .iter()
+                .map(|c| c.section.file().file_name())
+                .collect();
+            f.extend(written.iter().map(|f| f.file_name()));
+            f.sort();
+            f.dedup();
+            f
+        };
+        format!("{verb} {} ({counts})", files.join(", "))
+    };
+    if !out.drift.is_empty() {
+        message.push_str(&format!("; drift put back: {}", out.drift.join(", ")));
+    }
+    if !out.adopted.is_empty() {
+        message.push_str(&format!(
+            "; runtime installs adopted: {}",
+            out.adopted.join(", ")
+        ));
+    }
+    if !out.warnings.is_empty() {
+        message.push_str(&format!("; {} warning(s)", out.warnings.len()));
+    }
+    out.message = message;
+}
+
+/// The outcome of an instance whose files are as the ledger last found
+/// them and whose render is the ledger's: nothing to write or to store.
+/// (What [`Engine::report`] makes of an unchanged render, without copying
+/// the state to compare it with itself.)
+fn kept(
+    mut out: Outcome,
+    rendered: &PerSection<resolve::Entries>,
+    state: &InstanceState,
+    mode: Mode,
+) -> Outcome {
+    describe(&mut out, rendered, &PerSection::default(), &[], &[], mode);
+    if mode == Mode::DryRun {
+        return out;
+    }
+    let ledger = state.ledger.as_ref().expect("a current ledger is kept");
+    out.content_hash = Some(ledger.content_hash.clone());
+    out.first_render = ledger.content_hash.is_empty();
+    out
 }
 
 /// Whether `ledger` records exactly the render `desired`: the same names,
