@@ -952,7 +952,7 @@ fn sources(entries: &PerSection<resolve::Entries>) -> Vec<EntrySource> {
                 key: section.key().to_owned(),
                 name: name.clone(),
                 scope: e.origin.scope().to_owned(),
-                object: e.origin.object().map(ToString::to_string),
+                object: e.origin.object().map(resolve::ObjectId::label),
             })
         })
         .collect()

@@ -122,7 +122,7 @@ impl Published {
                         let entry = PublishedEntry {
                             value: e.value.clone(),
                             scope: e.origin.scope().to_owned(),
-                            object: e.origin.object().map(ToString::to_string),
+                            object: e.origin.object().map(crate::engine::resolve::ObjectId::label),
                         };
                         (name.clone(), entry)
                     })

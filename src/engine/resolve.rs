@@ -28,6 +28,18 @@ impl fmt::Display for ObjectId {
     }
 }
 
+impl ObjectId {
+    /// `<kind>/<name>`, as shown; made directly (every entry of every
+    /// instance's report names its object).
+    pub fn label(&self) -> String {
+        let mut s = String::with_capacity(self.kind.len() + 1 + self.name.len());
+        s.push_str(self.kind);
+        s.push('/');
+        s.push_str(&self.name);
+        s
+    }
+}
+
 /// Which layer an entry came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Origin {
@@ -373,6 +385,16 @@ mod tests {
     use super::*;
     use crate::crd::*;
     use serde_json::json;
+
+    #[test]
+    fn an_objects_label_is_how_it_is_shown() {
+        let id = ObjectId {
+            kind: "McpServer",
+            name: "team-db".into(),
+        };
+        assert_eq!(id.label(), id.to_string());
+        assert_eq!(id.label(), "McpServer/team-db");
+    }
 
     fn binding(name: &str, plugins: &[(&str, bool)]) -> PluginBinding {
         PluginBinding::new(

@@ -175,18 +175,31 @@ pub fn for_each_secret_field(entry: &mut Value, mut f: impl FnMut(FieldPath<'_>,
     let Some(obj) = entry.as_object_mut() else {
         return;
     };
-    if let Some(Value::String(url)) = obj.get_mut("url") {
+    // One walk of the entry's fields instead of a hashed lookup of each
+    // (every MCP server of every instance, every pass); then the fields in
+    // a fixed order, which is the order errors are found in.
+    let (mut url, mut args, mut env, mut headers) = (None, None, None, None);
+    for (k, v) in obj.iter_mut() {
+        match k.as_str() {
+            "url" => url = Some(v),
+            "args" => args = Some(v),
+            "env" => env = Some(v),
+            "headers" => headers = Some(v),
+            _ => {}
+        }
+    }
+    if let Some(Value::String(url)) = url {
         f(FieldPath::Url, url);
     }
-    if let Some(Value::Array(args)) = obj.get_mut("args") {
+    if let Some(Value::Array(args)) = args {
         for (i, a) in args.iter_mut().enumerate() {
             if let Value::String(a) = a {
                 f(FieldPath::Arg(i), a);
             }
         }
     }
-    for map in ["env", "headers"] {
-        if let Some(Value::Object(m)) = obj.get_mut(map) {
+    for (map, value) in [("env", env), ("headers", headers)] {
+        if let Some(Value::Object(m)) = value {
             for (k, v) in m.iter_mut() {
                 if let Value::String(v) = v {
                     f(FieldPath::Key(map, k), v);
