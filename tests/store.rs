@@ -12,7 +12,7 @@ use agent_env_operator::engine::ledger::{Ledger, LedgerEntry};
 use agent_env_operator::engine::secrets::SecretValue;
 use agent_env_operator::engine::section::Section;
 use agent_env_operator::state::{
-    self, AuditRecord, InstanceKey, InstanceState, KeySource, StateStore, StoreError,
+    self, AuditRecord, InstanceKey, InstanceState, KeySource, LedgerEntries, StateStore, StoreError,
 };
 use common::db::{Backend, backends};
 use serde_json::json;
@@ -104,6 +104,43 @@ fn contains(hay: &[u8], needle: &str) -> bool {
 
 fn hex_of(s: &str) -> String {
     s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What the code under test logs on this thread (warnings and errors), as text.
+#[derive(Clone, Default)]
+struct CapturedLogs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + use<> {
+        tracing_subscriber::fmt()
+            .with_writer(self.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish()
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLogs {
+    type Writer = CapturedLogs;
+
+    fn make_writer(&'a self) -> CapturedLogs {
+        self.clone()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn key() -> InstanceKey {
@@ -229,6 +266,117 @@ async fn stamps_are_kept_for_the_ledger_they_were_taken_for() {
         let loaded = store.load(&key()).await.unwrap();
         assert_eq!(loaded.ledger.unwrap().seen, Some(seen), "{}", b.name());
         assert_eq!(store.load(&other).await.unwrap(), state, "{}", b.name());
+    }
+}
+
+/// Writes of many instances waiting at once are committed together, one
+/// statement per kind of write: saves with and without installs, pending
+/// entries, quiet-pass audits and stamps all land as written one by one
+/// would have them, and a group is never split up for a failed statement.
+#[tokio::test]
+async fn writes_of_many_instances_at_once_are_each_instances_own() {
+    use futures::future::join_all;
+    for b in backends("group commit") {
+        let db = Db::new(&b);
+        let store = db.open().await;
+        let logs = CapturedLogs::default();
+        let _guard = tracing::subscriber::set_default(logs.subscriber());
+        let keys: Vec<InstanceKey> = (0..40)
+            .map(|i| InstanceKey::new(if i % 2 == 0 { "dev" } else { "prod" }, &format!("a{i}")))
+            .collect();
+        let state_of = |i: usize, installs: bool| {
+            let mut s = sample_state();
+            let l = s.ledger.as_mut().unwrap();
+            l.content_hash = format!("render-{i}");
+            if i % 3 == 0 {
+                l.seen = None;
+            }
+            if !(installs && i % 4 == 0) {
+                s.installed = Default::default();
+            }
+            s
+        };
+        let mut stamps = sample_state().ledger.unwrap().seen.unwrap();
+        // Round one: 30 renders (some with installs), 5 pending, 5 quiet audits.
+        let pending: LedgerEntries = sample_state().ledger.unwrap().entries;
+        let saves = (0..30).map(|i| {
+            let (store, key, state) = (&store, &keys[i], state_of(i, true));
+            async move { store.save(key, &state, &record("Rendered", &["x"])).await }
+        });
+        let pendings = (30..35).map(|i| store.save_pending(&keys[i], &pending));
+        let audits = (35..40).map(|i| {
+            let (store, key) = (&store, keys[i].clone());
+            async move { store.audit(&[(key, record("MissingSecret", &[]))]).await }
+        });
+        let (a, b2, c) = futures::join!(join_all(saves), join_all(pendings), join_all(audits));
+        assert!(a.into_iter().chain(b2).chain(c).all(|r| r.is_ok()));
+        // Round two and three: every render again, quiet and without installs,
+        // and stamps for the first ten.
+        for _ in 0..2 {
+            let saves = (0..30).map(|i| {
+                let (store, key, state) = (&store, &keys[i], state_of(i, false));
+                async move { store.save(key, &state, &record("UpToDate", &[])).await }
+            });
+            let seen = (0..10).map(|i| {
+                let (store, key) = (&store, keys[i].clone());
+                let stamps = stamps.clone();
+                async move {
+                    store
+                        .save_seen(&[(key, format!("render-{i}"), stamps)])
+                        .await
+                }
+            });
+            let (a, c) = futures::join!(join_all(saves), join_all(seen));
+            assert!(a.into_iter().chain(c).all(|r| r.is_ok()));
+        }
+        stamps.at = agent_env_operator::time::now();
+        let loaded = store.load_many(&keys).await.unwrap();
+        for (i, key) in keys.iter().enumerate() {
+            let got = loaded.get(key).cloned().unwrap_or_default();
+            let history: Vec<(String, u64)> = (store.history(key).await.unwrap().iter())
+                .map(|r| (r.outcome.clone(), r.repeats))
+                .collect();
+            match i {
+                0..30 => {
+                    let mut want = state_of(i, false);
+                    // Each round's state is made anew; its time is the last round's.
+                    want.ledger.as_mut().unwrap().written_at =
+                        got.ledger.as_ref().unwrap().written_at;
+                    if i < 10 {
+                        want.ledger.as_mut().unwrap().seen =
+                            got.ledger.as_ref().unwrap().seen.clone();
+                        assert!(
+                            want.ledger.as_ref().unwrap().seen.is_some(),
+                            "{key} {}",
+                            b.name()
+                        );
+                    }
+                    assert_eq!(got, want, "{key} {}", b.name());
+                    let want = [("Rendered".to_owned(), 1), ("UpToDate".to_owned(), 2)];
+                    assert_eq!(history, want, "{key} {}", b.name());
+                }
+                30..35 => {
+                    assert_eq!(got.pending.as_ref(), Some(&pending), "{key} {}", b.name());
+                    assert_eq!(got.ledger.as_ref().unwrap().content_hash, "", "{key}");
+                    assert!(history.is_empty(), "{key} {}", b.name());
+                }
+                _ => {
+                    assert_eq!(got, InstanceState::default(), "{key} {}", b.name());
+                    assert_eq!(
+                        history,
+                        [("MissingSecret".to_owned(), 1)],
+                        "{key} {}",
+                        b.name()
+                    );
+                }
+            }
+        }
+        let logs = logs.text();
+        assert!(
+            !logs.contains("committing each alone"),
+            "{}: {logs}",
+            b.name()
+        );
     }
 }
 

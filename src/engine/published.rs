@@ -122,7 +122,10 @@ impl Published {
                         let entry = PublishedEntry {
                             value: e.value.clone(),
                             scope: e.origin.scope().to_owned(),
-                            object: e.origin.object().map(crate::engine::resolve::ObjectId::label),
+                            object: e
+                                .origin
+                                .object()
+                                .map(crate::engine::resolve::ObjectId::label),
                         };
                         (name.clone(), entry)
                     })
