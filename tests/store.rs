@@ -282,16 +282,21 @@ async fn writes_of_many_instances_at_once_are_each_instances_own() {
         let logs = CapturedLogs::default();
         let _guard = tracing::subscriber::set_default(logs.subscriber());
         let keys: Vec<InstanceKey> = (0..40)
-            .map(|i| InstanceKey::new(if i % 2 == 0 { "dev" } else { "prod" }, &format!("a{i}")))
+            .map(|i| {
+                InstanceKey::new(
+                    if i.is_multiple_of(2) { "dev" } else { "prod" },
+                    format!("a{i}"),
+                )
+            })
             .collect();
         let state_of = |i: usize, installs: bool| {
             let mut s = sample_state();
             let l = s.ledger.as_mut().unwrap();
             l.content_hash = format!("render-{i}");
-            if i % 3 == 0 {
+            if i.is_multiple_of(3) {
                 l.seen = None;
             }
-            if !(installs && i % 4 == 0) {
+            if !(installs && i.is_multiple_of(4)) {
                 s.installed = Default::default();
             }
             s
