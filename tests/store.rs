@@ -281,7 +281,7 @@ async fn writes_of_many_instances_at_once_are_each_instances_own() {
         let store = db.open().await;
         let logs = CapturedLogs::default();
         let _guard = tracing::subscriber::set_default(logs.subscriber());
-        let keys: Vec<InstanceKey> = (0..40)
+        let keys: Vec<InstanceKey> = (0..40usize)
             .map(|i| {
                 InstanceKey::new(
                     if i.is_multiple_of(2) { "dev" } else { "prod" },
