@@ -269,10 +269,10 @@ async fn stamps_are_kept_for_the_ledger_they_were_taken_for() {
     }
 }
 
-/// Writes of many instances waiting at once are committed together, one
-/// statement per kind of write: saves with and without installs, pending
-/// entries, quiet-pass audits and stamps all land as written one by one
-/// would have them, and a group is never split up for a failed statement.
+/// Writes of many instances waiting at once are committed together, in one
+/// transaction: saves with and without installs, pending entries,
+/// quiet-pass audits and stamps all land as written one by one would have
+/// them, and the group is never split up for a failed statement.
 #[tokio::test]
 async fn writes_of_many_instances_at_once_are_each_instances_own() {
     use futures::future::join_all;

@@ -514,7 +514,7 @@ macro_rules! over_rows {
 async fn append_audit_in(
     tx: &mut Tx<'_>,
     dialect: Dialect,
-    records: &[(&InstanceKey, &AuditRecord)],
+    records: &[(InstanceKey, AuditRecord)],
 ) -> Result<(), StoreError> {
     let fingerprints: Vec<Option<String>> = records
         .iter()
@@ -535,62 +535,34 @@ async fn append_audit_in(
         records.iter().all(|(k, _)| keys.insert(k))
     };
     // An instance twice in one batch: its second record must see its first.
-    if !unique || records.len() < 2 {
+    if !unique || rows.len() < 2 {
         for ((key, audit), fp) in records.iter().zip(&fingerprints) {
             insert_audit(tx, key, audit, fp.as_deref()).await?;
         }
         return Ok(());
     }
-    let bumped: std::collections::HashSet<(String, String)> = if rows.is_empty() {
-        Default::default()
-    } else {
-        let sql = over_rows!(
-            dialect,
-            "UPDATE audit SET repeats = repeats + 1, last_at = j.value ->> 3 FROM",
-            "WHERE audit.id = (SELECT MAX(a.id) FROM audit a
-                               WHERE a.namespace = j.value ->> 0 AND a.name = j.value ->> 1)
-             AND audit.fingerprint = j.value ->> 2
-             RETURNING audit.namespace, audit.name"
-        );
-        sqlx::query(sql)
-            .bind(serde_json::to_string(&rows).expect("rows serialize"))
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(q("counting repeated passes in the audit trail"))?
-            .iter()
-            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(q("counting repeated passes in the audit trail"))?
-    };
-    let new: Vec<[Option<String>; 7]> = (records.iter().zip(fingerprints))
-        .filter(|((key, _), _)| !bumped.contains(&(key.namespace.clone(), key.name.clone())))
-        .map(|((key, audit), fp)| {
-            [
-                Some(key.namespace.clone()),
-                Some(key.name.clone()),
-                Some(audit.at.to_string()),
-                Some(audit.outcome.clone()),
-                audit.content_hash.clone(),
-                Some(serde_json::to_string(audit).expect("audit records serialize")),
-                fp,
-            ]
-        })
-        .collect();
-    if new.is_empty() {
-        return Ok(());
-    }
     let sql = over_rows!(
         dialect,
-        "INSERT INTO audit (namespace, name, at, outcome, content_hash, details, fingerprint, repeats)
-         SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, j.value ->> 4,
-                j.value ->> 5, j.value ->> 6, 1 FROM",
-        ""
+        "UPDATE audit SET repeats = repeats + 1, last_at = j.value ->> 3 FROM",
+        "WHERE audit.id = (SELECT MAX(a.id) FROM audit a
+                           WHERE a.namespace = j.value ->> 0 AND a.name = j.value ->> 1)
+         AND audit.fingerprint = j.value ->> 2
+         RETURNING audit.namespace, audit.name"
     );
-    sqlx::query(sql)
-        .bind(serde_json::to_string(&new).expect("rows serialize"))
-        .execute(&mut **tx)
+    let bumped: std::collections::HashSet<(String, String)> = sqlx::query(sql)
+        .bind(serde_json::to_string(&rows).expect("rows serialize"))
+        .fetch_all(&mut **tx)
         .await
-        .map_err(q("appending to the audit trail"))?;
+        .map_err(q("counting repeated passes in the audit trail"))?
+        .iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(q("counting repeated passes in the audit trail"))?;
+    for ((key, audit), fp) in records.iter().zip(&fingerprints) {
+        if !bumped.contains(&(key.namespace.clone(), key.name.clone())) {
+            append_new_audit(tx, key, audit, fp.as_deref()).await?;
+        }
+    }
     Ok(())
 }
 
@@ -655,63 +627,33 @@ async fn save_in(
 ) -> Result<(), StoreError> {
     match &state.ledger {
         Some(l) => {
-            let [namespace, name, entries, content_hash, written_at, seen] = ledger_row(key, l);
+            let entries = serde_json::to_string(&StoredEntries(l.entries.clone()))
+                .expect("ledger entries serialize");
             sqlx::query(
                     "INSERT INTO ledger (namespace, name, entries, content_hash, written_at, seen) VALUES ($1, $2, $3, $4, $5, $6)
                      ON CONFLICT (namespace, name) DO UPDATE SET entries = excluded.entries,
                      content_hash = excluded.content_hash, written_at = excluded.written_at,
                      seen = excluded.seen, pending = NULL",
                 )
-                .bind(namespace)
-                .bind(name)
+                .bind(&key.namespace)
+                .bind(&key.name)
                 .bind(entries)
-                .bind(content_hash)
-                .bind(written_at)
-                .bind(seen)
+                .bind(&l.content_hash)
+                .bind(l.written_at.to_string())
+                .bind(l.seen.as_ref().map(|s| serde_json::to_string(s).expect("stamps serialize")))
                 .execute(&mut **tx)
                 .await
                 .map_err(q("saving a ledger"))?;
         }
-        None => delete_ledger_in(tx, key).await?,
+        None => {
+            sqlx::query("DELETE FROM ledger WHERE namespace = $1 AND name = $2")
+                .bind(&key.namespace)
+                .bind(&key.name)
+                .execute(&mut **tx)
+                .await
+                .map_err(q("deleting a ledger"))?;
+        }
     }
-    save_installed_in(tx, keys, key, state, audit).await?;
-    insert_audit(tx, key, audit, audit.fingerprint().as_deref()).await?;
-    Ok(())
-}
-
-/// A ledger's row: namespace, name, entries, content hash, written at, and
-/// the stamps (`None`: SQL NULL).
-fn ledger_row(key: &InstanceKey, l: &Ledger) -> [Option<String>; 6] {
-    let entries =
-        serde_json::to_string(&StoredEntries(l.entries.clone())).expect("ledger entries serialize");
-    [
-        Some(key.namespace.clone()),
-        Some(key.name.clone()),
-        Some(entries),
-        Some(l.content_hash.clone()),
-        Some(l.written_at.to_string()),
-        (l.seen.as_ref()).map(|s| serde_json::to_string(s).expect("stamps serialize")),
-    ]
-}
-
-async fn delete_ledger_in(tx: &mut Tx<'_>, key: &InstanceKey) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM ledger WHERE namespace = $1 AND name = $2")
-        .bind(&key.namespace)
-        .bind(&key.name)
-        .execute(&mut **tx)
-        .await
-        .map_err(q("deleting a ledger"))?;
-    Ok(())
-}
-
-/// Stores an instance's installed set as `state` has it.
-async fn save_installed_in(
-    tx: &mut Tx<'_>,
-    keys: &Keyring,
-    key: &InstanceKey,
-    state: &InstanceState,
-    audit: &AuditRecord,
-) -> Result<(), StoreError> {
     // Rewrite only rows whose value changed, so `adopted_at` keeps the
     // first adoption and unchanged rows keep their nonce.
     let existing = sqlx::query("SELECT * FROM installed WHERE namespace = $1 AND name = $2")
@@ -754,6 +696,7 @@ async fn save_installed_in(
             insert_installed(tx, key, section.key(), entry, &sealed, &now).await?;
         }
     }
+    insert_audit(tx, key, audit, audit.fingerprint().as_deref()).await?;
     Ok(())
 }
 
@@ -856,162 +799,39 @@ async fn commit(
     ops: &[&WriteOp],
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await.map_err(q("starting a transaction"))?;
-    if ops.len() > 1 && distinct_instances(ops) {
-        commit_batched(&mut tx, keys, dialect, ops).await?;
-        return tx.commit().await.map_err(q("committing"));
-    }
     for op in ops {
         match op {
             WriteOp::Save { key, state, audit } => {
                 save_in(&mut tx, keys, key, state, audit).await?
             }
             WriteOp::Pending { key, entries } => save_pending_in(&mut tx, key, entries).await?,
-            WriteOp::Audit(records) => {
-                let records: Vec<_> = records.iter().map(|(k, a)| (k, a)).collect();
-                append_audit_in(&mut tx, dialect, &records).await?
+            WriteOp::Audit(records) => append_audit_in(&mut tx, dialect, records).await?,
+            WriteOp::Seen(seen) => {
+                let rows: Vec<[String; 4]> = (seen.iter())
+                    .map(|(key, content_hash, seen)| {
+                        [
+                            key.namespace.clone(),
+                            key.name.clone(),
+                            content_hash.clone(),
+                            serde_json::to_string(seen).expect("stamps serialize"),
+                        ]
+                    })
+                    .collect();
+                let sql = over_rows!(
+                    dialect,
+                    "UPDATE ledger SET seen = j.value ->> 3 FROM",
+                    "WHERE ledger.namespace = j.value ->> 0 AND ledger.name = j.value ->> 1
+                     AND ledger.content_hash = j.value ->> 2 AND ledger.pending IS NULL"
+                );
+                sqlx::query(sql)
+                    .bind(serde_json::to_string(&rows).expect("rows serialize"))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(q("keeping the stamps of unchanged files"))?;
             }
-            WriteOp::Seen(seen) => keep_seen_in(&mut tx, dialect, seen).await?,
         }
     }
     tx.commit().await.map_err(q("committing"))
-}
-
-/// Every instance an op writes.
-fn op_instances(op: &WriteOp) -> Box<dyn Iterator<Item = &InstanceKey> + '_> {
-    match op {
-        WriteOp::Save { key, .. } | WriteOp::Pending { key, .. } => Box::new(std::iter::once(key)),
-        WriteOp::Audit(records) => Box::new(records.iter().map(|(k, _)| k)),
-        WriteOp::Seen(seen) => Box::new(seen.iter().map(|(k, _, _)| k)),
-    }
-}
-
-/// Whether no instance is written by two of `ops` (or twice by one): then
-/// the order of their statements cannot matter.
-fn distinct_instances(ops: &[&WriteOp]) -> bool {
-    let mut seen = std::collections::HashSet::new();
-    ops.iter()
-        .flat_map(|op| op_instances(op))
-        .all(|k| seen.insert(k))
-}
-
-/// A group of writes to distinct instances, one statement per kind of
-/// write instead of several per instance: SQLite runs statements on a
-/// thread of their own, and a cold pass over a fleet spent more on the
-/// hand-offs than on the writes.
-async fn commit_batched(
-    tx: &mut Tx<'_>,
-    keys: &Keyring,
-    dialect: Dialect,
-    ops: &[&WriteOp],
-) -> Result<(), StoreError> {
-    let mut pending = Vec::new();
-    let mut ledgers = Vec::new();
-    let mut no_installed = Vec::new();
-    let mut audits = Vec::new();
-    let mut seen = Vec::new();
-    for op in ops {
-        match op {
-            WriteOp::Pending { key, entries } => pending.push([
-                key.namespace.clone(),
-                key.name.clone(),
-                serde_json::to_string(&StoredEntries(LedgerEntries::default()))
-                    .expect("ledger entries serialize"),
-                crate::time::now().to_string(),
-                serde_json::to_string(&StoredEntries(entries.clone()))
-                    .expect("ledger entries serialize"),
-            ]),
-            WriteOp::Save { key, state, audit } => {
-                match &state.ledger {
-                    Some(l) => ledgers.push(ledger_row(key, l)),
-                    None => delete_ledger_in(tx, key).await?,
-                }
-                // Usually nothing is installed: those rows go in one statement.
-                if state.installed.iter().all(|(_, e)| e.is_empty()) {
-                    no_installed.push([key.namespace.clone(), key.name.clone()]);
-                } else {
-                    save_installed_in(tx, keys, key, state, audit).await?;
-                }
-                audits.push((key, &**audit));
-            }
-            WriteOp::Audit(records) => audits.extend(records.iter().map(|(k, a)| (k, a))),
-            WriteOp::Seen(s) => seen.extend(s.iter().cloned()),
-        }
-    }
-    if !pending.is_empty() {
-        let sql = over_rows!(
-            dialect,
-            "INSERT INTO ledger (namespace, name, entries, content_hash, written_at, pending)
-             SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, '', j.value ->> 3, j.value ->> 4 FROM",
-            "WHERE true ON CONFLICT (namespace, name) DO UPDATE SET pending = excluded.pending"
-        );
-        sqlx::query(sql)
-            .bind(serde_json::to_string(&pending).expect("rows serialize"))
-            .execute(&mut **tx)
-            .await
-            .map_err(q("recording what is about to be written"))?;
-    }
-    if !ledgers.is_empty() {
-        let sql = over_rows!(
-            dialect,
-            "INSERT INTO ledger (namespace, name, entries, content_hash, written_at, seen)
-             SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, j.value ->> 4, j.value ->> 5 FROM",
-            "WHERE true ON CONFLICT (namespace, name) DO UPDATE SET entries = excluded.entries,
-             content_hash = excluded.content_hash, written_at = excluded.written_at,
-             seen = excluded.seen, pending = NULL"
-        );
-        sqlx::query(sql)
-            .bind(serde_json::to_string(&ledgers).expect("rows serialize"))
-            .execute(&mut **tx)
-            .await
-            .map_err(q("saving ledgers"))?;
-    }
-    if !no_installed.is_empty() {
-        let sql = over_rows!(
-            dialect,
-            "DELETE FROM installed WHERE EXISTS (SELECT 1 FROM",
-            "WHERE installed.namespace = j.value ->> 0 AND installed.name = j.value ->> 1)"
-        );
-        sqlx::query(sql)
-            .bind(serde_json::to_string(&no_installed).expect("rows serialize"))
-            .execute(&mut **tx)
-            .await
-            .map_err(q("forgetting installed entries"))?;
-    }
-    append_audit_in(tx, dialect, &audits).await?;
-    keep_seen_in(tx, dialect, &seen).await
-}
-
-/// Stores new stamps of files found as their ledger last saw them.
-async fn keep_seen_in(
-    tx: &mut Tx<'_>,
-    dialect: Dialect,
-    seen: &[(InstanceKey, String, Seen)],
-) -> Result<(), StoreError> {
-    if seen.is_empty() {
-        return Ok(());
-    }
-    let rows: Vec<[String; 4]> = (seen.iter())
-        .map(|(key, content_hash, seen)| {
-            [
-                key.namespace.clone(),
-                key.name.clone(),
-                content_hash.clone(),
-                serde_json::to_string(seen).expect("stamps serialize"),
-            ]
-        })
-        .collect();
-    let sql = over_rows!(
-        dialect,
-        "UPDATE ledger SET seen = j.value ->> 3 FROM",
-        "WHERE ledger.namespace = j.value ->> 0 AND ledger.name = j.value ->> 1
-         AND ledger.content_hash = j.value ->> 2 AND ledger.pending IS NULL"
-    );
-    sqlx::query(sql)
-        .bind(serde_json::to_string(&rows).expect("rows serialize"))
-        .execute(&mut **tx)
-        .await
-        .map_err(q("keeping the stamps of unchanged files"))?;
-    Ok(())
 }
 
 #[async_trait]
