@@ -840,7 +840,8 @@ struct PassShared {
 }
 
 /// Fills in what an outcome says of a render: the entries and where each
-/// came from, the changes, what disk said, and the message.
+/// came from, what disk said, and the message (which names the files of
+/// `out.changes`, set before).
 fn describe(
     out: &mut Outcome,
     rendered: &PerSection<resolve::Entries>,

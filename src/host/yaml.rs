@@ -59,6 +59,8 @@ pub fn documents(text: &str, budget: Budget) -> Result<Vec<Value>, YamlError> {
                 limit: budget.documents,
             });
         }
+        // The first error ends the read: past a syntax error the parser's
+        // document iterator repeats it without end.
         let value = Node(&left)
             .deserialize(doc)
             .map_err(|e| YamlError::Invalid(e.to_string()))?;
