@@ -311,7 +311,7 @@ mod tests {
 
     #[test]
     fn content_after_an_explicit_end_needs_a_marker() {
-        // libyaml's rule, and that of the Go parser kubectl uses.
+        // libyaml's rule (the Go parser kubectl uses is a port of libyaml).
         assert!(documents("a: 1\n...\n---\nb: 2\n", ROOMY).is_ok());
         let e = documents("a: 1\n...\nb: 2\n", ROOMY)
             .unwrap_err()
