@@ -63,10 +63,45 @@ pub fn documents(text: &str, budget: Budget) -> Result<Vec<Value>, YamlError> {
         // document iterator repeats it without end.
         let value = Node(&left)
             .deserialize(doc)
-            .map_err(|e| YamlError::Invalid(e.to_string()))?;
+            .map_err(|e| YamlError::Invalid(unquoted(&e.to_string())))?;
         docs.push(value);
     }
     Ok(docs)
+}
+
+/// A parser message with every scalar it quotes left out: a type tag the
+/// scalar does not fit (`!!int s3cr3t`) makes serde say `invalid value:
+/// string "s3cr3t"`, and the scalar may be a Secret's value.
+fn unquoted(message: &str) -> String {
+    const QUOTED: &str = "string \"";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(QUOTED) {
+        out.push_str(&rest[..at]);
+        out.push_str("a string");
+        // The scalar is Debug-escaped: it ends at the first unescaped quote.
+        let quoted = &rest[at + QUOTED.len()..];
+        let mut chars = quoted.char_indices();
+        let mut end = None;
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    chars.next();
+                }
+                '"' => {
+                    end = Some(i + 1);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        match end {
+            Some(end) => rest = &quoted[end..],
+            None => return out,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// What is left of a budget while a text is read.
@@ -157,6 +192,16 @@ impl<'de> Visitor<'de> for Node<'_> {
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
         self.0.node()?;
         Ok(Value::from(v))
+    }
+
+    // Integers past 64 bits: a number, as serde_json reads them in JSON
+    // (and never an error quoting the digits, which may be a secret's).
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<Value, E> {
+        self.visit_f64(v as f64)
+    }
+
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<Value, E> {
+        self.visit_f64(v as f64)
     }
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
@@ -279,6 +324,14 @@ impl<'de> Visitor<'de> for Key<'_> {
         self.visit_string(v.to_string())
     }
 
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<String, E> {
+        self.visit_string(v.to_string())
+    }
+
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<String, E> {
+        self.visit_string(v.to_string())
+    }
+
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<String, E> {
         self.visit_string(v.to_string())
     }
@@ -328,6 +381,12 @@ mod tests {
         );
         let e = one("a: .inf\n").unwrap_err().to_string();
         assert!(e.contains("non-finite"), "{e}");
+        // Past 64 bits an integer is a float, as in JSON; a key stays text.
+        let v = one("a: 123456789012345678901234567890\nb: -99999999999999999999\n99999999999999999999: k\n")
+            .unwrap();
+        assert_eq!(v["a"], json!(1.2345678901234568e29));
+        assert_eq!(v["b"], json!(-1e20));
+        assert_eq!(v["99999999999999999999"], json!("k"));
     }
 
     #[test]
@@ -387,5 +446,16 @@ mod tests {
             .to_string();
         assert!(e.contains("line"), "{e}");
         assert!(!e.contains("s3cr3t"), "{e}");
+        for tagged in ["!!int", "!!float", "!!bool", "!!null"] {
+            let text = format!("a: {tagged} 's3cr3t \" \\ x'\n");
+            let e = one(&text).unwrap_err().to_string();
+            assert!(e.contains("invalid value: a string, expected"), "{e}");
+            assert!(e.contains("line 1"), "{e}");
+            assert!(!e.contains("s3cr3t") && !e.contains(" x"), "{e}");
+        }
+        assert_eq!(
+            unquoted(r#"string "a\"b" and string "c""#),
+            "a string and a string"
+        );
     }
 }
