@@ -1330,7 +1330,7 @@ mod tests {
             &index.layer("dev", &Scope::Type("coder".into())),
             &index.layer("dev", &Scope::Instance("alice".into())),
         );
-        let desired = resolve::desired(&declared, &installed, RuntimeInstalls::Preserve);
+        let desired = resolve::desired(&declared.sections, &installed, RuntimeInstalls::Preserve);
         let mut seen = 0;
         for x in &e.entries {
             match desired[x.key].get(&x.name) {

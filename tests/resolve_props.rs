@@ -447,8 +447,8 @@ proptest! {
         installed in installed(),
     ) {
         let declared = resolve_specs(&builtin, &type_l, &inst_l, &identity());
-        let preserve = resolve::desired(&declared, &installed, RuntimeInstalls::Preserve);
-        let revert = resolve::desired(&declared, &installed, RuntimeInstalls::Revert);
+        let preserve = resolve::desired(&declared.sections, &installed, RuntimeInstalls::Preserve);
+        let revert = resolve::desired(&declared.sections, &installed, RuntimeInstalls::Revert);
         prop_assert_eq!(&revert, &declared.sections);
         for section in Section::ALL {
             let mut want: BTreeMap<String, (Value, bool)> = declared.sections[section]

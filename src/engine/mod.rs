@@ -631,16 +631,7 @@ impl Engine {
         // Usually nothing is installed and the render is the declared
         // entries: those are then used as they are instead of copied.
         let united = (!resolve::desired_is_declared(&state.installed, target.runtime_installs))
-            .then(|| {
-                PerSection::from_fn(|s| {
-                    resolve::desired_section(
-                        s,
-                        &sections[s],
-                        &state.installed[s],
-                        target.runtime_installs,
-                    )
-                })
-            });
+            .then(|| resolve::desired(&sections, &state.installed, target.runtime_installs));
         let desired = united.as_ref().unwrap_or(&sections);
         let ledger_current = state.pending.is_none()
             && (state.ledger.as_ref()).is_some_and(|l| renders(l, desired, self.store.hasher()));
@@ -651,7 +642,7 @@ impl Engine {
             return out.fail(reason::STATE_FAILED, crate::error_chain(&e));
         }
         if ledger_current && self.files_unchanged(&state, &target).await {
-            return kept(out, &united.unwrap_or(sections), &state, mode);
+            return kept(out, desired, &state, mode);
         }
         drop(united);
 

@@ -341,11 +341,11 @@ pub type Installed = PerSection<BTreeMap<String, Value>>;
 /// declared under `Revert`. A marketplace with nothing to fetch is never
 /// rendered from the installed set.
 pub fn desired(
-    declared: &Declared,
+    declared: &PerSection<Entries>,
     installed: &Installed,
     mode: RuntimeInstalls,
 ) -> PerSection<Entries> {
-    PerSection::from_fn(|s| desired_section(s, &declared.sections[s], &installed[s], mode))
+    PerSection::from_fn(|s| desired_section(s, &declared[s], &installed[s], mode))
 }
 
 /// Whether [`desired`] is the declared entries as they are: nothing
@@ -554,14 +554,14 @@ mod tests {
         installed.marketplaces.insert("e".into(), json!({}));
         installed.plugins.insert("u@m".into(), json!(true));
 
-        let d = desired(&declared, &installed, RuntimeInstalls::Preserve);
+        let d = desired(&declared.sections, &installed, RuntimeInstalls::Preserve);
         assert_eq!(d.marketplaces["m"].value["source"]["repo"], "o/pinned");
         assert_eq!(d.marketplaces["m"].origin, Origin::Installed);
         assert_eq!(d.marketplaces["n"].value["source"]["repo"], "o/n");
         assert!(!d.marketplaces.contains_key("e"));
         assert!(d.plugins.contains_key("u@m"));
 
-        let r = desired(&declared, &installed, RuntimeInstalls::Revert);
+        let r = desired(&declared.sections, &installed, RuntimeInstalls::Revert);
         assert_eq!(r, declared.sections);
     }
 }
