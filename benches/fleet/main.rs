@@ -22,7 +22,10 @@
 //! - `FLEET_CLUSTER_SIZES` (default `1000,10000`): fleet sizes of the
 //!   cluster part;
 //! - `FLEET_REPORT_ONLY=1`: rewrite the `.md` tables from the `.json`
-//!   results and stop.
+//!   results and stop;
+//! - `FLEET_LOOP_ONLY=1`: only the continuous loop, on the fleet of
+//!   `FLEET_LOOP_SIZE` an earlier run left rendered in `FLEET_DIR`; prints
+//!   its results and writes no file (for comparing two builds).
 //!
 //! Writes `bench/results/fleet.json` and `fleet.md` (host), `cluster.json`
 //! and `cluster.md` (cluster), `sidecar.json` and `sidecar.md` (sidecar).
@@ -78,7 +81,9 @@ fn main() {
         || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-fleet"),
         PathBuf::from,
     );
-    let _ = std::fs::remove_dir_all(&base);
+    if !loop_only() {
+        let _ = std::fs::remove_dir_all(&base);
+    }
     std::fs::create_dir_all(&base).unwrap();
     std::fs::create_dir_all(&out).unwrap();
     if parts.contains(&"host") {
@@ -125,6 +130,10 @@ fn main() {
     }
 }
 
+fn loop_only() -> bool {
+    std::env::var("FLEET_LOOP_ONLY").is_ok_and(|v| v == "1")
+}
+
 /// The host part: `reconcile --once` per size, then the loop on the largest.
 fn host(base: &Path, sizes: &[usize], out: &Path) {
     let baseline = std::env::var("FLEET_BASELINE").map_or(true, |v| v != "0");
@@ -141,6 +150,18 @@ fn host(base: &Path, sizes: &[usize], out: &Path) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| sizes.iter().copied().max().unwrap_or_default());
+    if loop_only() {
+        let dir = base.join(format!("n{loop_size}"));
+        // The type binding as generated: the fan-out's edit must change it.
+        std::fs::write(
+            dir.join(format!("manifests/types/{}.yaml", type_name(FANOUT_TYPE))),
+            fleet_gen::type_manifest(FANOUT_TYPE, &[]),
+        )
+        .unwrap();
+        let r = measure_loop(&dir, loop_size, idle_secs);
+        println!("{}", serde_json::to_string_pretty(&r).unwrap());
+        return;
+    }
     let mut fleets = Vec::new();
     let mut loop_result = Value::Null;
     for &n in sizes {
