@@ -826,3 +826,46 @@ async fn plain_text_state_of_an_older_version_is_sealed_on_open() {
         .get("n");
     assert_eq!(salt_rows, 0);
 }
+
+/// SQLite's own checkpoints are off (each ran inside the commit that crossed
+/// its threshold, with that instance and every write queued behind it
+/// waiting): the store's own task copies the log into the database file
+/// once writes pause. Seen from a copy of the database file alone, without
+/// its log, while the store is still open.
+#[tokio::test]
+async fn sqlite_state_reaches_the_database_file_once_writes_pause() {
+    let db = Db::new(&Backend::Sqlite);
+    let store = db.open().await;
+    let keys: Vec<InstanceKey> = (0..20)
+        .map(|i| InstanceKey::new("dev", format!("a{i}")))
+        .collect();
+    for k in &keys {
+        store
+            .save(k, &sample_state(), &record("Rendered", &["settings.json"]))
+            .await
+            .unwrap();
+    }
+    let copy = db.dir.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    let rows_in_file = || async {
+        std::fs::copy(db.dir.path().join("state.db"), copy.join("state.db")).unwrap();
+        let url = format!("sqlite:{}?mode=ro", copy.join("state.db").display());
+        let pool = AnyPool::connect(&url).await.unwrap();
+        let n: i64 = sqlx::query("SELECT count(*) AS n FROM ledger")
+            .fetch_one(&pool)
+            .await
+            .map_or(0, |r| r.get("n"));
+        pool.close().await;
+        let _ = std::fs::remove_file(copy.join("state.db-wal"));
+        let _ = std::fs::remove_file(copy.join("state.db-shm"));
+        n
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut n = rows_in_file().await;
+    while n < keys.len() as i64 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        n = rows_in_file().await;
+    }
+    assert_eq!(n, keys.len() as i64, "rows in the database file itself");
+    drop(store);
+}
