@@ -396,24 +396,102 @@ pub fn touched<'m, V>(dirs: &'m BTreeMap<String, V>, rel: &str) -> Vec<&'m V> {
 /// instances it affects.
 pub type InputDigest = [u8; 32];
 
+/// Digests of objects kept from one [`Snapshot::input_digests`] to the
+/// next. An object a reload did not parse again (its file unchanged) is the
+/// very same `Arc`: its digest is looked up instead of its spec serialized
+/// and hashed again, so a change to one file costs little more than that
+/// file's objects. Each object is held, so its address is its own while
+/// its digest is kept.
+#[derive(Default)]
+pub struct DigestMemo {
+    instances: ObjectDigests<AgentInstance>,
+    bindings: ObjectDigests<PluginBinding>,
+    marketplaces: ObjectDigests<PluginMarketplace>,
+    mcp_servers: ObjectDigests<McpServer>,
+}
+
+type ObjectDigests<T> = HashMap<ByAddress<T>, [u8; 32]>;
+
+/// An `Arc` compared and hashed by what it points to's address.
+struct ByAddress<T>(Arc<T>);
+
+impl<T> PartialEq for ByAddress<T> {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl<T> Eq for ByAddress<T> {}
+
+impl<T> std::hash::Hash for ByAddress<T> {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        std::ptr::hash(Arc::as_ptr(&self.0), h);
+    }
+}
+
+fn put(h: &mut sha2::Sha256, part: &[u8]) {
+    use sha2::Digest;
+    h.update((part.len() as u64).to_be_bytes());
+    h.update(part);
+}
+
+/// The digest of each of `objects`, from `old` where the object is the same.
+fn object_digests<T, S: Serialize>(
+    old: &ObjectDigests<T>,
+    objects: &BTreeMap<ObjectKey, Arc<T>>,
+    kind: &str,
+    parts: impl Fn(&T) -> (&kube::core::ObjectMeta, &S),
+) -> ObjectDigests<T> {
+    use sha2::{Digest, Sha256};
+    objects
+        .values()
+        .map(|o| {
+            let o = ByAddress(Arc::clone(o));
+            let digest = old.get(&o).copied().unwrap_or_else(|| {
+                let (meta, spec) = parts(&o.0);
+                let mut h = Sha256::new();
+                put(&mut h, kind.as_bytes());
+                put(&mut h, meta.name.as_deref().unwrap_or("").as_bytes());
+                put(&mut h, &serde_json::to_vec(spec).expect("specs serialize"));
+                h.finalize().into()
+            });
+            (o, digest)
+        })
+        .collect()
+}
+
+/// The digest of `objects[key]` (every valid object has one).
+fn digest_of<T>(
+    digests: &ObjectDigests<T>,
+    objects: &BTreeMap<ObjectKey, Arc<T>>,
+    key: &ObjectKey,
+) -> Option<[u8; 32]> {
+    let o = ByAddress(Arc::clone(objects.get(key)?));
+    digests.get(&o).copied()
+}
+
 impl Snapshot {
-    /// [`InputDigest`] of every valid instance.
-    pub fn input_digests(&self) -> HashMap<ObjectKey, InputDigest> {
+    /// [`InputDigest`] of every valid instance; `memo` holds the digests of
+    /// the snapshot before and is left holding this one's.
+    pub fn input_digests(&self, memo: &mut DigestMemo) -> HashMap<ObjectKey, InputDigest> {
         use sha2::{Digest, Sha256};
-        fn put(h: &mut Sha256, part: &[u8]) {
-            h.update((part.len() as u64).to_be_bytes());
-            h.update(part);
-        }
-        fn object<T: serde::Serialize>(
-            h: &mut Sha256,
-            kind: &str,
-            meta: &kube::core::ObjectMeta,
-            spec: &T,
-        ) {
-            put(h, kind.as_bytes());
-            put(h, meta.name.as_deref().unwrap_or("").as_bytes());
-            put(h, &serde_json::to_vec(spec).expect("specs serialize"));
-        }
+        let next = DigestMemo {
+            instances: object_digests(&memo.instances, &self.instances, "AgentInstance", |o| {
+                (&o.metadata, &o.spec)
+            }),
+            bindings: object_digests(&memo.bindings, &self.bindings, "PluginBinding", |o| {
+                (&o.metadata, &o.spec)
+            }),
+            marketplaces: object_digests(
+                &memo.marketplaces,
+                &self.marketplaces,
+                "PluginMarketplace",
+                |o| (&o.metadata, &o.spec),
+            ),
+            mcp_servers: object_digests(&memo.mcp_servers, &self.mcp_servers, "McpServer", |o| {
+                (&o.metadata, &o.spec)
+            }),
+        };
         let index = self.index();
         let mut secrets: HashMap<&str, [u8; 32]> = HashMap::new();
         // A type layer is shared by every instance of the type: hashed once.
@@ -421,7 +499,11 @@ impl Snapshot {
         let mut out = HashMap::with_capacity(self.instances.len());
         for (key, inst) in &self.instances {
             let mut h = Sha256::new();
-            object(&mut h, "AgentInstance", &inst.metadata, &inst.spec);
+            put(
+                &mut h,
+                &digest_of(&next.instances, &self.instances, key)
+                    .expect("each instance has a digest"),
+            );
             for scope in [
                 Scope::Type(inst.spec.agent_type.clone()),
                 Scope::Instance(key.name.clone()),
@@ -429,16 +511,27 @@ impl Snapshot {
                 let digest = layers
                     .entry((key.namespace.as_str(), scope))
                     .or_insert_with_key(|(ns, scope)| {
-                        let layer = index.layer(ns, scope);
                         let mut h = Sha256::new();
-                        for b in &layer.bindings {
-                            object(&mut h, "PluginBinding", &b.metadata, &b.spec);
-                        }
-                        for m in &layer.marketplaces {
-                            object(&mut h, "PluginMarketplace", &m.metadata, &m.spec);
-                        }
-                        for m in &layer.mcp_servers {
-                            object(&mut h, "McpServer", &m.metadata, &m.spec);
+                        if let Some(keys) = index.derived.layers.get(*ns).and_then(|m| m.get(scope))
+                        {
+                            for k in &keys.bindings {
+                                if let Some(d) = digest_of(&next.bindings, &self.bindings, k) {
+                                    put(&mut h, &d);
+                                }
+                            }
+                            for k in &keys.marketplaces {
+                                if let Some(d) =
+                                    digest_of(&next.marketplaces, &self.marketplaces, k)
+                                {
+                                    put(&mut h, &d);
+                                }
+                            }
+                            for k in &keys.mcp_servers {
+                                if let Some(d) = digest_of(&next.mcp_servers, &self.mcp_servers, k)
+                                {
+                                    put(&mut h, &d);
+                                }
+                            }
                         }
                         h.finalize().into()
                     });
@@ -453,6 +546,7 @@ impl Snapshot {
             put(&mut h, &ns);
             out.insert(key.clone(), h.finalize().into());
         }
+        *memo = next;
         out
     }
 }

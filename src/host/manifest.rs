@@ -1457,6 +1457,60 @@ mod tests {
         assert_eq!(s.instances.values().next().unwrap().spec.agent_type, "t3");
     }
 
+    /// A reload's digests come from the unchanged objects' kept digests and
+    /// equal those of a fresh load; they change for exactly the instances
+    /// whose inputs changed.
+    #[test]
+    fn memoized_input_digests_equal_fresh_ones_and_follow_changes() {
+        use crate::engine::snapshot::DigestMemo;
+        let dir = tempfile::tempdir().unwrap();
+        let binding = |ty: &str, plugins: &[&str]| {
+            format!(
+                "apiVersion: agentenv.io/v1alpha1\nkind: PluginBinding\nmetadata: {{name: {ty}-plugins, namespace: ns}}\nspec:\n  target: {{agentType: {ty}}}\n  plugins: [{}]\n",
+                plugins
+                    .iter()
+                    .map(|p| format!("{{name: {p}}}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let instances = |b_type: &str| {
+            format!(
+                "apiVersion: agentenv.io/v1alpha1\nkind: AgentInstance\nmetadata: {{name: a, namespace: ns}}\nspec: {{agentType: t1}}\n---\napiVersion: agentenv.io/v1alpha1\nkind: AgentInstance\nmetadata: {{name: b, namespace: ns}}\nspec: {{agentType: {b_type}}}\n"
+            )
+        };
+        let types = |t1: &[&str]| format!("{}---\n{}", binding("t1", t1), binding("t2", &["q@m"]));
+        std::fs::write(dir.path().join("types.yaml"), types(&["p@m"])).unwrap();
+        std::fs::write(dir.path().join("instances.yaml"), instances("t2")).unwrap();
+        let paths = vec![dir.path().to_owned()];
+        let (mut cache, mut memo) = (ManifestCache::default(), DigestMemo::default());
+        let mut reload = || {
+            let cached = load_cached(&Inputs::files(&paths, FieldValidation::Warn), &mut cache)
+                .unwrap()
+                .input_digests(&mut memo);
+            let fresh = load_paths(&paths, FieldValidation::Warn)
+                .unwrap()
+                .input_digests(&mut DigestMemo::default());
+            assert_eq!(cached, fresh);
+            cached
+        };
+        let key = |n: &str| ObjectKey::new("ns", n);
+        let first = reload();
+        assert_eq!(reload(), first, "nothing changed");
+
+        // t1's binding changes (same name): a's digest changes, b's does not.
+        std::fs::write(dir.path().join("types.yaml"), types(&["p@m", "r@m"])).unwrap();
+        let second = reload();
+        assert_ne!(second[&key("a")], first[&key("a")]);
+        assert_eq!(second[&key("b")], first[&key("b")]);
+
+        // b moves to t1: its digest changes, a's does not.
+        std::fs::write(dir.path().join("instances.yaml"), instances("t1")).unwrap();
+        let third = reload();
+        assert_eq!(third[&key("a")], second[&key("a")]);
+        assert_ne!(third[&key("b")], second[&key("b")]);
+    }
+
     #[test]
     fn a_file_may_hold_thousands_of_documents() {
         let doc = |i: usize| {

@@ -19,7 +19,7 @@ use crate::engine::fswatch::{Change, FsWatch, WatchError};
 use crate::engine::restart::{self, RestartCommand, Restarter, Target, sleep_until};
 use crate::engine::retry::{BUSY_ATTEMPTS, BUSY_RETRY, io_retry_delay};
 use crate::engine::secrets::{Chain, SecretProvider};
-use crate::engine::snapshot::{InputDigest, ObjectKey, Snapshot};
+use crate::engine::snapshot::{DigestMemo, InputDigest, ObjectKey, Snapshot};
 use crate::engine::{Engine, Mode, Outcome, PassOptions, reason};
 use crate::metrics::Metrics;
 use crate::state::StoreSecrets;
@@ -103,6 +103,8 @@ struct Loop {
     /// Checked documents per manifest file: a reload re-checks changed files only.
     manifests: crate::host::manifest::ManifestCache,
     digests: HashMap<ObjectKey, InputDigest>,
+    /// Digests of the current snapshot's objects, for the next reload.
+    digest_memo: DigestMemo,
     env_dirs: std::collections::BTreeMap<String, ObjectKey>,
     metrics: Arc<Metrics>,
     restarter: Option<Restarter>,
@@ -170,6 +172,7 @@ pub async fn run(
         snapshot: Arc::new(Snapshot::default()),
         manifests,
         digests: HashMap::new(),
+        digest_memo: DigestMemo::default(),
         env_dirs: Default::default(),
         metrics,
         restarter,
@@ -221,7 +224,7 @@ impl Loop {
     /// Makes `snapshot` current; returns the instances whose inputs changed.
     fn install(&mut self, snapshot: Snapshot) -> HashSet<ObjectKey> {
         self.say_what_was_skipped(&snapshot);
-        let digests = snapshot.input_digests();
+        let digests = snapshot.input_digests(&mut self.digest_memo);
         let changed = digests
             .iter()
             .filter(|(k, d)| self.digests.get(*k) != Some(*d))
