@@ -336,6 +336,11 @@ const OWN_CHECKPOINTS: &str =
 /// write queued behind it) waits, tens of milliseconds on a busy disk. A
 /// passive checkpoint never blocks the writer or a reader; the log starts
 /// over once one has copied all of it. Ends when the writer does.
+///
+/// With `synchronous = NORMAL` the log is synced at checkpoints, so what a
+/// power loss can take is what was committed since the last one: at most
+/// [`CHECKPOINT_WRITES`] writes, and none once writes have paused (SQLite's
+/// own left up to 1,000 pages unsynced however long the pause).
 async fn checkpoint_task(pool: AnyPool, mut committed: mpsc::UnboundedReceiver<usize>) {
     while checkpoint_due(&mut committed).await {
         match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
