@@ -320,10 +320,13 @@ fn sqlite_pool(connections: u32, checkpoints: Checkpoints) -> AnyPoolOptions {
 
 /// The checkpoint task waits for the writer to pause this long...
 const CHECKPOINT_QUIET: std::time::Duration = std::time::Duration::from_millis(500);
-/// ...or for this many writes, whichever comes first (a write is about ten
-/// log pages on the fleet benchmark: a log of some 40 MB, copied in tens of
-/// milliseconds).
-const CHECKPOINT_WRITES: usize = 1000;
+/// ...or for writes of this many rows, whichever comes first (an
+/// instance's save is about ten log pages on the fleet benchmark, an audit
+/// or stamp row of a batch about one: a log of 4 to 40 MB, copied in tens
+/// of milliseconds). Counted in rows, not writes: a pass's batches are a
+/// few writes of hundreds of rows each, and a log grown to hundreds of
+/// megabytes slows every read (each looks a page up in the log first).
+const CHECKPOINT_ROWS: usize = 1000;
 /// SQLite's own checkpoints off; a log a burst of writes made larger than
 /// 64 MiB is cut back to that when it starts over.
 const OWN_CHECKPOINTS: &str =
@@ -339,7 +342,7 @@ const OWN_CHECKPOINTS: &str =
 ///
 /// With `synchronous = NORMAL` the log is synced at checkpoints, so what a
 /// power loss can take is what was committed since the last one: at most
-/// [`CHECKPOINT_WRITES`] writes, and none once writes have paused (SQLite's
+/// writes of [`CHECKPOINT_ROWS`] rows, and none once writes have paused (SQLite's
 /// own left up to 1,000 pages unsynced however long the pause).
 async fn checkpoint_task(pool: AnyPool, mut committed: mpsc::UnboundedReceiver<usize>) {
     while checkpoint_due(&mut committed).await {
@@ -361,15 +364,16 @@ async fn checkpoint_task(pool: AnyPool, mut committed: mpsc::UnboundedReceiver<u
 }
 
 /// Waits for the next checkpoint: after a commit, until writes pause for
-/// [`CHECKPOINT_QUIET`] or [`CHECKPOINT_WRITES`] have been committed. False
+/// [`CHECKPOINT_QUIET`] or writes of [`CHECKPOINT_ROWS`] rows have been
+/// committed. False
 /// once the writer is gone with nothing committed since the last one.
 async fn checkpoint_due(committed: &mut mpsc::UnboundedReceiver<usize>) -> bool {
-    let Some(mut writes) = committed.recv().await else {
+    let Some(mut rows) = committed.recv().await else {
         return false;
     };
-    while writes < CHECKPOINT_WRITES {
+    while rows < CHECKPOINT_ROWS {
         match tokio::time::timeout(CHECKPOINT_QUIET, committed.recv()).await {
-            Ok(Some(n)) => writes += n,
+            Ok(Some(n)) => rows += n,
             Ok(None) | Err(_) => break,
         }
     }
@@ -835,6 +839,17 @@ enum WriteOp {
     Seen(Vec<(InstanceKey, String, Seen)>),
 }
 
+impl WriteOp {
+    /// Rows it writes, about (what a checkpoint will have to copy).
+    fn rows(&self) -> usize {
+        match self {
+            WriteOp::Save { .. } | WriteOp::Pending { .. } => 1,
+            WriteOp::Audit(records) => records.len(),
+            WriteOp::Seen(seen) => seen.len(),
+        }
+    }
+}
+
 /// Most writes committed in one transaction.
 const MAX_GROUP: usize = 512;
 
@@ -856,7 +871,7 @@ async fn group_commit(
         {
             group.push(w);
         }
-        let writes = group.len();
+        let rows = group.iter().map(|w| w.op.rows()).sum();
         let ops: Vec<&WriteOp> = group.iter().map(|w| &w.op).collect();
         let together = group.len() > 1
             && match commit(&pool, &keys, dialect, &ops).await {
@@ -882,7 +897,7 @@ async fn group_commit(
             }
         }
         if let Some(c) = &committed {
-            let _ = c.send(writes);
+            let _ = c.send(rows);
         }
     }
 }
@@ -1312,7 +1327,7 @@ mod tests {
     async fn a_checkpoint_is_due_when_writes_pause_or_pile_up() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         // Writes that never pause for long: due once they add up.
-        let batches = CHECKPOINT_WRITES / 10;
+        let batches = CHECKPOINT_ROWS / 10;
         let trickle = tokio::spawn(async move {
             for _ in 0..batches {
                 tx.send(10).unwrap();
