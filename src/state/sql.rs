@@ -292,7 +292,9 @@ impl SqlStore {
 /// Who moves a SQLite database's write-ahead log into the database file.
 #[derive(Clone, Copy, PartialEq)]
 enum Checkpoints {
-    /// SQLite, inside whichever commit grows the log past 1,000 pages.
+    /// The database's own: SQLite's inside whichever commit grows the log
+    /// past 1,000 pages (an in-memory database has no log), PostgreSQL's
+    /// checkpointer.
     Automatic,
     /// The store's checkpoint task ([`checkpoint_task`]).
     OwnTask,
