@@ -470,6 +470,18 @@ fn digest_of<T>(
     digests.get(&o).copied()
 }
 
+/// Puts the digest of each of `keys`' objects that exists, in order.
+fn put_digests<T>(
+    h: &mut sha2::Sha256,
+    digests: &ObjectDigests<T>,
+    objects: &BTreeMap<ObjectKey, Arc<T>>,
+    keys: &[ObjectKey],
+) {
+    for d in keys.iter().filter_map(|k| digest_of(digests, objects, k)) {
+        put(h, &d);
+    }
+}
+
 impl Snapshot {
     /// [`InputDigest`] of every valid instance; `memo` holds the digests of
     /// the snapshot before and is left holding this one's.
@@ -514,24 +526,19 @@ impl Snapshot {
                         let mut h = Sha256::new();
                         if let Some(keys) = index.derived.layers.get(*ns).and_then(|m| m.get(scope))
                         {
-                            for k in &keys.bindings {
-                                if let Some(d) = digest_of(&next.bindings, &self.bindings, k) {
-                                    put(&mut h, &d);
-                                }
-                            }
-                            for k in &keys.marketplaces {
-                                if let Some(d) =
-                                    digest_of(&next.marketplaces, &self.marketplaces, k)
-                                {
-                                    put(&mut h, &d);
-                                }
-                            }
-                            for k in &keys.mcp_servers {
-                                if let Some(d) = digest_of(&next.mcp_servers, &self.mcp_servers, k)
-                                {
-                                    put(&mut h, &d);
-                                }
-                            }
+                            put_digests(&mut h, &next.bindings, &self.bindings, &keys.bindings);
+                            put_digests(
+                                &mut h,
+                                &next.marketplaces,
+                                &self.marketplaces,
+                                &keys.marketplaces,
+                            );
+                            put_digests(
+                                &mut h,
+                                &next.mcp_servers,
+                                &self.mcp_servers,
+                                &keys.mcp_servers,
+                            );
                         }
                         h.finalize().into()
                     });
