@@ -1057,6 +1057,7 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Rec
                 defer_corrupt: attempts < BUSY_ATTEMPTS,
                 progress: None,
                 publish_sidecars: true,
+                entry_sources: true,
             };
             let secrets: Arc<dyn SecretProvider> = Arc::new(Chain(vec![
                 Arc::new(snapshot.secrets.clone()),

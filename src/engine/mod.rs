@@ -62,6 +62,10 @@ pub struct PassOptions {
     /// controller publishes it). Elsewhere `delivery` is not looked at: on a
     /// host there are no pods, and the env root is written as for `Volume`.
     pub publish_sidecars: bool,
+    /// Outcomes list the rendered entries and where each came from (what a
+    /// report or a status shows). A loop that shows neither turns this off:
+    /// building them is a twentieth of a no-op pass.
+    pub entry_sources: bool,
 }
 
 impl PassOptions {
@@ -73,6 +77,7 @@ impl PassOptions {
             defer_corrupt: false,
             progress: None,
             publish_sidecars: false,
+            entry_sources: true,
         }
     }
 }
@@ -642,7 +647,7 @@ impl Engine {
             return out.fail(reason::STATE_FAILED, crate::error_chain(&e));
         }
         if ledger_current && self.files_unchanged(&state, &target).await {
-            return kept(out, desired, &state, mode);
+            return kept(out, desired, &state, opts);
         }
         drop(united);
 
@@ -686,7 +691,7 @@ impl Engine {
                 return out.fail(reason, crate::error_chain(&e));
             }
         };
-        self.report(out, applied, old_state, mode).await
+        self.report(out, applied, old_state, opts).await
     }
 
     /// Whether the env dir's files are still those the ledger of `state`
@@ -740,8 +745,9 @@ impl Engine {
         mut out: Outcome,
         applied: Applied,
         old: InstanceState,
-        mode: Mode,
+        opts: &PassOptions,
     ) -> Outcome {
+        let mode = opts.mode;
         out.changes = applied.changes;
         describe(
             &mut out,
@@ -749,7 +755,7 @@ impl Engine {
             &applied.findings,
             &applied.corrupt,
             &applied.written,
-            mode,
+            opts,
         );
         if mode == Mode::DryRun {
             return out;
@@ -839,10 +845,12 @@ fn describe(
     findings: &PerSection<drift::Findings>,
     corrupt: &[String],
     written: &[section::EnvFile],
-    mode: Mode,
+    opts: &PassOptions,
 ) {
-    out.rendered = rendered.map(|_, e| e.keys().cloned().collect());
-    out.sources = sources(rendered);
+    if opts.entry_sources {
+        out.rendered = rendered.map(|_, e| e.keys().cloned().collect());
+        out.sources = sources(rendered);
+    }
     for (section, f) in findings.iter() {
         out.drift
             .extend(f.drift.iter().map(|n| format!("{section}.{n}")));
@@ -854,11 +862,11 @@ fn describe(
     out.ready = true;
     let counts = format!(
         "{} plugins, {} marketplaces, {} MCP servers",
-        out.rendered.plugins.len(),
-        out.rendered.marketplaces.len(),
-        out.rendered.mcp_servers.len()
+        rendered.plugins.len(),
+        rendered.marketplaces.len(),
+        rendered.mcp_servers.len()
     );
-    let verb = if mode == Mode::DryRun {
+    let verb = if opts.mode == Mode::DryRun {
         "would write"
     } else {
         "wrote"
@@ -904,10 +912,10 @@ fn kept(
     mut out: Outcome,
     rendered: &PerSection<resolve::Entries>,
     state: &InstanceState,
-    mode: Mode,
+    opts: &PassOptions,
 ) -> Outcome {
-    describe(&mut out, rendered, &PerSection::default(), &[], &[], mode);
-    if mode == Mode::DryRun {
+    describe(&mut out, rendered, &PerSection::default(), &[], &[], opts);
+    if opts.mode == Mode::DryRun {
         return out;
     }
     let ledger = state.ledger.as_ref().expect("a current ledger is kept");
@@ -1005,5 +1013,63 @@ fn audit_record(out: &Outcome) -> AuditRecord {
         message: out.used_secrets.mask(&out.message),
         repeats: 1,
         last_at: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use resolve::{Entry, ObjectId, Origin};
+    use serde_json::json;
+
+    #[test]
+    fn an_outcome_without_entry_sources_says_the_same_without_the_lists() {
+        let key = ObjectKey {
+            namespace: "dev".into(),
+            name: "alice".into(),
+        };
+        let mut rendered: PerSection<resolve::Entries> = PerSection::default();
+        rendered.plugins.insert(
+            "lint@tools".into(),
+            Entry {
+                value: json!(true),
+                origin: Origin::Type(ObjectId {
+                    kind: "PluginBinding",
+                    name: "coders".into(),
+                }),
+            },
+        );
+        rendered.mcp_servers.insert(
+            "docs".into(),
+            Entry {
+                value: json!({"type": "http", "url": "https://docs.example"}),
+                origin: Origin::Builtin,
+            },
+        );
+        let described = |entry_sources| {
+            let mut opts = PassOptions::new(Mode::Apply);
+            opts.entry_sources = entry_sources;
+            let mut out = Outcome::new(&key, "coder", "dev/alice".into());
+            describe(&mut out, &rendered, &PerSection::default(), &[], &[], &opts);
+            out
+        };
+        let (full, bare) = (described(true), described(false));
+        assert_eq!(full.rendered.plugins, ["lint@tools"]);
+        assert_eq!(full.sources.len(), 2);
+        let lint = full.sources.iter().find(|s| s.name == "lint@tools");
+        assert_eq!(
+            lint.and_then(|s| s.object.as_deref()),
+            Some("PluginBinding/coders")
+        );
+        assert!(bare.rendered.plugins.is_empty() && bare.rendered.mcp_servers.is_empty());
+        assert!(bare.sources.is_empty());
+        assert_eq!(
+            (bare.ready, bare.reason, &bare.message),
+            (full.ready, full.reason, &full.message)
+        );
+        assert_eq!(
+            bare.message,
+            "up to date (1 plugins, 0 marketplaces, 1 MCP servers)"
+        );
     }
 }

@@ -318,6 +318,8 @@ impl Loop {
             Arc::new(StoreSecrets::new(self.engine.store().clone())),
         ]));
         let mut opts = PassOptions::new(Mode::Apply);
+        // Outcomes are counted and logged here, never listed entry by entry.
+        opts.entry_sources = false;
         opts.defer_corrupt = after_event;
         if let Some(keys) = &only {
             // Files that stayed unparsable through every retry are treated as corrupt.

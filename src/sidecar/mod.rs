@@ -299,6 +299,7 @@ impl Sidecar {
                     defer_corrupt: self.attempts < BUSY_ATTEMPTS,
                     progress: None,
                     publish_sidecars: false,
+                    entry_sources: true,
                 };
                 let o = self
                     .engine
