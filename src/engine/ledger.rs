@@ -115,16 +115,20 @@ fn canonical_to(v: &Value, out: &mut Vec<u8>) {
     const WRITES: &str = "writing to memory does not fail";
     match v {
         Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
+            // Pairs, not keys looked up again after sorting: an object's
+            // keys are hashed, and every entry of every render passes here.
+            let mut pairs: Vec<(&String, &Value)> = m.iter().collect();
+            if !pairs.is_sorted_by_key(|(k, _)| *k) {
+                pairs.sort_unstable_by_key(|(k, _)| *k);
+            }
             out.push(b'{');
-            for (i, k) in keys.into_iter().enumerate() {
+            for (i, (k, v)) in pairs.into_iter().enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
                 serde_json::to_writer(&mut *out, k).expect(WRITES);
                 out.push(b':');
-                canonical_to(&m[k], out);
+                canonical_to(v, out);
             }
             out.push(b'}');
         }
