@@ -308,8 +308,11 @@ fn sqlite_pool(connections: u32, checkpoints: Checkpoints) -> AnyPoolOptions {
                 // WAL: readers never block the writer; NORMAL is durable in WAL mode
                 // except for the last transactions on power loss, which the next pass
                 // redoes. secure_delete: deleted rows are zeroed, not left in free pages.
+                // temp_store: a statement's undo pages stay in memory instead of
+                // spilling to a temporary file past 64 KiB (an audit batch of a
+                // pass updates hundreds of rows in one statement).
                 conn.execute(
-                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000; PRAGMA secure_delete = ON;",
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000; PRAGMA secure_delete = ON; PRAGMA temp_store = MEMORY;",
                 )
                 .await?;
                 if checkpoints == Checkpoints::OwnTask {
@@ -472,6 +475,16 @@ where
     row.try_get(name).map_err(q("reading a row"))
 }
 
+/// A text column, borrowed from the row.
+fn col_str<'r>(row: &'r AnyRow, name: &str) -> Result<&'r str, StoreError> {
+    row.try_get(name).map_err(q("reading a row"))
+}
+
+/// A text column that may be NULL, borrowed from the row.
+fn opt_col_str<'r>(row: &'r AnyRow, name: &str) -> Result<Option<&'r str>, StoreError> {
+    row.try_get(name).map_err(q("reading a row"))
+}
+
 fn sealed(row: &AnyRow) -> Result<Sealed, StoreError> {
     Ok(Sealed {
         key_id: col(row, "key_id")?,
@@ -507,21 +520,22 @@ fn row_key(row: &AnyRow) -> Result<InstanceKey, StoreError> {
 }
 
 fn parse_ledger(key: &InstanceKey, row: &AnyRow) -> Result<Ledger, StoreError> {
-    let entries: String = col(row, "entries")?;
-    let entries: StoredEntries = serde_json::from_str(&entries).map_err(corrupt("ledger", key))?;
+    // Read in place: the row holds the text already (kilobytes per instance).
+    let entries: &str = col_str(row, "entries")?;
+    let entries: StoredEntries = serde_json::from_str(entries).map_err(corrupt("ledger", key))?;
     Ok(Ledger {
         entries: entries.0,
         content_hash: col(row, "content_hash")?,
         written_at: timestamp(row, "written_at", key)?,
         // Only ever a reason to skip a read: unreadable stamps (a column
         // edited by hand) mean the files are read, never that a pass fails.
-        seen: col::<Option<String>>(row, "seen")?.and_then(|s| serde_json::from_str(&s).ok()),
+        seen: opt_col_str(row, "seen")?.and_then(|s| serde_json::from_str(s).ok()),
     })
 }
 
 fn parse_pending(key: &InstanceKey, row: &AnyRow) -> Result<Option<LedgerEntries>, StoreError> {
-    col::<Option<String>>(row, "pending")?
-        .map(|p| serde_json::from_str::<StoredEntries>(&p).map(|e| e.0))
+    opt_col_str(row, "pending")?
+        .map(|p| serde_json::from_str::<StoredEntries>(p).map(|e| e.0))
         .transpose()
         .map_err(corrupt("pending ledger", key))
 }
