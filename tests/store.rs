@@ -238,6 +238,77 @@ async fn states_load_many_at_once_as_one_by_one() {
     }
 }
 
+/// Ledger rows an older operator wrote (each entry an object with its hash
+/// in hex) read as they were written; a save writes the compact form, the
+/// pending entries too, and reads back the same.
+#[tokio::test]
+async fn ledger_rows_of_either_form_read_the_same() {
+    for b in backends("ledger forms") {
+        let db = Db::new(&b);
+        let store = db.open().await;
+        let mut state = sample_state();
+        let digest = "5e".repeat(32);
+        let entries = &mut state.ledger.as_mut().unwrap().entries;
+        entries[Section::Plugins].insert(
+            "fmt@tools".into(),
+            LedgerEntry {
+                installed: false,
+                hash: digest.clone(),
+            },
+        );
+        let entries = entries.clone();
+        let (k, other) = (key(), InstanceKey::new("dev", "bob"));
+        store
+            .save(&k, &state, &record("Rendered", &["x"]))
+            .await
+            .unwrap();
+        store.save_pending(&other, &entries).await.unwrap();
+        let pool = db.raw().await;
+        let stored = |name: &'static str| {
+            let pool = pool.clone();
+            async move {
+                let row = sqlx::query("SELECT entries, pending FROM ledger WHERE name = $1")
+                    .bind(name)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                let text = |c: &str| row.try_get::<Option<String>, _>(c).unwrap();
+                (text("entries"), text("pending"))
+            }
+        };
+        let compact = |text: &str| {
+            let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            let plugin = v["enabledPlugins"]["fmt@tools"].as_str().map(str::to_owned);
+            // A hash that is no digest keeps the object form.
+            assert_eq!(v["mcpServers"]["github"]["hash"], "h1", "{}", b.name());
+            plugin.is_some_and(|p| p.starts_with('d') && p.len() == 44)
+        };
+        let (text, _) = stored("alice").await;
+        assert!(compact(&text.unwrap()), "{}", b.name());
+        let (_, pending) = stored("bob").await;
+        assert!(compact(&pending.unwrap()), "{}", b.name());
+        assert_eq!(store.load(&k).await.unwrap(), state, "{}", b.name());
+
+        // As an older operator wrote them.
+        let old_form = serde_json::to_string(&entries).unwrap();
+        assert!(old_form.contains(&digest));
+        sqlx::query("UPDATE ledger SET entries = $1, pending = $1")
+            .bind(&old_form)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let mut expected = state.clone();
+        expected.pending = Some(entries.clone());
+        assert_eq!(store.load(&k).await.unwrap(), expected, "{}", b.name());
+        assert_eq!(
+            store.load(&other).await.unwrap().pending,
+            Some(entries),
+            "{}",
+            b.name()
+        );
+    }
+}
+
 /// Stamps stored apart from a save land on the ledger they were taken for,
 /// and only there: a ledger whose content changed meanwhile keeps its own.
 #[tokio::test]

@@ -7,6 +7,7 @@ mod keys;
 mod placement;
 mod provider;
 mod sql;
+mod stored;
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -19,10 +19,12 @@ use super::{
 };
 use crate::crypto::{Aad, Keyring, MasterKey, Sealed};
 use crate::engine::envdir::Seen;
-use crate::engine::ledger::{Hasher, Ledger, LedgerEntry};
+use crate::engine::ledger::{Hasher, Ledger};
 use crate::engine::secrets::SecretValue;
-use crate::engine::section::{PerSection, Section};
+use crate::engine::section::Section;
 use crate::time::Timestamp;
+
+use super::stored;
 
 static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -34,9 +36,6 @@ pub struct SqlStore {
     hasher: Hasher,
     writes: mpsc::UnboundedSender<Write>,
 }
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct StoredEntries(PerSection<BTreeMap<String, LedgerEntry>>);
 
 type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
 
@@ -522,9 +521,8 @@ fn row_key(row: &AnyRow) -> Result<InstanceKey, StoreError> {
 fn parse_ledger(key: &InstanceKey, row: &AnyRow) -> Result<Ledger, StoreError> {
     // Read in place: the row holds the text already (kilobytes per instance).
     let entries: &str = col_str(row, "entries")?;
-    let entries: StoredEntries = serde_json::from_str(entries).map_err(corrupt("ledger", key))?;
     Ok(Ledger {
-        entries: entries.0,
+        entries: stored::from_text(entries).map_err(corrupt("ledger", key))?,
         content_hash: col(row, "content_hash")?,
         written_at: timestamp(row, "written_at", key)?,
         // Only ever a reason to skip a read: unreadable stamps (a column
@@ -535,7 +533,7 @@ fn parse_ledger(key: &InstanceKey, row: &AnyRow) -> Result<Ledger, StoreError> {
 
 fn parse_pending(key: &InstanceKey, row: &AnyRow) -> Result<Option<LedgerEntries>, StoreError> {
     opt_col_str(row, "pending")?
-        .map(|p| serde_json::from_str::<StoredEntries>(p).map(|e| e.0))
+        .map(stored::from_text)
         .transpose()
         .map_err(corrupt("pending ledger", key))
 }
@@ -737,8 +735,7 @@ async fn save_in(
 ) -> Result<(), StoreError> {
     match &state.ledger {
         Some(l) => {
-            let entries = serde_json::to_string(&StoredEntries(l.entries.clone()))
-                .expect("ledger entries serialize");
+            let entries = stored::to_text(&l.entries);
             sqlx::query(
                     "INSERT INTO ledger (namespace, name, entries, content_hash, written_at, seen) VALUES ($1, $2, $3, $4, $5, $6)
                      ON CONFLICT (namespace, name) DO UPDATE SET entries = excluded.entries,
@@ -823,12 +820,9 @@ async fn save_pending_in(
     )
     .bind(&key.namespace)
     .bind(&key.name)
-    .bind(
-        serde_json::to_string(&StoredEntries(LedgerEntries::default()))
-            .expect("ledger entries serialize"),
-    )
+    .bind(stored::to_text(&LedgerEntries::default()))
     .bind(crate::time::now().to_string())
-    .bind(serde_json::to_string(&StoredEntries(pending.clone())).expect("ledger entries serialize"))
+    .bind(stored::to_text(pending))
     .execute(&mut **tx)
     .await
     .map_err(q("recording what is about to be written"))?;
@@ -1319,10 +1313,7 @@ impl StateStore for SqlStore {
             let mut ledger = parse_ledger(instance, &row)?;
             ledger.entries[section].remove(entry);
             sqlx::query("UPDATE ledger SET entries = $1 WHERE namespace = $2 AND name = $3")
-                .bind(
-                    serde_json::to_string(&StoredEntries(ledger.entries))
-                        .expect("ledger entries serialize"),
-                )
+                .bind(stored::to_text(&ledger.entries))
                 .bind(&instance.namespace)
                 .bind(&instance.name)
                 .execute(&mut *tx)
