@@ -120,12 +120,14 @@ impl<'de> Deserialize<'de> for LoadedSection {
                 f.write_str("ledger entries by name")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut out = BTreeMap::new();
+                // Rows hold names in order: gathered, then built in one go
+                // rather than inserted one by one.
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0));
                 while let Some(name) = map.next_key::<String>()? {
                     let LoadedEntry(entry) = map.next_value()?;
-                    out.insert(name, entry);
+                    out.push((name, entry));
                 }
-                Ok(out)
+                Ok(BTreeMap::from_iter(out))
             }
         }
         d.deserialize_map(Entries).map(LoadedSection)
@@ -154,9 +156,14 @@ impl<'de> Deserialize<'de> for LoadedEntry {
                     Ok(32) => {}
                     _ => return Err(bad()),
                 }
+                // Into a buffer, not through `hex::encode`'s char iterator:
+                // a pass reads every entry of every instance.
+                let mut digits = [0u8; 64];
+                hex::encode_to_slice(bytes, &mut digits).expect("64 digits for 32 bytes");
+                let hash = std::str::from_utf8(&digits).expect("hex digits are ASCII");
                 Ok(LedgerEntry {
                     installed,
-                    hash: hex::encode(bytes),
+                    hash: hash.to_owned(),
                 })
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<LedgerEntry, A::Error> {
