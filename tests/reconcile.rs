@@ -766,3 +766,99 @@ fn a_fleet_of_many_chunks_is_reported_in_order_with_each_state_its_own() {
         }
     }
 }
+
+/// A type's secrets are filled once per pass, and each instance's own
+/// servers over them; a type server whose secret is missing holds back
+/// each instance of the type except one whose own layer replaces it.
+#[test]
+fn type_and_instance_servers_fill_their_secrets_and_a_replaced_one_needs_none() {
+    let h = Host::new();
+    let server = |name: &str, url: &str, header: Option<&str>| {
+        let mut s = format!("name: {name}\nhttp:\n  url: \"{url}\"\n");
+        if let Some(secret) = header {
+            s += &format!("  headers:\n    Authorization: \"Bearer ${{SECRET:{secret}}}\"\n");
+        }
+        s
+    };
+    h.manifest(
+        "fleet",
+        &docs(&[
+            instance("dev", "alice", "coder"),
+            instance("dev", "bob", "coder"),
+            instance("dev", "carol", "writer"),
+            instance("dev", "dave", "writer"),
+            secret(
+                "dev",
+                "tokens",
+                &[("WIKI_TOKEN", TOKEN), ("OWN_TOKEN", "own-93ac1")],
+            ),
+            mcp(
+                "dev",
+                "coder-docs",
+                "agentType: coder",
+                &server("docs", "https://docs", Some("DOCS_TOKEN")),
+            ),
+            mcp(
+                "dev",
+                "coder-wiki",
+                "agentType: coder",
+                &server("wiki", "https://wiki", Some("WIKI_TOKEN")),
+            ),
+            mcp(
+                "dev",
+                "alice-docs",
+                "instance: alice",
+                &server("docs", "https://docs.alice", None),
+            ),
+            mcp(
+                "dev",
+                "writer-wiki",
+                "agentType: writer",
+                &server("wiki", "https://wiki", Some("WIKI_TOKEN")),
+            ),
+            mcp(
+                "dev",
+                "carol-own",
+                "instance: carol",
+                &server("own", "https://own", Some("OWN_TOKEN")),
+            ),
+        ]),
+    );
+    let run = h.reconcile();
+    assert_eq!(
+        run.row("dev", "bob")["reason"],
+        "MissingSecret",
+        "{}",
+        run.stdout
+    );
+    assert!(run.message("dev", "bob").contains("DOCS_TOKEN"));
+    assert!(!h.env_file("dev/bob/.claude.json").exists());
+    let servers =
+        |inst: &str| h.read_json(&format!("dev/{inst}/.claude.json"))["mcpServers"].clone();
+    let bearer = |v: &str| json!(format!("Bearer {v}"));
+    assert_eq!(
+        run.row("dev", "alice")["reason"],
+        "Rendered",
+        "{}",
+        run.stdout
+    );
+    assert_eq!(servers("alice")["docs"]["url"], "https://docs.alice");
+    assert_eq!(
+        servers("alice")["wiki"]["headers"]["Authorization"],
+        bearer(TOKEN)
+    );
+    for inst in ["carol", "dave"] {
+        assert_eq!(run.row("dev", inst)["reason"], "Rendered", "{}", run.stdout);
+        assert_eq!(
+            servers(inst)["wiki"]["headers"]["Authorization"],
+            bearer(TOKEN)
+        );
+    }
+    assert_eq!(
+        servers("carol")["own"]["headers"]["Authorization"],
+        bearer("own-93ac1")
+    );
+    assert!(servers("dave").get("own").is_none());
+    // Values never reach the report.
+    assert!(!run.stdout.contains(TOKEN) && !run.stdout.contains("own-93ac1"));
+}

@@ -540,20 +540,34 @@ impl Engine {
             let type_layer = index.layer(namespace, &Scope::Type(spec.agent_type.clone()));
             resolve::resolve_type(&self.builtin, &spec.agent_type, &type_layer)
         });
-        let declared = resolve::with_instance_layer(
-            Declared::clone(&base),
-            &index.layer(namespace, &Scope::Instance(key.name.clone())),
-        );
+        let own_layer = index.layer(namespace, &Scope::Instance(key.name.clone()));
+        let (declared, filled) = match base.filled(namespace, secrets.as_ref()).await {
+            // The type's entries come filled: only the instance's own are left.
+            Some(filled_base) => {
+                let over = Declared {
+                    sections: filled_base.sections.clone(),
+                    conflicts: base.declared.conflicts.clone(),
+                };
+                let mut declared = resolve::with_instance_layer(over, &own_layer);
+                let own = (declared.sections.mcp_servers.values_mut())
+                    .filter(|e| matches!(e.origin, resolve::Origin::Instance(_)))
+                    .map(|e| &mut e.value);
+                let own = secrets::fill_all(namespace, own, secrets.as_ref()).await;
+                (declared, filled_base.with(own))
+            }
+            None => {
+                let mut declared =
+                    resolve::with_instance_layer(Declared::clone(&base.declared), &own_layer);
+                let all = declared.sections.mcp_servers.values_mut();
+                let all = all.map(|e| &mut e.value);
+                let filled = secrets::fill_all(namespace, all, secrets.as_ref()).await;
+                (declared, filled)
+            }
+        };
         let mut out = out;
         out.warnings
             .extend(declared.conflicts.iter().map(|c| format!("Conflict: {c}")));
-        let Declared { mut sections, .. } = declared;
-        let filled = secrets::fill_all(
-            &key.namespace,
-            sections.mcp_servers.values_mut().map(|e| &mut e.value),
-            secrets.as_ref(),
-        )
-        .await;
+        let Declared { sections, .. } = declared;
         out.secret_refs = filled.refs;
         let used = match filled.result {
             Ok(used) => used,
