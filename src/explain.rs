@@ -757,7 +757,7 @@ impl EntryContext<'_> {
         let (status, scope, object, value) = match (fin, &decider_ref) {
             (Some(e), _) => {
                 let status = if section == Section::Plugins
-                    && e.value == Value::Bool(false)
+                    && *e.value == Value::Bool(false)
                     && e.origin.is_declared()
                 {
                     EntryStatus::Disabled
@@ -772,7 +772,7 @@ impl EntryContext<'_> {
                     status,
                     Some(e.origin.scope()),
                     object,
-                    Some(e.value.clone()),
+                    Some(Value::clone(&e.value)),
                 )
             }
             (None, Some((s, o))) => (EntryStatus::Disabled, Some(*s), o.clone(), None),
@@ -784,7 +784,7 @@ impl EntryContext<'_> {
         // Secrets of the declared value: a pass fills it even when a runtime
         // install replaces it.
         let secret_value = match (fin, top_decider) {
-            (Some(e), _) if e.origin.is_declared() => Some(e.value.clone()),
+            (Some(e), _) if e.origin.is_declared() => Some(Value::clone(&e.value)),
             (_, Some((l, i))) => self.layers[l][name][i].value.clone(),
             _ => None,
         };
@@ -1336,7 +1336,7 @@ mod tests {
             match desired[x.key].get(&x.name) {
                 Some(d) => {
                     seen += 1;
-                    assert_eq!(x.value.as_ref(), Some(&d.value), "{}", x.name);
+                    assert_eq!(x.value.as_ref(), Some(&*d.value), "{}", x.name);
                     assert_eq!(x.scope, Some(d.origin.scope()), "{}", x.name);
                 }
                 None => assert!(

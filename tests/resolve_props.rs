@@ -386,7 +386,7 @@ fn identity() -> Vec<usize> {
 
 fn values(e: &Entries) -> BTreeMap<String, Value> {
     e.iter()
-        .map(|(k, v)| (k.clone(), v.value.clone()))
+        .map(|(k, v)| (k.clone(), Value::clone(&v.value)))
         .collect()
 }
 
@@ -406,7 +406,7 @@ proptest! {
         for section in Section::ALL {
             let got: BTreeMap<String, (Value, &'static str)> = d.sections[section]
                 .iter()
-                .map(|(k, e)| (k.clone(), (e.value.clone(), e.origin.scope())))
+                .map(|(k, e)| (k.clone(), (Value::clone(&e.value), e.origin.scope())))
                 .collect();
             prop_assert_eq!(got, model_entries(&builtin, &type_l, &inst_l, section), "{:?}", section);
         }
@@ -453,7 +453,7 @@ proptest! {
         for section in Section::ALL {
             let mut want: BTreeMap<String, (Value, bool)> = declared.sections[section]
                 .iter()
-                .map(|(k, e)| (k.clone(), (e.value.clone(), false)))
+                .map(|(k, e)| (k.clone(), (Value::clone(&e.value), false)))
                 .collect();
             for (k, v) in &installed[section] {
                 let nothing_to_fetch = section == Section::Marketplaces
@@ -464,7 +464,7 @@ proptest! {
             }
             let got: BTreeMap<String, (Value, bool)> = preserve[section]
                 .iter()
-                .map(|(k, e)| (k.clone(), (e.value.clone(), e.origin == Origin::Installed)))
+                .map(|(k, e)| (k.clone(), (Value::clone(&e.value), e.origin == Origin::Installed)))
                 .collect();
             prop_assert_eq!(got, want, "{:?}", section);
 

@@ -284,21 +284,21 @@ pub fn ledger_entries(
 /// The ledger's hash over a whole render.
 pub fn content_hash(hasher: &Hasher, rendered: &PerSection<Entries>) -> String {
     hasher.content(
-        (rendered.iter()).map(|(s, entries)| (s, entries.iter().map(|(k, e)| (k, &e.value)))),
+        (rendered.iter()).map(|(s, entries)| (s, entries.iter().map(|(k, e)| (k, &*e.value)))),
     )
 }
 
 /// Whether an owned key as present in a file holds exactly `entries`.
 fn same(present: Option<&Map<String, Value>>, entries: &Entries) -> bool {
     present.is_some_and(|p| {
-        p.len() == entries.len() && entries.iter().all(|(k, e)| p.get(k) == Some(&e.value))
+        p.len() == entries.len() && entries.iter().all(|(k, e)| p.get(k) == Some(&*e.value))
     })
 }
 
 fn to_map(entries: &Entries) -> Map<String, Value> {
     entries
         .iter()
-        .map(|(k, e)| (k.clone(), e.value.clone()))
+        .map(|(k, e)| (k.clone(), Value::clone(&e.value)))
         .collect()
 }
 

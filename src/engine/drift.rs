@@ -157,7 +157,7 @@ mod tests {
                 (
                     n.to_string(),
                     Entry {
-                        value: json!(true),
+                        value: json!(true).into(),
                         origin: Origin::Builtin,
                     },
                 )

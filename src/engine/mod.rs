@@ -551,7 +551,7 @@ impl Engine {
                 let mut declared = resolve::with_instance_layer(over, &own_layer);
                 let own = (declared.sections.mcp_servers.values_mut())
                     .filter(|e| matches!(e.origin, resolve::Origin::Instance(_)))
-                    .map(|e| &mut e.value);
+                    .map(|e| Arc::make_mut(&mut e.value));
                 let own = secrets::fill_all(namespace, own, secrets.as_ref()).await;
                 (declared, filled_base.with(own))
             }
@@ -559,7 +559,7 @@ impl Engine {
                 let mut declared =
                     resolve::with_instance_layer(Declared::clone(&base.declared), &own_layer);
                 let all = declared.sections.mcp_servers.values_mut();
-                let all = all.map(|e| &mut e.value);
+                let all = all.map(|e| Arc::make_mut(&mut e.value));
                 let filled = secrets::fill_all(namespace, all, secrets.as_ref()).await;
                 (declared, filled)
             }
@@ -1046,7 +1046,7 @@ mod tests {
         rendered.plugins.insert(
             "lint@tools".into(),
             Entry {
-                value: json!(true),
+                value: json!(true).into(),
                 origin: Origin::Type(ObjectId {
                     kind: "PluginBinding",
                     name: "coders".into(),
@@ -1056,7 +1056,7 @@ mod tests {
         rendered.mcp_servers.insert(
             "docs".into(),
             Entry {
-                value: json!({"type": "http", "url": "https://docs.example"}),
+                value: json!({"type": "http", "url": "https://docs.example"}).into(),
                 origin: Origin::Builtin,
             },
         );

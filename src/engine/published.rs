@@ -8,6 +8,7 @@
 //! controller and every sidecar name a render the same way.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -120,7 +121,7 @@ impl Published {
                     .iter()
                     .map(|(name, e)| {
                         let entry = PublishedEntry {
-                            value: e.value.clone(),
+                            value: Value::clone(&e.value),
                             scope: e.origin.scope().to_owned(),
                             object: e
                                 .origin
@@ -203,7 +204,7 @@ impl Published {
                 out[section].insert(
                     name.clone(),
                     Entry {
-                        value: e.value.clone(),
+                        value: Arc::new(e.value.clone()),
                         origin,
                     },
                 );
@@ -258,7 +259,7 @@ mod tests {
         declared.plugins.insert(
             "lint@tools".into(),
             Entry {
-                value: json!(true),
+                value: json!(true).into(),
                 origin: Origin::Type(ObjectId {
                     kind: "PluginBinding",
                     name: "coders".into(),
@@ -268,7 +269,7 @@ mod tests {
         declared.mcp_servers.insert(
             "docs".into(),
             Entry {
-                value: json!({"type": "http", "url": "https://d.example"}),
+                value: json!({"type": "http", "url": "https://d.example"}).into(),
                 origin: Origin::Builtin,
             },
         );

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
@@ -82,7 +83,8 @@ impl Origin {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Entry {
     /// The value in Claude Code's shape.
-    pub value: Value,
+    /// Shared: every instance of a type starts from a copy of its base.
+    pub value: Arc<Value>,
     /// Where it came from.
     pub origin: Origin,
 }
@@ -172,7 +174,7 @@ pub fn resolve_type(builtin: &Builtin, agent_type: &str, type_layer: &Layer<'_>)
         out.sections.plugins.insert(
             id.clone(),
             Entry {
-                value: Value::Bool(true),
+                value: Arc::new(Value::Bool(true)),
                 origin: Origin::Builtin,
             },
         );
@@ -181,7 +183,7 @@ pub fn resolve_type(builtin: &Builtin, agent_type: &str, type_layer: &Layer<'_>)
         out.sections.marketplaces.insert(
             name.clone(),
             Entry {
-                value: v.clone(),
+                value: Arc::new(v.clone()),
                 origin: Origin::Builtin,
             },
         );
@@ -190,7 +192,7 @@ pub fn resolve_type(builtin: &Builtin, agent_type: &str, type_layer: &Layer<'_>)
         out.sections.mcp_servers.insert(
             name.clone(),
             Entry {
-                value: v.clone(),
+                value: Arc::new(v.clone()),
                 origin: Origin::Builtin,
             },
         );
@@ -325,6 +327,7 @@ fn apply_layer(
         };
         match winner.value {
             Some(value) => {
+                let value = Arc::new(value);
                 out.sections[section].insert(name, Entry { value, origin });
             }
             None => {
@@ -372,7 +375,7 @@ pub fn desired_section(
         out.insert(
             name.clone(),
             Entry {
-                value: value.clone(),
+                value: Arc::new(value.clone()),
                 origin: Origin::Installed,
             },
         );
@@ -441,7 +444,7 @@ mod tests {
         d.sections
             .plugins
             .iter()
-            .map(|(k, e)| (k.as_str(), &e.value))
+            .map(|(k, e)| (k.as_str(), &*e.value))
             .collect()
     }
 
@@ -484,7 +487,7 @@ mod tests {
             ..Default::default()
         };
         let d = resolve_declared(&Builtin::default(), "t", &layer, &Layer::default());
-        assert_eq!(d.sections.plugins["p@m"].value, json!(false));
+        assert_eq!(*d.sections.plugins["p@m"].value, json!(false));
         assert_eq!(d.conflicts.len(), 1);
         assert_eq!(d.conflicts[0].winner.name, "b");
         assert_eq!(d.conflicts[0].losers[0].name, "a");
@@ -532,14 +535,14 @@ mod tests {
         declared.sections.marketplaces.insert(
             "m".into(),
             Entry {
-                value: json!({"source": {"source": "github", "repo": "o/a"}}),
+                value: json!({"source": {"source": "github", "repo": "o/a"}}).into(),
                 origin: Origin::Builtin,
             },
         );
         declared.sections.marketplaces.insert(
             "n".into(),
             Entry {
-                value: json!({"source": {"source": "github", "repo": "o/n"}}),
+                value: json!({"source": {"source": "github", "repo": "o/n"}}).into(),
                 origin: Origin::Builtin,
             },
         );

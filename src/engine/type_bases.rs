@@ -59,7 +59,7 @@ impl TypeBase {
     ) -> Option<&FilledBase> {
         let fill = || async {
             let mut sections = self.declared.sections.clone();
-            let values = sections.mcp_servers.values_mut().map(|e| &mut e.value);
+            let values = (sections.mcp_servers.values_mut()).map(|e| Arc::make_mut(&mut e.value));
             let filled = secrets::fill_all(namespace, values, secrets).await;
             Some(FilledBase {
                 used: filled.result.ok()?,
@@ -146,7 +146,7 @@ mod tests {
         d.sections.mcp_servers.insert(
             "docs".into(),
             Entry {
-                value: json!({"type": "http", "url": url}),
+                value: json!({"type": "http", "url": url}).into(),
                 origin: Origin::Builtin,
             },
         );
