@@ -1033,8 +1033,6 @@ fn audit_record(out: &Outcome) -> AuditRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use resolve::{Entry, ObjectId, Origin};
-    use serde_json::json;
 
     #[test]
     fn an_outcome_without_entry_sources_says_the_same_without_the_lists() {
@@ -1042,24 +1040,7 @@ mod tests {
             namespace: "dev".into(),
             name: "alice".into(),
         };
-        let mut rendered: PerSection<resolve::Entries> = PerSection::default();
-        rendered.plugins.insert(
-            "lint@tools".into(),
-            Entry {
-                value: json!(true).into(),
-                origin: Origin::Type(ObjectId {
-                    kind: "PluginBinding",
-                    name: "coders".into(),
-                }),
-            },
-        );
-        rendered.mcp_servers.insert(
-            "docs".into(),
-            Entry {
-                value: json!({"type": "http", "url": "https://docs.example"}).into(),
-                origin: Origin::Builtin,
-            },
-        );
+        let rendered = resolve::sample_render();
         let described = |entry_sources| {
             let mut opts = PassOptions::new(Mode::Apply);
             opts.entry_sources = entry_sources;

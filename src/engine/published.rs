@@ -255,24 +255,7 @@ mod tests {
     use serde_json::json;
 
     fn sample() -> Published {
-        let mut declared = PerSection::<Entries>::default();
-        declared.plugins.insert(
-            "lint@tools".into(),
-            Entry {
-                value: json!(true).into(),
-                origin: Origin::Type(ObjectId {
-                    kind: "PluginBinding",
-                    name: "coders".into(),
-                }),
-            },
-        );
-        declared.mcp_servers.insert(
-            "docs".into(),
-            Entry {
-                value: json!({"type": "http", "url": "https://d.example"}).into(),
-                origin: Origin::Builtin,
-            },
-        );
+        let declared = crate::engine::resolve::sample_render();
         let mut installed = Installed::default();
         installed.plugins.insert("mine@market".into(), json!(true));
         Published::new(

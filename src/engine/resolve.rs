@@ -383,6 +383,32 @@ pub fn desired_section(
     out
 }
 
+/// A small render for tests: a plugin a type binding enables and a
+/// builtin MCP server.
+#[cfg(test)]
+pub(crate) fn sample_render() -> PerSection<Entries> {
+    let mut render = PerSection::<Entries>::default();
+    render.plugins.insert(
+        "lint@tools".into(),
+        Entry {
+            value: Arc::new(Value::Bool(true)),
+            origin: Origin::Type(ObjectId {
+                kind: "PluginBinding",
+                name: "coders".into(),
+            }),
+        },
+    );
+    let server = serde_json::json!({"type": "http", "url": "https://docs.example"});
+    render.mcp_servers.insert(
+        "docs".into(),
+        Entry {
+            value: Arc::new(server),
+            origin: Origin::Builtin,
+        },
+    );
+    render
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
