@@ -541,28 +541,18 @@ impl Engine {
             resolve::resolve_type(&self.builtin, &spec.agent_type, &type_layer)
         });
         let own_layer = index.layer(namespace, &Scope::Instance(key.name.clone()));
-        let (declared, filled) = match base.filled(namespace, secrets.as_ref()).await {
-            // The type's entries come filled: only the instance's own are left.
-            Some(filled_base) => {
-                let over = Declared {
-                    sections: filled_base.sections.clone(),
-                    conflicts: base.declared.conflicts.clone(),
-                };
-                let mut declared = resolve::with_instance_layer(over, &own_layer);
-                let own = (declared.sections.mcp_servers.values_mut())
-                    .filter(|e| matches!(e.origin, resolve::Origin::Instance(_)))
-                    .map(|e| Arc::make_mut(&mut e.value));
-                let own = secrets::fill_all(namespace, own, secrets.as_ref()).await;
-                (declared, filled_base.with(own))
-            }
-            None => {
-                let mut declared =
-                    resolve::with_instance_layer(Declared::clone(&base.declared), &own_layer);
-                let all = declared.sections.mcp_servers.values_mut();
-                let all = all.map(|e| Arc::make_mut(&mut e.value));
-                let filled = secrets::fill_all(namespace, all, secrets.as_ref()).await;
-                (declared, filled)
-            }
+        // With the type's entries filled, only the instance's own are left
+        // to fill; otherwise every entry is filled over the instance's layer.
+        let filled_base = base.filled(namespace, secrets.as_ref()).await;
+        let start = filled_base.map_or(&base.declared, |f| &f.declared);
+        let mut declared = resolve::with_instance_layer(Declared::clone(start), &own_layer);
+        let to_fill = (declared.sections.mcp_servers.values_mut())
+            .filter(|e| filled_base.is_none() || matches!(e.origin, resolve::Origin::Instance(_)))
+            .map(|e| Arc::make_mut(&mut e.value));
+        let filled = secrets::fill_all(namespace, to_fill, secrets.as_ref()).await;
+        let filled = match filled_base {
+            Some(base) => base.with(filled),
+            None => filled,
         };
         let mut out = out;
         out.warnings

@@ -7,9 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::engine::resolve::{Declared, Entries};
+use crate::engine::resolve::Declared;
 use crate::engine::secrets::{self, Filled, SecretProvider, SecretRef, UsedSecrets};
-use crate::engine::section::PerSection;
 
 /// Types kept per pass. Past this many a type is resolved for each of its
 /// instances, as before: a fleet of one type per instance would otherwise
@@ -34,8 +33,8 @@ pub(crate) struct TypeBase {
 
 /// A base whose every placeholder was filled.
 pub(crate) struct FilledBase {
-    /// The base's entries, `mcpServers` filled.
-    pub(crate) sections: PerSection<Entries>,
+    /// The base, its `mcpServers` filled.
+    pub(crate) declared: Declared,
     refs: BTreeSet<SecretRef>,
     used: UsedSecrets,
 }
@@ -58,13 +57,14 @@ impl TypeBase {
         secrets: &dyn SecretProvider,
     ) -> Option<&FilledBase> {
         let fill = || async {
-            let mut sections = self.declared.sections.clone();
-            let values = (sections.mcp_servers.values_mut()).map(|e| Arc::make_mut(&mut e.value));
+            let mut declared = self.declared.clone();
+            let values =
+                (declared.sections.mcp_servers.values_mut()).map(|e| Arc::make_mut(&mut e.value));
             let filled = secrets::fill_all(namespace, values, secrets).await;
             Some(FilledBase {
                 used: filled.result.ok()?,
                 refs: filled.refs,
-                sections,
+                declared,
             })
         };
         self.filled.get_or_init(fill).await.as_ref()
@@ -165,7 +165,7 @@ mod tests {
             let base = bases.get("a", "x", || with_server(url));
             let filled = base.filled("a", &secrets).await.expect("T is there");
             assert_eq!(
-                filled.sections.mcp_servers["docs"].value["url"],
+                filled.declared.sections.mcp_servers["docs"].value["url"],
                 "https://docs/v1"
             );
             // The resolved base itself keeps its placeholder.
