@@ -474,13 +474,11 @@ where
     row.try_get(name).map_err(q("reading a row"))
 }
 
-/// A text column, borrowed from the row.
-fn col_str<'r>(row: &'r AnyRow, name: &str) -> Result<&'r str, StoreError> {
-    row.try_get(name).map_err(q("reading a row"))
-}
-
-/// A text column that may be NULL, borrowed from the row.
-fn opt_col_str<'r>(row: &'r AnyRow, name: &str) -> Result<Option<&'r str>, StoreError> {
+/// [`col`] for a value that borrows from the row (a text read in place).
+fn col_in<'r, T>(row: &'r AnyRow, name: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
+{
     row.try_get(name).map_err(q("reading a row"))
 }
 
@@ -520,19 +518,19 @@ fn row_key(row: &AnyRow) -> Result<InstanceKey, StoreError> {
 
 fn parse_ledger(key: &InstanceKey, row: &AnyRow) -> Result<Ledger, StoreError> {
     // Read in place: the row holds the text already (kilobytes per instance).
-    let entries: &str = col_str(row, "entries")?;
+    let entries: &str = col_in(row, "entries")?;
     Ok(Ledger {
         entries: stored::from_text(entries).map_err(corrupt("ledger", key))?,
         content_hash: col(row, "content_hash")?,
         written_at: timestamp(row, "written_at", key)?,
         // Only ever a reason to skip a read: unreadable stamps (a column
         // edited by hand) mean the files are read, never that a pass fails.
-        seen: opt_col_str(row, "seen")?.and_then(|s| serde_json::from_str(s).ok()),
+        seen: col_in::<Option<&str>>(row, "seen")?.and_then(|s| serde_json::from_str(s).ok()),
     })
 }
 
 fn parse_pending(key: &InstanceKey, row: &AnyRow) -> Result<Option<LedgerEntries>, StoreError> {
-    opt_col_str(row, "pending")?
+    col_in::<Option<&str>>(row, "pending")?
         .map(stored::from_text)
         .transpose()
         .map_err(corrupt("pending ledger", key))
