@@ -27,7 +27,10 @@ fn main() -> ExitCode {
     }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if cli.command.is_small() {
-        runtime.worker_threads(1).max_blocking_threads(4);
+        runtime.worker_threads(1);
+    }
+    if let Some(n) = cli.command.blocking_threads() {
+        runtime.max_blocking_threads(n);
     }
     let runtime = runtime
         .enable_all()

@@ -285,6 +285,24 @@ impl Command {
     pub fn is_small(&self) -> bool {
         matches!(self, Command::Sidecar(_))
     }
+
+    /// Most threads the runtime starts for blocking work, where a command
+    /// bounds it. An instance's file IO runs there, one task per instance
+    /// being worked on; left at the runtime's default (512), a burst of
+    /// short tasks starts threads faster than finished ones are seen idle,
+    /// and each extra thread keeps its stack and its own allocator pages
+    /// until it has idled ten seconds: the loop's memory grew with every
+    /// fan-out. A few more than the concurrency are left for work that is
+    /// not an instance's (name lookups of the API client).
+    pub fn blocking_threads(&self) -> Option<usize> {
+        const BESIDE_INSTANCES: usize = 4;
+        match self {
+            Command::Sidecar(_) => Some(BESIDE_INSTANCES),
+            Command::Reconcile(a) => Some(a.input.concurrency.max(1) + BESIDE_INSTANCES),
+            Command::Run(a) => Some(a.concurrency.clamp(1, u16::MAX as usize) + BESIDE_INSTANCES),
+            _ => None,
+        }
+    }
 }
 
 /// Exit code for input that could not be read at all.
@@ -465,5 +483,28 @@ async fn diff(args: InputArgs) -> ExitCode {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(args: &[&str]) -> Command {
+        Cli::try_parse_from([&["agent-env"], args].concat())
+            .expect("the command line parses")
+            .command
+    }
+
+    #[test]
+    fn blocking_threads_follow_the_concurrency() {
+        let reconcile = ["reconcile", "-f", "m", "--env-root", "r"];
+        assert_eq!(command(&reconcile).blocking_threads(), Some(16 + 4));
+        let three = [&reconcile[..], &["--concurrency", "3"]].concat();
+        assert_eq!(command(&three).blocking_threads(), Some(3 + 4));
+        let run = ["run", "--env-root", "r", "--concurrency", "5"];
+        assert_eq!(command(&run).blocking_threads(), Some(5 + 4));
+        let diff = ["diff", "-f", "m", "--env-root", "r"];
+        assert_eq!(command(&diff).blocking_threads(), None);
     }
 }
