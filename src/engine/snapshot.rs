@@ -136,11 +136,13 @@ struct Derived {
     clashes: HashMap<ObjectKey, String>,
 }
 
+/// The objects of one layer, in key order. Held, not named: a key would be
+/// two strings more per object and a map lookup per object per instance.
 #[derive(Debug, Default)]
 struct LayerKeys {
-    bindings: Vec<ObjectKey>,
-    marketplaces: Vec<ObjectKey>,
-    mcp_servers: Vec<ObjectKey>,
+    bindings: Vec<Arc<PluginBinding>>,
+    marketplaces: Vec<Arc<PluginMarketplace>>,
+    mcp_servers: Vec<Arc<McpServer>>,
 }
 
 /// Lookups by scope into one snapshot.
@@ -182,21 +184,21 @@ impl Snapshot {
             if let Some(s) = b.spec.target.scope() {
                 layer(&mut d.layers, &k.namespace, s)
                     .bindings
-                    .push(k.clone());
+                    .push(Arc::clone(b));
             }
         }
         for (k, m) in &self.marketplaces {
             if let Some(s) = m.spec.target.scope() {
                 layer(&mut d.layers, &k.namespace, s)
                     .marketplaces
-                    .push(k.clone());
+                    .push(Arc::clone(m));
             }
         }
         for (k, m) in &self.mcp_servers {
             if let Some(s) = m.spec.target.scope() {
                 layer(&mut d.layers, &k.namespace, s)
                     .mcp_servers
-                    .push(k.clone());
+                    .push(Arc::clone(m));
             }
         }
         for (i, inv) in self.invalid.iter().enumerate() {
@@ -231,23 +233,10 @@ impl<'a> ScopeIndex<'a> {
         else {
             return Layer::default();
         };
-        let s = self.snapshot;
         Layer {
-            bindings: keys
-                .bindings
-                .iter()
-                .filter_map(|k| s.bindings.get(k).map(|o| &**o))
-                .collect(),
-            marketplaces: keys
-                .marketplaces
-                .iter()
-                .filter_map(|k| s.marketplaces.get(k).map(|o| &**o))
-                .collect(),
-            mcp_servers: keys
-                .mcp_servers
-                .iter()
-                .filter_map(|k| s.mcp_servers.get(k).map(|o| &**o))
-                .collect(),
+            bindings: keys.bindings.iter().map(|o| &**o).collect(),
+            marketplaces: keys.marketplaces.iter().map(|o| &**o).collect(),
+            mcp_servers: keys.mcp_servers.iter().map(|o| &**o).collect(),
         }
     }
 
@@ -470,15 +459,12 @@ fn digest_of<T>(
     digests.get(&o).copied()
 }
 
-/// Puts the digest of each of `keys`' objects that exists, in order.
-fn put_digests<T>(
-    h: &mut sha2::Sha256,
-    digests: &ObjectDigests<T>,
-    objects: &BTreeMap<ObjectKey, Arc<T>>,
-    keys: &[ObjectKey],
-) {
-    for d in keys.iter().filter_map(|k| digest_of(digests, objects, k)) {
-        put(h, &d);
+/// Puts the digest of each of `objects` that has one, in order.
+fn put_digests<T>(h: &mut sha2::Sha256, digests: &ObjectDigests<T>, objects: &[Arc<T>]) {
+    for o in objects {
+        if let Some(d) = digests.get(&ByAddress(Arc::clone(o))) {
+            put(h, d);
+        }
     }
 }
 
@@ -526,19 +512,9 @@ impl Snapshot {
                         let mut h = Sha256::new();
                         if let Some(keys) = index.derived.layers.get(*ns).and_then(|m| m.get(scope))
                         {
-                            put_digests(&mut h, &next.bindings, &self.bindings, &keys.bindings);
-                            put_digests(
-                                &mut h,
-                                &next.marketplaces,
-                                &self.marketplaces,
-                                &keys.marketplaces,
-                            );
-                            put_digests(
-                                &mut h,
-                                &next.mcp_servers,
-                                &self.mcp_servers,
-                                &keys.mcp_servers,
-                            );
+                            put_digests(&mut h, &next.bindings, &keys.bindings);
+                            put_digests(&mut h, &next.marketplaces, &keys.marketplaces);
+                            put_digests(&mut h, &next.mcp_servers, &keys.mcp_servers);
                         }
                         h.finalize().into()
                     });
