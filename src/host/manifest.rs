@@ -318,10 +318,8 @@ fn load_into(inputs: &Inputs, loader: Loader) -> Result<Snapshot, ManifestError>
         sources,
         |t| Ok((check_docs(parse_yaml(&t)?, fields), t.name)),
         |(checked, file)| {
-            for (p, source) in loader.take_checked(&file, checked)? {
-                loader.insert(p, source)?;
-            }
-            Ok(())
+            let docs = loader.take_checked(&file, checked)?;
+            loader.insert_all(Arc::new(docs))
         },
     )?;
     Ok(loader.finish())
@@ -613,7 +611,14 @@ fn yaml_budget(text_len: usize) -> yaml::Budget {
 /// Builds a snapshot document by document.
 pub struct Loader {
     snapshot: Snapshot,
-    seen: BTreeMap<(String, ObjectKey), Source>,
+    /// The documents taken, a file at a time (shared with the manifest
+    /// cache): where an object defined twice was first defined, and the
+    /// sources [`Loader::keep_sources`] keeps, are found here rather than
+    /// each document's kind, key and source copied into a map of its own.
+    taken: Vec<Arc<Vec<(Prepared, Source)>>>,
+    /// Kinds taken under each key that is not in the snapshot's maps of
+    /// valid objects: invalid objects and Secrets.
+    others: HashMap<ObjectKey, Vec<String>>,
     objects: usize,
     max_objects: usize,
     fields: FieldValidation,
@@ -631,7 +636,8 @@ impl Loader {
     pub fn with_max_objects(max: usize) -> Self {
         Loader {
             snapshot: Snapshot::default(),
-            seen: BTreeMap::new(),
+            taken: Vec::new(),
+            others: HashMap::new(),
             objects: 0,
             max_objects: max,
             fields: FieldValidation::default(),
@@ -659,10 +665,8 @@ impl Loader {
             text: text.to_owned(),
             lines: true,
         };
-        for (p, source) in self.parse_file(&text)? {
-            self.insert(p, source)?;
-        }
-        Ok(())
+        let docs = self.parse_file(&text)?;
+        self.insert_all(Arc::new(docs))
     }
 
     /// Checks every document of one YAML file, counting them against the
@@ -750,9 +754,7 @@ impl Loader {
                 Arc::new(docs)
             }
         };
-        for (p, source) in docs.iter() {
-            self.insert(p.clone(), source.clone())?;
-        }
+        self.insert_all(Arc::clone(&docs))?;
         next.files.insert(file, CachedFile { hash, docs });
         Ok(())
     }
@@ -760,57 +762,101 @@ impl Loader {
     /// Adds one parsed document.
     pub fn add_document(&mut self, doc: Value, source: Source) -> Result<(), ManifestError> {
         let prepared = prepare(doc, &source, self.fields)?;
-        self.insert(prepared, source)
+        self.insert_all(Arc::new(vec![(prepared, source)]))
     }
 
-    /// Adds one checked document, unless its object was seen before.
-    fn insert(&mut self, p: Prepared, source: Source) -> Result<(), ManifestError> {
-        if let Item::Foreign = p.item {
-            *self.snapshot.skipped.entry(p.kind).or_default() += 1;
-            return Ok(());
-        }
-        if let Some(first) = self
-            .seen
-            .insert((p.kind.clone(), p.key.clone()), source.clone())
-        {
-            return Err(ManifestError::Duplicate {
-                kind: p.kind,
-                key: p.key.to_string(),
-                first: Box::new(first),
-                second: Box::new(source),
-            });
-        }
-        let key = p.key;
-        match p.item {
-            Item::Object(o) => match *o {
-                Object::Instance(o) => {
-                    self.snapshot.instances.insert(key, o);
-                }
-                Object::Binding(o) => {
-                    self.snapshot.bindings.insert(key, o);
-                }
-                Object::Marketplace(o) => {
-                    self.snapshot.marketplaces.insert(key, o);
-                }
-                Object::Mcp(o) => {
-                    self.snapshot.mcp_servers.insert(key, o);
-                }
-            },
-            Item::Invalid(inv) => self.snapshot.invalid.push(inv),
-            Item::Secret(Some(data)) => {
-                self.snapshot
-                    .secrets
-                    .insert(&key.namespace, &key.name, data);
+    /// Adds one file's checked documents; an object defined before (in
+    /// this file or an earlier one) is refused.
+    fn insert_all(&mut self, docs: Arc<Vec<(Prepared, Source)>>) -> Result<(), ManifestError> {
+        self.taken.push(Arc::clone(&docs));
+        for (p, source) in docs.iter() {
+            if let Item::Foreign = p.item {
+                *self.snapshot.skipped.entry(p.kind.clone()).or_default() += 1;
+                continue;
             }
-            Item::Secret(None) | Item::Foreign => {}
+            if self.is_taken(&p.kind, &p.key) {
+                return Err(ManifestError::Duplicate {
+                    kind: p.kind.clone(),
+                    key: p.key.to_string(),
+                    first: Box::new(self.first_source(&p.kind, &p.key).clone()),
+                    second: Box::new(source.clone()),
+                });
+            }
+            self.insert(p);
         }
         Ok(())
+    }
+
+    /// Whether an object of `kind` named `key` was added.
+    fn is_taken(&self, kind: &str, key: &ObjectKey) -> bool {
+        let s = &self.snapshot;
+        let valid = match kind {
+            "AgentInstance" => s.instances.contains_key(key),
+            "PluginBinding" => s.bindings.contains_key(key),
+            "PluginMarketplace" => s.marketplaces.contains_key(key),
+            "McpServer" => s.mcp_servers.contains_key(key),
+            _ => false,
+        };
+        valid
+            || self
+                .others
+                .get(key)
+                .is_some_and(|k| k.iter().any(|k| k == kind))
+    }
+
+    /// Where the object of `kind` named `key` was first defined.
+    fn first_source(&self, kind: &str, key: &ObjectKey) -> &Source {
+        self.documents()
+            .find(|(p, _)| p.kind == kind && p.key == *key)
+            .map(|(_, source)| source)
+            .expect("a taken object was taken from a document")
+    }
+
+    /// Every document taken that is for agent-env, in order.
+    fn documents(&self) -> impl Iterator<Item = &(Prepared, Source)> {
+        (self.taken.iter().flat_map(|docs| docs.iter()))
+            .filter(|(p, _)| !matches!(p.item, Item::Foreign))
+    }
+
+    /// Adds one checked document for agent-env (not defined before).
+    fn insert(&mut self, p: &Prepared) {
+        let key = p.key.clone();
+        match &p.item {
+            Item::Object(o) => match &**o {
+                Object::Instance(o) => {
+                    self.snapshot.instances.insert(key, Arc::clone(o));
+                }
+                Object::Binding(o) => {
+                    self.snapshot.bindings.insert(key, Arc::clone(o));
+                }
+                Object::Marketplace(o) => {
+                    self.snapshot.marketplaces.insert(key, Arc::clone(o));
+                }
+                Object::Mcp(o) => {
+                    self.snapshot.mcp_servers.insert(key, Arc::clone(o));
+                }
+            },
+            Item::Invalid(inv) => {
+                self.snapshot.invalid.push(inv.clone());
+                self.others.entry(key).or_default().push(p.kind.clone());
+            }
+            Item::Secret(data) => {
+                if let Some(data) = data {
+                    (self.snapshot.secrets).insert(&key.namespace, &key.name, data.clone());
+                }
+                self.others.entry(key).or_default().push(p.kind.clone());
+            }
+            Item::Foreign => {}
+        }
     }
 
     /// The snapshot.
     pub fn finish(mut self) -> Snapshot {
         if self.keep_sources {
-            self.snapshot.sources = self.seen;
+            let sources = (self.documents())
+                .map(|(p, source)| ((p.kind.clone(), p.key.clone()), source.clone()))
+                .collect();
+            self.snapshot.sources = sources;
         }
         self.snapshot
     }
@@ -1922,6 +1968,121 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// An object defined twice is refused naming both documents, whether
+    /// either is valid, in one file or two; names only clash within a kind.
+    #[test]
+    fn an_object_defined_twice_names_both_documents() {
+        let doc = |kind: &str, name: &str, spec: &str| match kind {
+            "Secret" => format!(
+                "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: dev}}\n"
+            ),
+            _ => format!(
+                "apiVersion: agentenv.io/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}, namespace: dev}}\nspec: {spec}\n"
+            ),
+        };
+        let valid = doc("AgentInstance", "a", "{agentType: t}");
+        let invalid = doc(
+            "AgentInstance",
+            "a",
+            "{agentType: t, runtimeInstalls: sometimes}",
+        );
+        let foreign =
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: a, namespace: dev}\n";
+        let binding = doc(
+            "PluginBinding",
+            "a",
+            "{target: {agentType: t}, plugins: [{name: p@m}]}",
+        );
+        let secret = doc("Secret", "a", "");
+        // Files in order; where the clash is: (file, document) first and second.
+        type Case<'a> = (Vec<Vec<&'a str>>, &'a str, (usize, usize), (usize, usize));
+        let cases: Vec<Case> = vec![
+            (
+                vec![vec![&valid, foreign, &valid]],
+                "AgentInstance",
+                (0, 1),
+                (0, 3),
+            ),
+            (
+                vec![vec![&invalid], vec![&binding, &valid]],
+                "AgentInstance",
+                (0, 1),
+                (1, 2),
+            ),
+            (
+                vec![vec![&valid], vec![&invalid]],
+                "AgentInstance",
+                (0, 1),
+                (1, 1),
+            ),
+            (
+                vec![vec![&secret, &valid], vec![&secret]],
+                "Secret",
+                (0, 1),
+                (1, 1),
+            ),
+        ];
+        for (files, kind, first, second) in cases {
+            let mut loader = Loader::default();
+            let err = files
+                .iter()
+                .enumerate()
+                .find_map(|(i, docs)| {
+                    loader
+                        .add_file(Path::new(&format!("f{i}.yaml")), &docs.join("---\n"))
+                        .err()
+                })
+                .expect("the second definition is refused");
+            let ManifestError::Duplicate {
+                kind: k,
+                key,
+                first: a,
+                second: b,
+            } = err
+            else {
+                panic!("not a duplicate: {err}");
+            };
+            assert_eq!((k.as_str(), key.as_str()), (kind, "dev/a"));
+            let at = |s: &Source| (s.file.display().to_string(), s.document);
+            assert_eq!(at(&a), (format!("f{}.yaml", first.0), first.1));
+            assert_eq!(at(&b), (format!("f{}.yaml", second.0), second.1));
+        }
+        // One name in four kinds (one of them invalid) and a foreign kind: no clash.
+        let mut loader = Loader::default().keep_sources();
+        for (i, d) in [&invalid, &binding, &secret, &foreign.to_owned()]
+            .iter()
+            .enumerate()
+        {
+            loader
+                .add_file(Path::new(&format!("f{i}.yaml")), d)
+                .unwrap();
+        }
+        loader
+            .add_file(
+                Path::new("f4.yaml"),
+                &doc(
+                    "McpServer",
+                    "a",
+                    "{target: {agentType: t}, name: s, http: {url: \"https://x\"}}",
+                ),
+            )
+            .unwrap();
+        let snap = loader.finish();
+        let kinds: Vec<&str> = snap.sources.keys().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["AgentInstance", "McpServer", "PluginBinding", "Secret"]
+        );
+        assert_eq!(
+            (
+                snap.invalid.len(),
+                snap.bindings.len(),
+                snap.mcp_servers.len()
+            ),
+            (1, 1, 1)
+        );
     }
 
     /// What a GitOps repository holds beside agent objects is skipped and
