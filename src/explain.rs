@@ -1206,7 +1206,7 @@ mod tests {
         s.sources.insert(
             (kind.to_owned(), k(name)),
             crate::host::manifest::Source {
-                file: "fleet.yaml".into(),
+                file: std::path::Path::new("fleet.yaml").into(),
                 document: line,
                 line,
             },

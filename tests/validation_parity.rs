@@ -377,7 +377,7 @@ fn cases() -> Vec<(String, Value)> {
 fn local(doc: &Value) -> Result<(), String> {
     let mut loader = Loader::default().with_field_validation(FieldValidation::Strict);
     let source = Source {
-        file: "parity.yaml".into(),
+        file: std::path::Path::new("parity.yaml").into(),
         document: 1,
         line: 1,
     };

@@ -27,8 +27,9 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 /// Where a document came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Source {
-    /// File path (for a kustomization, `kustomize build <dir>`).
-    pub file: PathBuf,
+    /// File path (for a kustomization, `kustomize build <dir>`); one per
+    /// file, shared by its documents.
+    pub file: Arc<Path>,
     /// 1-based document index in the file.
     pub document: usize,
     /// 1-based line the document starts on; 0 when the text is not a file
@@ -468,13 +469,14 @@ fn parse_yaml(t: &Text) -> Result<Vec<(Value, Source)>, ManifestError> {
     } else {
         Vec::new()
     };
+    let file: Arc<Path> = file.into();
     let docs: Vec<(Value, Source)> = docs
         .into_iter()
         .enumerate()
         .filter(|(_, d)| !d.is_null())
         .map(|(i, doc)| {
             let source = Source {
-                file: file.to_owned(),
+                file: Arc::clone(&file),
                 document: i + 1,
                 line: lines.get(i).copied().unwrap_or(0),
             };
@@ -837,7 +839,7 @@ impl Loader {
                 }
             },
             Item::Invalid(inv) => {
-                self.snapshot.invalid.push(inv.clone());
+                self.snapshot.invalid.push((**inv).clone());
                 self.others.entry(key).or_default().push(p.kind.clone());
             }
             Item::Secret(data) => {
@@ -875,7 +877,9 @@ struct Prepared {
 #[derive(Clone)]
 enum Item {
     Object(Box<Object>),
-    Invalid(InvalidObject),
+    /// Boxed, as the object is: the manifest cache holds a document of
+    /// each kind for every object of the fleet, most of them valid.
+    Invalid(Box<InvalidObject>),
     /// A Secret's data; `None` when it lacks the label (it is ignored).
     Secret(Option<BTreeMap<String, SecretValue>>),
     /// A document for someone else (a Deployment, a Flux Kustomization):
@@ -1009,17 +1013,17 @@ fn prepare(
     } else {
         match validate(&kind, &doc, &source.to_string()) {
             Ok(o) if refusals.is_empty() => Item::Object(Box::new(o)),
-            Ok(_) => Item::Invalid(InvalidObject {
+            Ok(_) => Item::Invalid(Box::new(InvalidObject {
                 kind: kind.clone(),
                 key: key.clone(),
                 source: source.to_string(),
                 message: refusals.join("; "),
                 scope: scope_hint(&kind, &doc),
-            }),
+            })),
             Err(mut inv) => {
                 refusals.push(inv.message);
                 inv.message = refusals.join("; ");
-                Item::Invalid(inv)
+                Item::Invalid(Box::new(inv))
             }
         }
     };
@@ -1596,7 +1600,7 @@ mod tests {
             ["metadata.colour", "colour", "spec.stdio.cwd", "spec.nmae"]
         );
         let source = Source {
-            file: "x.yaml".into(),
+            file: Path::new("x.yaml").into(),
             document: 1,
             line: 0,
         };
@@ -1632,7 +1636,7 @@ mod tests {
                 .add_document(
                     doc,
                     Source {
-                        file: "x.yaml".into(),
+                        file: Path::new("x.yaml").into(),
                         document: 1,
                         line: 0,
                     },
@@ -1696,7 +1700,7 @@ mod tests {
             .add_document(
                 doc,
                 Source {
-                    file: "x.yaml".into(),
+                    file: Path::new("x.yaml").into(),
                     document: 1,
                     line: 0,
                 },
