@@ -216,7 +216,7 @@ pub fn instance_status(r: &InstanceReport<'_>) -> AgentInstanceStatus {
         let old = prev.rendered.as_ref();
         let hash = o.content_hash.clone().unwrap_or_default();
         let same = old.is_some_and(|p| p.content_hash == hash);
-        Some(RenderSummary {
+        Some(Box::new(RenderSummary {
             plugins: o.rendered.plugins.len() as i32,
             marketplaces: o.rendered.marketplaces.len() as i32,
             mcp_servers: o.rendered.mcp_servers.len() as i32,
@@ -233,7 +233,7 @@ pub fn instance_status(r: &InstanceReport<'_>) -> AgentInstanceStatus {
                 .filter(|s| s.scope == "installed")
                 .map(|s| format!("{}/{}", s.key, s.name))
                 .collect(),
-        })
+        }))
     } else {
         prev.rendered.clone()
     };
@@ -244,23 +244,23 @@ pub fn instance_status(r: &InstanceReport<'_>) -> AgentInstanceStatus {
         last_drift: if o.drift.is_empty() {
             prev.last_drift.clone()
         } else {
-            Some(DriftRecord {
+            Some(Box::new(DriftRecord {
                 time: r.now.clone(),
                 entries: o.drift.clone(),
-            })
+            }))
         },
         last_restart: match r.restart {
-            Some(why) => Some(RestartRecord {
+            Some(why) => Some(Box::new(RestartRecord {
                 time: r.now.clone(),
                 reason: why.to_owned(),
-            }),
+            })),
             None => prev.last_restart.clone(),
         },
         last_handled_reconcile_at: r
             .requested_at
             .map(str::to_owned)
             .or_else(|| prev.last_handled_reconcile_at.clone()),
-        sidecar: r.sidecar.cloned(),
+        sidecar: r.sidecar.cloned().map(Box::new),
     }
 }
 

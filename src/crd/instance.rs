@@ -226,6 +226,9 @@ pub enum RuntimeInstalls {
     Revert,
 }
 
+// The records are boxed: every instance object carries its status inline,
+// most with none of them (manifests on a host have no status), and the
+// objects of a whole fleet are held at once.
 /// Observed state of an AgentInstance.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -238,19 +241,19 @@ pub struct AgentInstanceStatus {
     pub conditions: Vec<Condition>,
     /// What was last rendered into the env dir.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rendered: Option<RenderSummary>,
+    pub rendered: Option<Box<RenderSummary>>,
     /// The last drift the operator corrected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_drift: Option<DriftRecord>,
+    pub last_drift: Option<Box<DriftRecord>>,
     /// The last restart the operator asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_restart: Option<RestartRecord>,
+    pub last_restart: Option<Box<RestartRecord>>,
     /// The `reconcile.fluxcd.io/requestedAt` annotation value last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_reconcile_at: Option<String>,
     /// With `delivery.mode: Sidecar`: which pods applied the current render.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sidecar: Option<SidecarStatus>,
+    pub sidecar: Option<Box<SidecarStatus>>,
 }
 
 /// How far the sidecars of an instance's pods are.
